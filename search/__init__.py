@@ -1,0 +1,1 @@
+"""The design-exploration loop: space, requirements, strategies, fidelity, trial store."""

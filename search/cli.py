@@ -1,0 +1,75 @@
+"""The `covidnet` command: assembles subcommands from the library and the search layer.
+
+This is the only module that sees both `covidnet_jax` and `search`. It parses, dispatches,
+and turns `UserError`s into one-line messages with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from covidnet_jax.errors import UserError
+
+# Modules exposing `register(subparsers)`, in the order they appear in `--help`.
+_COMMAND_MODULES: tuple[str, ...] = (
+    "covidnet_jax.commands.arch",
+    "covidnet_jax.commands.data",
+    "covidnet_jax.commands.train",
+    "search.commands.search",
+    "search.commands.compare",
+    "search.commands.export",
+    "search.commands.explain",
+)
+
+_EPILOG = """\
+typical session:
+  covidnet data synth --out data/synth          # write the synthetic COVIDx-format data set
+  covidnet arch show covidnet-b                 # layer table, params, MACs of a preset
+  covidnet train --config experiments/smoke.yaml
+  covidnet search --config experiments/quickstart.yaml --workdir runs/quickstart
+  covidnet compare runs/quickstart
+
+Run `covidnet COMMAND --help` for the options of each command.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covidnet",
+        description="Machine-driven design exploration of COVID-Net style networks in JAX.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency, not a command not yet written
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"covidnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"covidnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line subcommands that need the search layer (search, compare, export, explain)."""

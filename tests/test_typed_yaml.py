@@ -1,0 +1,75 @@
+"""The YAML -> frozen dataclass loader used by every experiment file."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from covidnet_jax.errors import ConfigError
+from covidnet_jax.typed_yaml import bounded, from_dict, load_yaml_config, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = bounded(2e-4, gt=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp:
+    name: str
+    steps: int = bounded(10, ge=1)
+    widths: tuple[int, ...] = (8, 16)
+    optim: Optim = Optim()
+    weights: dict[str, float] | None = None
+
+    def __post_init__(self):
+        if len(self.widths) == 0:
+            raise ConfigError("widths: expected at least one width")
+
+
+def test_round_trip_and_defaults():
+    exp = from_dict(Exp, {"name": "a", "steps": 1e3, "optim": {"lr": 1}, "weights": {"x": 2}})
+    assert exp.steps == 1000 and isinstance(exp.steps, int)
+    assert exp.optim == Optim("adam", 1.0)
+    assert exp.weights["x"] == 2.0
+    assert from_dict(Exp, to_dict(exp)) == dataclasses.replace(exp)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"name": "a", "stepz": 3}, "stepz: unknown key; expected one of"),
+        ({}, "name: required key is missing"),
+        ({"name": 3}, "name: expected str, got 3"),
+        ({"name": "a", "steps": 0}, "steps: expected a value >= 1, got 0"),
+        ({"name": "a", "steps": True}, "steps: expected int, got True"),
+        ({"name": "a", "optim": {"name": "sgd"}}, "optim.name: expected one of 'adam', 'adamw'"),
+        ({"name": "a", "optim": {"lr": -1.0}}, "optim.lr: expected a value > 0, got -1.0"),
+        ({"name": "a", "widths": [8, "x"]}, "widths[1]: expected int, got 'x'"),
+        ({"name": "a", "widths": []}, "widths: expected at least one width"),
+        ({"name": "a", "optim": 3}, "optim: expected a mapping (Optim), got 3"),
+    ],
+)
+def test_errors_name_key_and_value(data, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        from_dict(Exp, data)
+    assert message in str(info.value)
+
+
+def test_file_overrides_and_file_errors(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: a\noptim:\n  lr: 0.1\n")
+    exp = load_yaml_config(path, Exp, ["optim.name=adamw", "steps=5", "widths=[4]"])
+    assert (exp.optim.name, exp.steps, exp.widths) == ("adamw", 5, (4,))
+    with pytest.raises(ConfigError, match=r"exp.yaml: optim.lr: expected a value > 0"):
+        load_yaml_config(path, Exp, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match=r"expected KEY.PATH=VALUE"):
+        load_yaml_config(path, Exp, ["steps"])
+    path.write_text("name: a\n  bad: [\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml:\d+: invalid YAML"):
+        load_yaml_config(path, Exp)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml_config(tmp_path / "missing.yaml", Exp)
