@@ -117,7 +117,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(
                 f"{path}: expected a list of {len(args)} items, got {_describe(value)}"
             )
-        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise wrong
@@ -272,9 +274,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_yaml_config(
-    path: str | Path, schema: type[T], overrides: Iterable[str] = ()
-) -> T:
+def load_yaml_config(path: str | Path, schema: type[T], overrides: Iterable[str] = ()) -> T:
     """Reads `path`, applies `--set` overrides and validates into `schema`.
 
     Raises:
