@@ -1,0 +1,403 @@
+"""Flax NNX building blocks: conv-norm-activation, PEPX modules and stages, bottlenecks, heads.
+
+Every conv in the library is made by `LayerConfig.conv` (one place to tune the conv
+implementation); normalization and activation are chosen once per network in `LayerConfig`
+and injected into the blocks. Arrays are NHWC. Parameters are float32; `LayerConfig.dtype`
+is the computation dtype (e.g. `jnp.bfloat16`).
+
+BatchNorm layers follow NNX train/eval modes: `model.train()` uses batch statistics and
+updates the running averages, `model.eval()` uses the running averages. Modules are created
+in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from covidnet_jax.arch import HeadSpec, ModuleSpec, StageSpec
+
+ACTIVATION_FNS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyType(
+    {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "gelu": jax.nn.gelu}
+)
+"""Activation names used in specs -> functions."""
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+_CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """How every conv layer of one network is made: normalization, activation, dtype.
+
+    Attributes:
+        norm: "batchnorm" (convs without bias, BatchNorm after each) or "none" (convs
+            with bias).
+        activation: a name from `ACTIVATION_FNS`.
+        dtype: computation dtype; parameters stay float32.
+    """
+
+    norm: str = "batchnorm"
+    activation: str = "relu"
+    dtype: Any = jnp.float32
+
+    def conv(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        use_bias: bool,
+        rngs: nnx.Rngs,
+    ) -> nnx.Conv:
+        """The one conv constructor of the library (SAME padding, NHWC)."""
+        return nnx.Conv(
+            in_channels,
+            out_channels,
+            kernel_size=(kernel_size, kernel_size),
+            strides=(stride, stride),
+            padding="SAME",
+            feature_group_count=groups,
+            use_bias=use_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=_CONV_INIT,
+            rngs=rngs,
+        )
+
+    def conv_norm_act(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = True,
+        rngs: nnx.Rngs,
+    ) -> ConvNormAct:
+        """A `ConvNormAct` with this config's norm and (when `act`) activation."""
+        return ConvNormAct(
+            in_channels,
+            out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            groups=groups,
+            act=act,
+            layers=self,
+            rngs=rngs,
+        )
+
+
+class ConvNormAct(nnx.Module):
+    """Conv -> optional BatchNorm -> optional activation.
+
+    Args:
+        in_channels: input channels C.
+        out_channels: output channels C'.
+        kernel_size: odd square kernel size.
+        stride: spatial stride (SAME padding: output size is ceil(H / stride)).
+        groups: feature groups (`groups == in_channels == out_channels` is depthwise).
+        act: apply the activation after the norm.
+        layers: norm, activation and dtype of the network.
+        rngs: random streams for initialization.
+
+    Example:
+        >>> layer = ConvNormAct(3, 8, kernel_size=3, stride=2, layers=LayerConfig(),
+        ...                     rngs=nnx.Rngs(0))
+        >>> layer(jnp.ones((2, 32, 32, 3))).shape
+        (2, 16, 16, 8)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = True,
+        layers: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        use_norm = layers.norm == "batchnorm"
+        self.conv = layers.conv(
+            in_channels,
+            out_channels,
+            kernel_size=kernel_size,
+            stride=stride,
+            groups=groups,
+            use_bias=not use_norm,
+            rngs=rngs,
+        )
+        self.norm = (
+            nnx.BatchNorm(
+                out_channels,
+                use_running_average=True,
+                momentum=BN_MOMENTUM,
+                epsilon=BN_EPSILON,
+                dtype=layers.dtype,
+                param_dtype=jnp.float32,
+                rngs=rngs,
+            )
+            if use_norm
+            else None
+        )
+        self.activation = layers.activation if act else None
+
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x C'."""
+        y = self.conv(x_BxHxWxC)
+        if self.norm is not None:
+            y = self.norm(y)
+        if self.activation is not None:
+            y = ACTIVATION_FNS[self.activation](y)
+        return y
+
+
+class PEPX(nnx.Module):
+    """A PEPX module: 1x1 projection -> 1x1 expansion -> kxk depthwise -> 1x1 projection ->
+    1x1 extension, each conv followed by the norm and the activation.
+
+    The depthwise conv carries the stride. Every layer, the extension included, ends with
+    the activation, so module outputs are non-negative for ReLU before any merge.
+
+    Args:
+        in_channels: input channels C.
+        spec: the module's widths and depthwise kernel size; output channels are `spec.out`.
+        stride: stride of the depthwise conv.
+        layers: norm, activation and dtype of the network.
+        rngs: random streams for initialization.
+
+    Example:
+        >>> pepx = PEPX(16, ModuleSpec(8, 32, 8, 24, 3), stride=2, layers=LayerConfig(),
+        ...             rngs=nnx.Rngs(0))
+        >>> pepx(jnp.ones((2, 16, 16, 16))).shape
+        (2, 8, 8, 24)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spec: ModuleSpec,
+        *,
+        stride: int = 1,
+        layers: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.proj1 = layers.conv_norm_act(in_channels, spec.proj1, kernel_size=1, rngs=rngs)
+        self.expand = layers.conv_norm_act(spec.proj1, spec.expand, kernel_size=1, rngs=rngs)
+        self.depthwise = layers.conv_norm_act(
+            spec.expand,
+            spec.expand,
+            kernel_size=spec.kernel_size,
+            stride=stride,
+            groups=spec.expand,
+            rngs=rngs,
+        )
+        self.proj2 = layers.conv_norm_act(spec.expand, spec.proj2, kernel_size=1, rngs=rngs)
+        self.extend = layers.conv_norm_act(spec.proj2, spec.out, kernel_size=1, rngs=rngs)
+
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x spec.out."""
+        y = self.proj1(x_BxHxWxC)
+        y = self.expand(y)
+        y = self.depthwise(y)
+        y = self.proj2(y)
+        return self.extend(y)
+
+
+class PepxStage(nnx.Module):
+    """A stage of PEPX modules with long-range connectivity; the first module has `stride`.
+
+    Connectivity (x is the stage input, m_1..m_n the modules, y the stage output):
+
+    - "dense": the paper's Figure 2 pattern, read as follows. A side-chain 1x1 conv `side`
+      (conv + norm, no activation, with the stage stride) maps the stage input to the stage
+      width. Module m_1 reads x; module m_k (k > 1) reads the sum of the side-chain output and
+      the outputs of m_1..m_{k-1}; the stage output is the sum of the side-chain output and all
+      module outputs, which feeds both the next stage's first module and the next stage's
+      side-chain conv (so the side chain is a chain of 1x1 convs, one per stage width).
+      Because the merges are additions, this equals a running sum
+      `acc = side(x) + m_1(x); acc = acc + m_k(acc)`, which is how it is computed: the
+      n(n+1)/2 dense links cost n additions. All modules of a stage share one output width.
+    - "residual": `x = m_k(x) + shortcut_k(x)` per module, where the shortcut is the identity
+      when shapes match and a 1x1 conv + norm (with the stride) otherwise.
+    - "none": the modules in sequence.
+
+    Args:
+        in_channels: input channels C.
+        spec: the stage's stride and modules.
+        connectivity: "dense", "residual" or "none".
+        layers: norm, activation and dtype of the network.
+        rngs: random streams for initialization.
+
+    Example:
+        >>> stage = PepxStage(8, StageSpec(2, (ModuleSpec(4, 16, 4, 16),) * 2),
+        ...                   connectivity="dense", layers=LayerConfig(), rngs=nnx.Rngs(0))
+        >>> stage(jnp.ones((1, 16, 16, 8))).shape
+        (1, 8, 8, 16)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        spec: StageSpec,
+        *,
+        connectivity: str,
+        layers: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.connectivity = connectivity
+        self.side = (
+            layers.conv_norm_act(
+                in_channels, spec.width, kernel_size=1, stride=spec.stride, act=False, rngs=rngs
+            )
+            if connectivity == "dense"
+            else None
+        )
+        modules, shortcuts = [], []
+        channels = in_channels
+        for k, module_spec in enumerate(spec.modules):
+            stride = spec.stride if k == 0 else 1
+            modules.append(PEPX(channels, module_spec, stride=stride, layers=layers, rngs=rngs))
+            needs_projection = stride != 1 or channels != module_spec.out
+            shortcuts.append(
+                layers.conv_norm_act(
+                    channels, module_spec.out, kernel_size=1, stride=stride, act=False, rngs=rngs
+                )
+                if connectivity == "residual" and needs_projection
+                else None
+            )
+            channels = module_spec.out
+        self.modules = nnx.List(modules)
+        self.shortcuts = nnx.List(shortcuts)
+
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x spec.width."""
+        x = x_BxHxWxC
+        if self.side is not None:
+            acc = self.side(x) + self.modules[0](x)
+            for module in self.modules[1:]:
+                acc = acc + module(acc)
+            return acc
+        for module, shortcut in zip(self.modules, self.shortcuts, strict=True):
+            if self.connectivity == "residual":
+                x = module(x) + (x if shortcut is None else shortcut(x))
+            else:
+                x = module(x)
+        return x
+
+
+class Bottleneck(nnx.Module):
+    """A ResNet v1.5 bottleneck: 1x1 -> 3x3 (stride) -> 1x1, residual add, activation.
+
+    Args:
+        in_channels: input channels C.
+        inner: channels of the 1x1 reduction and the 3x3 conv.
+        out_channels: output channels C'.
+        stride: stride of the 3x3 conv (and of the projection shortcut).
+        layers: norm, activation and dtype of the network.
+        rngs: random streams for initialization.
+
+    Example:
+        >>> block = Bottleneck(64, 16, 64, stride=1, layers=LayerConfig(), rngs=nnx.Rngs(0))
+        >>> block(jnp.ones((1, 8, 8, 64))).shape
+        (1, 8, 8, 64)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        inner: int,
+        out_channels: int,
+        *,
+        stride: int = 1,
+        layers: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.reduce = layers.conv_norm_act(in_channels, inner, kernel_size=1, rngs=rngs)
+        self.conv = layers.conv_norm_act(inner, inner, kernel_size=3, stride=stride, rngs=rngs)
+        self.restore = layers.conv_norm_act(
+            inner, out_channels, kernel_size=1, act=False, rngs=rngs
+        )
+        self.shortcut = (
+            layers.conv_norm_act(
+                in_channels, out_channels, kernel_size=1, stride=stride, act=False, rngs=rngs
+            )
+            if stride != 1 or in_channels != out_channels
+            else None
+        )
+        self.activation = layers.activation
+
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+        """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x C'."""
+        x = x_BxHxWxC
+        y = self.restore(self.conv(self.reduce(x)))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return ACTIVATION_FNS[self.activation](y + shortcut)
+
+
+class Head(nnx.Module):
+    """Classifier head: global average pool or flatten, hidden FC layers, logits.
+
+    Dropout (if the rate is positive) precedes every FC layer. Logits are float32.
+
+    Args:
+        in_shape: (h, w, C) of the features it classifies.
+        spec: pool kind, hidden widths and dropout rate.
+        num_classes: number of logits K.
+        layers: activation and dtype of the network.
+        rngs: random streams for initialization (and dropout, in train mode).
+
+    Example:
+        >>> head = Head((4, 4, 8), HeadSpec("flatten", (16,)), 3, layers=LayerConfig(),
+        ...             rngs=nnx.Rngs(0))
+        >>> head(jnp.ones((2, 4, 4, 8))).shape
+        (2, 3)
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        spec: HeadSpec,
+        num_classes: int,
+        *,
+        layers: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        h, w, c = in_shape
+        self.pool = spec.pool
+        self.activation = layers.activation
+        features = c if spec.pool == "avg" else h * w * c
+        widths = [features, *spec.hidden, num_classes]
+        self.dense = nnx.List(
+            nnx.Linear(d_in, d_out, dtype=layers.dtype, param_dtype=jnp.float32, rngs=rngs)
+            for d_in, d_out in itertools.pairwise(widths)
+        )
+        self.dropout = (
+            nnx.Dropout(spec.dropout, deterministic=True, rngs=rngs) if spec.dropout else None
+        )
+
+    def __call__(self, features_BxHxWxC: jax.Array) -> jax.Array:
+        """Maps B x h x w x C features to float32 logits B x K."""
+        x = features_BxHxWxC
+        x = jnp.mean(x, axis=(1, 2)) if self.pool == "avg" else x.reshape(x.shape[0], -1)
+        for i, dense in enumerate(self.dense):
+            if i:
+                x = ACTIVATION_FNS[self.activation](x)
+            if self.dropout is not None:
+                x = self.dropout(x)
+            x = dense(x)
+        return x.astype(jnp.float32)
