@@ -1,0 +1,566 @@
+"""Portable exports of a trained design, and predicting from them.
+
+An export is a folder:
+
+    export.json          manifest: format version, class names, input and output shapes, files
+    model.jax_export     `jax.export` artifact (StableHLO) of the whole inference function:
+                         preprocessed float32 batch B x H x W x C in [0, 1] -> class
+                         probabilities B x K, any batch size B, lowered for CPU and CUDA
+    spec.json            the architecture spec (`covidnet_jax.arch.spec_from_json`)
+    preprocessing.json   the preprocessing recipe as data, so any runtime can reproduce it
+    checkpoint/          Orbax checkpoint of the inference state (parameters, batch statistics)
+    model_card.md        data, requirements and whether they were met, metrics with their
+                         split, params/MACs, training recipe, limits
+
+`model.jax_export` runs in a Python process that has only jax (and the `flatbuffers` package
+jax needs to read serialized artifacts) installed:
+
+    import jax, numpy as np
+    with open("EXPORT/model.jax_export", "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    probs_BxK = np.asarray(exported.call(images_BxHxWxC))  # float32 in [0, 1]
+
+Within `covidnet_jax`, one call loads an export and predicts from image files:
+
+Example:
+    >>> probs_BxK = predict("runs/quickstart/export", ["a.png", "b.png"])
+    >>> load_export("runs/quickstart/export").class_names
+    ('normal', 'pneumonia', 'COVID-19')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from covidnet_jax.data.preprocess import PREPROCESS_VERSION, TOP_CROP_FRACTION, preprocess_image
+from covidnet_jax.errors import UserError
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "ExportError",
+    "LoadedExport",
+    "ModelCard",
+    "RequirementCheck",
+    "export_inference",
+    "load_export",
+    "predict",
+    "preprocessing_recipe",
+    "render_model_card",
+    "write_export",
+]
+
+EXPORT_FORMAT = "covidnet-jax-export"
+EXPORT_VERSION = 1
+MANIFEST_FILE = "export.json"
+STABLEHLO_FILE = "model.jax_export"
+SPEC_FILE = "spec.json"
+RECIPE_FILE = "preprocessing.json"
+CARD_FILE = "model_card.md"
+CHECKPOINT_DIR = "checkpoint"
+# Lowered for both, so one artifact serves CPU and NVIDIA GPU hosts.
+DEFAULT_PLATFORMS: tuple[str, ...] = ("cpu", "cuda")
+
+
+class ExportError(UserError):
+    """An export folder is missing, incomplete, or cannot be written where asked."""
+
+
+def _inference_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+    """A pure function images -> probabilities with the model's state closed over, so the
+    exported artifact carries its weights as constants."""
+    graphdef, state = nnx.split(model)
+
+    def infer(images_BxHxWxC: jax.Array) -> jax.Array:
+        model = nnx.merge(graphdef, state)
+        model.eval()
+        logits_BxK = model(images_BxHxWxC)
+        return jax.nn.softmax(logits_BxK.astype(jnp.float32), axis=-1)
+
+    return infer
+
+
+def export_inference(
+    model: nnx.Module,
+    *,
+    input_size: int,
+    channels: int,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> jax.export.Exported:
+    """Exports the inference function with a symbolic batch size.
+
+    Args:
+        model: the trained model (used in inference mode; not modified).
+        input_size: side length H = W of the model input.
+        channels: input channels C.
+        platforms: platforms to lower for (e.g. ("cpu", "cuda")).
+
+    Returns:
+        The `jax.export.Exported` mapping float32 B x H x W x C to float32 B x K.
+
+    Example:
+        >>> exported = export_inference(model, input_size=64, channels=1)
+        >>> exported.in_avals
+        (ShapedArray(float32[b,64,64,1]),)
+    """
+    (batch,) = jax.export.symbolic_shape("b")
+    args = jax.ShapeDtypeStruct((batch, input_size, input_size, channels), jnp.float32)
+    return jax.export.export(jax.jit(_inference_fn(model)), platforms=tuple(platforms))(args)
+
+
+def preprocessing_recipe(*, resolution: int, channels: int) -> dict[str, Any]:
+    """The preprocessing of `covidnet_jax.data.preprocess_image` plus scaling, as data.
+
+    Args:
+        resolution: the model's input side length.
+        channels: the model's input channels.
+
+    Returns:
+        A JSON-ready mapping: ordered steps and the tensor the exported function takes.
+    """
+    return {
+        "preprocess_version": PREPROCESS_VERSION,
+        "steps": [
+            {"op": "decode_grayscale", "note": "8-bit luma (ITU-R 601); 16-bit scaled to 8 bits"},
+            {"op": "drop_top_rows", "fraction": TOP_CROP_FRACTION, "rounding": "floor"},
+            {"op": "center_square_crop", "offset_rounding": "floor"},
+            {"op": "resize", "size": [resolution, resolution], "method": "bilinear_antialias"},
+            {"op": "repeat_channels", "channels": channels},
+            {"op": "scale", "multiply": 1.0 / 255.0, "dtype": "float32"},
+        ],
+        "input": {
+            "layout": "BxHxWxC",
+            "shape": ["batch", resolution, resolution, channels],
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "normalization": "none (no mean/std)",
+        },
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class RequirementCheck:
+    """One design requirement and whether the exported design meets it.
+
+    Attributes:
+        name: the requirement as people read it, e.g. "COVID-19 sensitivity >= 0.85".
+        value: the measured value, or None if it was not measured.
+        met: whether it holds, or None if it was not measured.
+        source: where the value comes from ("cost model", "validation", "test").
+    """
+
+    name: str
+    value: float | None
+    met: bool | None
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What a model card says about an exported design.
+
+    Attributes:
+        title: a short name (e.g. "covidnet design 3f2a... (trial 17)").
+        spec_summary: the spec's one-line summary.
+        class_names: output classes in probability order.
+        params: trainable parameters.
+        macs: multiply-accumulates of one forward pass at the input size.
+        activation_bytes: activation memory estimate, or None.
+        data: a paragraph on the training/validation/test data (source, classes, sizes).
+        requirements: the design requirements and whether they were met.
+        metrics: split name -> metric name -> value.
+        training: the training recipe, key -> value.
+        provenance: where the design came from, key -> value (workdir, trial, ...).
+    """
+
+    title: str
+    spec_summary: str
+    class_names: tuple[str, ...]
+    params: int
+    macs: int
+    activation_bytes: int | None = None
+    data: str = ""
+    requirements: tuple[RequirementCheck, ...] = ()
+    metrics: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_LIMITS = """\
+- **Not a medical device.** This model was produced by an automated design exploration for
+  research on network design. It has not been clinically validated and must not be used to
+  diagnose, triage or treat anyone.
+- Metrics hold only for data like the data named above. Radiographs from other hospitals,
+  scanners, views, populations or preprocessing can shift them arbitrarily; on the bundled
+  synthetic data they say nothing about real radiographs.
+- Small test splits give wide confidence intervals; per-class numbers on a few images are
+  anecdotes.
+- Inputs must follow `preprocessing.json` exactly; other scaling or cropping silently degrades
+  the output.
+- Heatmaps from `covidnet explain` show where the score is sensitive, not why a finding is
+  present.
+"""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "not measured"}[value]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def render_model_card(card: ModelCard) -> str:
+    """Renders a model card as Markdown.
+
+    Args:
+        card: the facts to report.
+
+    Returns:
+        Markdown text with sections Model, Data, Requirements, Metrics, Training, Usage,
+        Limits.
+    """
+    lines = [f"# Model card: {card.title}", "", "## Model", ""]
+    lines += [
+        f"- Architecture: `{card.spec_summary}` (full spec in `{SPEC_FILE}`)",
+        f"- Classes (output order): {', '.join(card.class_names)}",
+        f"- Parameters: {card.params:,} ({card.params / 1e6:.3f} M)",
+        f"- MACs per image: {card.macs:,} ({card.macs / 1e9:.4f} G)",
+    ]
+    if card.activation_bytes is not None:
+        lines.append(f"- Activation memory (batch 1): {card.activation_bytes / 2**20:.2f} MiB")
+    lines += ["", "## Data", "", card.data or "Not recorded.", "", "## Requirements", ""]
+    if card.requirements:
+        lines += ["| requirement | value | met | measured on |", "|---|---|---|---|"]
+        for req in card.requirements:
+            lines.append(f"| {req.name} | {_fmt(req.value)} | {_fmt(req.met)} | {req.source} |")
+        measured = [r.met for r in card.requirements if r.met is not None]
+        verdict = "all met" if measured and all(measured) else "NOT all met"
+        lines += ["", f"Verdict: {verdict}."]
+    else:
+        lines.append("No requirements were stated.")
+    lines += ["", "## Metrics", ""]
+    if card.metrics:
+        names = sorted({name for values in card.metrics.values() for name in values})
+        splits = list(card.metrics)
+        lines += ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+        for name in names:
+            row = [_fmt(card.metrics[s].get(name, "-")) for s in splits]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines += ["", "Model selection used the validation split only; the test split was "]
+        lines[-1] += "scored once, for this report."
+    else:
+        lines.append("No metrics recorded.")
+    lines += ["", "## Training", ""]
+    lines += [f"- {key}: {_fmt(value)}" for key, value in card.training.items()] or [
+        "Not recorded."
+    ]
+    if card.provenance:
+        lines += ["", "## Provenance", ""]
+        lines += [f"- {key}: {_fmt(value)}" for key, value in card.provenance.items()]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```bash",
+        "covidnet predict --model EXPORT_DIR image.png",
+        "covidnet explain --model EXPORT_DIR image.png --out heatmap.png",
+        "```",
+        "",
+        f"With only jax installed (inputs prepared as `{RECIPE_FILE}` says):",
+        "",
+        "```python",
+        "import jax, numpy as np",
+        f'with open("EXPORT_DIR/{STABLEHLO_FILE}", "rb") as f:',
+        "    exported = jax.export.deserialize(bytearray(f.read()))",
+        "probs = np.asarray(exported.call(images_BxHxWxC))  # float32 in [0, 1]",
+        "```",
+        "",
+        "## Limits",
+        "",
+        _LIMITS,
+    ]
+    return "\n".join(lines)
+
+
+def write_export(
+    model: nnx.Module,
+    spec: Any,
+    out_dir: str | Path,
+    *,
+    card: ModelCard,
+    save_state: Callable[[Path, nnx.Module], None] | None = None,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> Path:
+    """Writes a complete export folder (see the module docstring for its files).
+
+    The folder is assembled beside `out_dir` and renamed into place, so a crash never leaves
+    a half-written export; an existing export at `out_dir` is replaced.
+
+    Args:
+        model: the trained model.
+        spec: its architecture spec (`to_json`, `content_hash`, `input_size`,
+            `input_channels`, `class_names`).
+        out_dir: the export folder to create.
+        card: the model card's facts.
+        save_state: writes the Orbax checkpoint of the inference state into a given folder;
+            None for `covidnet_jax.checkpointing.save_inference_state`.
+        platforms: platforms the StableHLO artifact is lowered for.
+
+    Returns:
+        The export folder.
+
+    Raises:
+        ExportError: if `out_dir` is a file or a non-empty folder that is not an export.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise ExportError(
+            f"{out_dir}: folder is not empty and holds no export; choose another --out"
+        )
+    if save_state is None:
+        from covidnet_jax.checkpointing import save_inference_state as save_state
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    exported = export_inference(
+        model, input_size=spec.input_size, channels=spec.input_channels, platforms=platforms
+    )
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+        (staging / STABLEHLO_FILE).write_bytes(exported.serialize())
+        (staging / SPEC_FILE).write_text(spec.to_json() + "\n", encoding="utf-8")
+        recipe = preprocessing_recipe(resolution=spec.input_size, channels=spec.input_channels)
+        (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+        (staging / CARD_FILE).write_text(render_model_card(card), encoding="utf-8")
+        save_state(staging / CHECKPOINT_DIR, model)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "name": spec.content_hash(),
+            "title": card.title,
+            "class_names": list(spec.class_names),
+            "input": recipe["input"],
+            "output": {"shape": ["batch", len(spec.class_names)], "what": "probabilities"},
+            "platforms": list(exported.platforms),
+            "jax_version": jax.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "files": {
+                "stablehlo": STABLEHLO_FILE,
+                "spec": SPEC_FILE,
+                "preprocessing": RECIPE_FILE,
+                "checkpoint": CHECKPOINT_DIR,
+                "model_card": CARD_FILE,
+            },
+            "params": card.params,
+            "macs": card.macs,
+            "metrics": {split: dict(values) for split, values in card.metrics.items()},
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            staging.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedExport:
+    """An export read from disk, ready to predict.
+
+    Attributes:
+        path: the export folder.
+        manifest: the parsed `export.json`.
+        recipe: the parsed `preprocessing.json`.
+        exported: the deserialized `jax.export.Exported`.
+    """
+
+    path: Path
+    manifest: Mapping[str, Any]
+    recipe: Mapping[str, Any]
+    exported: jax.export.Exported
+    _call: Callable[[Any], jax.Array] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # One jitted wrapper per artifact, so repeated batches of one size compile once.
+        object.__setattr__(self, "_call", jax.jit(self.exported.call))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Output classes, in probability order."""
+        return tuple(self.manifest["class_names"])
+
+    @property
+    def input_size(self) -> int:
+        """Side length H = W of the model input."""
+        return int(self.manifest["input"]["shape"][1])
+
+    @property
+    def channels(self) -> int:
+        """Input channels C."""
+        return int(self.manifest["input"]["shape"][3])
+
+    def spec_json(self) -> str:
+        """The text of the export's `spec.json`."""
+        return (self.path / SPEC_FILE).read_text(encoding="utf-8")
+
+    def preprocess(self, image: str | Path | np.ndarray) -> np.ndarray:
+        """One image file or array -> float32 H x W x C in [0, 1], as the recipe says."""
+        pixels = preprocess_image(image, resolution=self.input_size, channels=self.channels)
+        return pixels.astype(np.float32) / 255.0
+
+    def predict_batch(self, images_BxHxWxC: Any) -> np.ndarray:
+        """Class probabilities of preprocessed images.
+
+        Args:
+            images_BxHxWxC: float in [0, 1], or uint8 (scaled by 1/255 here).
+
+        Returns:
+            float32 B x K probabilities.
+
+        Raises:
+            ExportError: if the images do not have the export's H x W x C.
+        """
+        images = np.asarray(images_BxHxWxC)
+        want = (self.input_size, self.input_size, self.channels)
+        if images.ndim != 4 or images.shape[1:] != want:
+            raise ExportError(
+                f"{self.path}: expects images B x {want[0]} x {want[1]} x {want[2]}, got "
+                f"{'x'.join(map(str, images.shape))}"
+            )
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        return np.asarray(self._call(images.astype(np.float32)))
+
+    def predict_images(
+        self, images: Sequence[str | Path | np.ndarray], *, batch_size: int = 32
+    ) -> np.ndarray:
+        """Class probabilities of image files (or raw arrays), preprocessed as in training.
+
+        Args:
+            images: image paths or arrays.
+            batch_size: images per call of the exported function.
+
+        Returns:
+            float32 N x K probabilities, in the order of `images`.
+
+        Raises:
+            DataError: naming an unreadable image.
+        """
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = np.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+            chunks.append(self.predict_batch(batch))
+        if not chunks:
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return np.concatenate(chunks)
+
+    def restore_model(self) -> nnx.Module:
+        """Rebuilds the trained NNX model from the spec and the Orbax checkpoint (for
+        attributions such as Grad-CAM, which need more than the exported function).
+
+        Returns:
+            The model, in eval mode.
+
+        Raises:
+            CheckpointError: if the checkpoint is missing or does not fit the spec.
+        """
+        from covidnet_jax.arch import spec_from_json
+        from covidnet_jax.checkpointing import restore_inference_state
+        from covidnet_jax.models import build_model
+
+        spec = spec_from_json(self.spec_json())
+        abstract = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
+        model = restore_inference_state(self.path / CHECKPOINT_DIR, abstract)
+        model.eval()
+        return model
+
+
+def load_export(path: str | Path) -> LoadedExport:
+    """Reads an export folder written by `write_export`.
+
+    Needs only jax and numpy (plus flatbuffers) to predict from preprocessed batches.
+
+    Args:
+        path: the export folder.
+
+    Returns:
+        The `LoadedExport`.
+
+    Raises:
+        ExportError: if the folder is missing, not an export, of a newer format version, or
+            incomplete.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: export folder not found")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ExportError(
+            f"{path}: not an export (no {MANIFEST_FILE}); create one with `covidnet export`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        recipe = json.loads((path / RECIPE_FILE).read_text(encoding="utf-8"))
+        blob = (path / STABLEHLO_FILE).read_bytes()
+    except FileNotFoundError as err:
+        raise ExportError(f"{path}: incomplete export, missing {Path(err.filename).name}") from None
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: unreadable export ({err})") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{manifest_path}: not a covidnet-jax export manifest")
+    if int(manifest.get("version", math.inf)) > EXPORT_VERSION:
+        raise ExportError(
+            f"{manifest_path}: export format version {manifest.get('version')} is newer than "
+            f"this covidnet-jax reads ({EXPORT_VERSION}); upgrade covidnet-jax"
+        )
+    try:
+        exported = jax.export.deserialize(bytearray(blob))
+    except Exception as err:  # corrupt bytes surface as assorted flatbuffer/MLIR errors
+        raise ExportError(f"{path / STABLEHLO_FILE}: cannot deserialize ({err})") from None
+    return LoadedExport(path=path, manifest=manifest, recipe=recipe, exported=exported)
+
+
+def predict(
+    export_dir: str | Path, images: Sequence[str | Path | np.ndarray], *, batch_size: int = 32
+) -> np.ndarray:
+    """Loads an export and returns class probabilities of image files: the one-call API.
+
+    Args:
+        export_dir: an export folder written by `covidnet export`.
+        images: image paths (or raw image arrays), preprocessed as in training.
+        batch_size: images per call of the exported function.
+
+    Returns:
+        float32 N x K probabilities; the class order is `load_export(export_dir).class_names`.
+
+    Raises:
+        ExportError: for a missing or broken export.
+        DataError: naming an unreadable image.
+
+    Example:
+        >>> probs = predict("runs/quickstart/export", ["chest.png"])
+    """
+    return load_export(export_dir).predict_images(images, batch_size=batch_size)

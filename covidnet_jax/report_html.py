@@ -1,0 +1,185 @@
+"""Self-contained HTML reports: tables and PNG figures in one file that works offline.
+
+Images are embedded as base64 `data:` URIs and the style sheet is inline, so the file can be
+mailed, archived or opened without a network or a server. Every text is HTML-escaped; there
+is no script.
+
+Example:
+    >>> html = render_html(
+    ...     "Search report",
+    ...     [Section("Leaderboard", [Table(("trial", "accuracy"), [(1, 0.93)])])],
+    ... )
+    >>> Path("report.html").write_text(html)
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["Figure", "Paragraph", "Section", "Table", "png_data_uri", "render_html"]
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 1200px; padding: 0 1rem; color: #1b1f24; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
+h2 { font-size: 1.25rem; border-bottom: 1px solid #d0d7de; padding-bottom: 0.2rem;
+     margin-top: 2rem; }
+p.subtitle { color: #57606a; margin-top: 0; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
+th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: right; }
+th { background: #f6f8fa; position: sticky; top: 0; }
+td.text { text-align: left; font-family: ui-monospace, monospace; }
+tr.bad td { color: #8c959f; }
+figure { margin: 0.5rem 0 1.5rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figcaption { color: #57606a; font-size: 0.85rem; }
+div.scroll { overflow-x: auto; }
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A table; cells are formatted by type (floats to 4 significant digits).
+
+    Attributes:
+        columns: column headings.
+        rows: one sequence of cells per row, as long as `columns`.
+        title: an optional caption.
+        dim_rows: indices of rows to show greyed out (e.g. infeasible designs).
+        table_id: the HTML id of the table element.
+    """
+
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    title: str = ""
+    dim_rows: frozenset[int] = frozenset()
+    table_id: str = ""
+
+    def __post_init__(self) -> None:
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.columns):
+                raise ValueError(
+                    f"table {self.title!r} row {i} has {len(row)} cells, expected "
+                    f"{len(self.columns)}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """A PNG image.
+
+    Attributes:
+        png: the PNG file's bytes.
+        alt: alternative text.
+        caption: an optional caption under the image.
+    """
+
+    png: bytes
+    alt: str
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.png.startswith(_PNG_SIGNATURE):
+            raise ValueError(f"figure {self.alt!r}: not PNG data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Paragraph:
+    """A paragraph of plain text."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A titled part of the report."""
+
+    title: str
+    blocks: Sequence[Table | Figure | Paragraph]
+
+
+def png_data_uri(png: bytes) -> str:
+    """A `data:image/png;base64,...` URI of PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _cell(value: Any) -> tuple[str, bool]:
+    """(escaped text, is_text) of one table cell."""
+    if value is None:
+        return "", False
+    if isinstance(value, bool):
+        return ("yes" if value else "no"), True
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "", False
+        return f"{value:.4g}", False
+    if isinstance(value, int):
+        return f"{value:,}", False
+    return html.escape(str(value)), True
+
+
+def _render_table(table: Table) -> str:
+    id_attr = f' id="{html.escape(table.table_id)}"' if table.table_id else ""
+    parts = ['<div class="scroll">', f"<table{id_attr}>"]
+    if table.title:
+        parts.append(f"<caption>{html.escape(table.title)}</caption>")
+    parts.append("<thead><tr>")
+    parts += [f"<th>{html.escape(str(col))}</th>" for col in table.columns]
+    parts.append("</tr></thead><tbody>")
+    for i, row in enumerate(table.rows):
+        parts.append('<tr class="bad">' if i in table.dim_rows else "<tr>")
+        for value in row:
+            text, is_text = _cell(value)
+            parts.append(f'<td class="text">{text}</td>' if is_text else f"<td>{text}</td>")
+        parts.append("</tr>")
+    parts.append("</tbody></table></div>")
+    return "".join(parts)
+
+
+def _render_block(block: Table | Figure | Paragraph) -> str:
+    if isinstance(block, Table):
+        return _render_table(block)
+    if isinstance(block, Figure):
+        caption = f"<figcaption>{html.escape(block.caption)}</figcaption>" if block.caption else ""
+        return (
+            f'<figure><img src="{png_data_uri(block.png)}" alt="{html.escape(block.alt)}">'
+            f"{caption}</figure>"
+        )
+    if isinstance(block, Paragraph):
+        return f"<p>{html.escape(block.text)}</p>"
+    raise TypeError(f"cannot render {type(block).__name__}")
+
+
+def render_html(title: str, sections: Sequence[Section], *, subtitle: str = "") -> str:
+    """Renders a complete, self-contained HTML document.
+
+    Args:
+        title: the page title and heading.
+        sections: the report's parts, in order.
+        subtitle: an optional line under the heading.
+
+    Returns:
+        The HTML text (UTF-8, no external resources, no script).
+    """
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f'<p class="subtitle">{html.escape(subtitle)}</p>')
+    for section in sections:
+        parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
+        parts += [_render_block(block) for block in section.blocks]
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
