@@ -1,0 +1,693 @@
+"""The input pipeline: `DataConfig` -> `load_data` -> `Data` -> batches.
+
+`load_data` reads a COVIDx folder (or a prepared TFDS `covidx` data set), preprocesses every
+image once into an on-disk cache per resolution, keeps the uint8 arrays in memory, carves a
+patient-wise validation split from train and returns a `Data`. `Data.train_batches` is an
+infinite iterator whose batch at step s depends only on (seed, s): per-epoch seeded shuffles,
+COVID-style re-balancing and the paper's augmentations. `Data.eval_batches` yields fixed-shape,
+padded batches with a mask.
+
+Example (the `data:` section of an experiment file):
+
+```yaml
+data:
+  covidx_dir: data/synth
+  synth: {per_class: 300, image_size: 128, seed: 0}   # write it first if it is absent
+  resolution: 64
+  channels: 1
+  rebalance_class: COVID-19
+  rebalance_fraction: 0.3
+  class_weights: balanced
+```
+
+```python
+data = load_data(config, seed=0)
+for step, batch in enumerate(data.train_batches(32, seed=0, start_step=resume_step)):
+    batch["image"]  # float32 32x64x64x1 in [0, 1]
+    batch["label"]  # int32 32
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from covidnet_jax.data import cache as cache_lib
+from covidnet_jax.data.augment import augment_batch
+from covidnet_jax.data.covidx import CovidxFolder, open_covidx_folder, order_class_names
+from covidnet_jax.data.preprocess import (
+    PREPROCESS_VERSION,
+    check_resolution,
+    crop_and_resize,
+    decode_image,
+)
+from covidnet_jax.data.synth import read_synth_settings, write_synthetic_dataset
+from covidnet_jax.errors import ConfigError, DataError
+from covidnet_jax.typed_yaml import bounded
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "validation", "test"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Settings of the synthetic data set written when `covidx_dir` does not exist yet.
+
+    Attributes:
+        per_class: images per class over both splits.
+        image_size: image height in pixels before preprocessing.
+        seed: generator seed (the data set is a pure function of these three values).
+    """
+
+    per_class: int = bounded(300, ge=4, le=100_000)
+    image_size: int = bounded(128, ge=32, le=1024)
+    seed: int = bounded(0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data:` section of an experiment file.
+
+    Exactly one source: `covidx_dir` (a COVIDx folder; with `synth` set it is written first
+    if absent) or `tfds_data_dir` (a data dir holding a `covidx` TFDS data set prepared by
+    `covidnet data prepare` at this resolution).
+
+    Attributes:
+        covidx_dir: COVIDx folder holding train/, test/ and the split files.
+        tfds_data_dir: TFDS data dir with a prepared `covidx` data set.
+        synth: write the synthetic data set into `covidx_dir` if it does not exist.
+        train_split_file: train split file relative to `covidx_dir` (default train.txt, or
+            the single train*.txt).
+        test_split_file: likewise for test.
+        resolution: model input side in pixels.
+        channels: 1 (grey) or 3 (grey repeated, for 3-channel stems).
+        classes: class names in label-index order; default: from the data (known COVIDx
+            labels in their usual order, others alphabetical).
+        validation_fraction: fraction of train images (whole patients) held out for
+            validation; the split depends on patient ids only, never on the seed.
+        augment: apply the paper's augmentations to training batches.
+        rebalance_class: class of which a fixed fraction of every train batch is drawn (the
+            paper's COVID-19 re-balancing); None for plain shuffling.
+        rebalance_fraction: that fraction; max(int(batch * fraction), 1) slots per batch.
+        class_weights: "none", "balanced" (N / (K * n_k) over the train split) or a mapping
+            class -> weight (classes left out get 1.0).
+        workers: processes that build train batches in parallel (Grain); 0 builds them in
+            the calling thread, which is fastest for small images on few cores.
+        skip_corrupt: skip unreadable images and list them in `Data.report` instead of
+            failing on the first one.
+        cache_dir: where preprocessed arrays are cached; default `<covidx_dir>/.covidnet_cache`
+            (or ~/.cache/covidnet_jax if that is read-only).
+    """
+
+    covidx_dir: str | None = None
+    tfds_data_dir: str | None = None
+    synth: SynthConfig | None = None
+    train_split_file: str | None = None
+    test_split_file: str | None = None
+    resolution: int = bounded(224, ge=16, le=2048)
+    channels: Literal[1, 3] = 3
+    classes: tuple[str, ...] | None = None
+    validation_fraction: float = bounded(0.1, ge=0.0, lt=1.0)
+    augment: bool = True
+    rebalance_class: str | None = None
+    rebalance_fraction: float = bounded(0.3, gt=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    workers: int = bounded(0, ge=0, le=256)
+    skip_corrupt: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.covidx_dir is None) == (self.tfds_data_dir is None):
+            raise ConfigError(
+                "covidx_dir: set exactly one of covidx_dir (a COVIDx folder) and tfds_data_dir "
+                "(a prepared TFDS data dir)"
+            )
+        if self.synth is not None and self.covidx_dir is None:
+            raise ConfigError(
+                "synth: needs covidx_dir (the folder the synthetic set is written to)"
+            )
+        if self.classes is not None:
+            if len(self.classes) < 2:
+                raise ConfigError(f"classes: need at least two classes, got {list(self.classes)}")
+            if len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"classes: names repeat in {list(self.classes)}")
+            if self.rebalance_class is not None and self.rebalance_class not in self.classes:
+                raise ConfigError(
+                    f"rebalance_class: {self.rebalance_class!r} is not one of {list(self.classes)}"
+                )
+        if isinstance(self.class_weights, Mapping):
+            for name, weight in self.class_weights.items():
+                if not weight > 0:
+                    raise ConfigError(f"class_weights.{name}: expected a weight > 0, got {weight}")
+                if self.classes is not None and name not in self.classes:
+                    raise ConfigError(
+                        f"class_weights.{name}: not one of the classes {list(self.classes)}"
+                    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataReport:
+    """What `load_data` found, for logs and the run's report.
+
+    Attributes:
+        source: the folder or data dir read.
+        cache: the cache entry used.
+        counts: images per class for "train", "validation" and "test".
+        patients: number of patients per split.
+        skipped: {image path: reason} for unreadable images skipped with `skip_corrupt`.
+        shared_patients: patient ids present in both train(+validation) and test.
+    """
+
+    source: str
+    cache: str
+    counts: dict[str, dict[str, int]]
+    patients: dict[str, int]
+    skipped: dict[str, str]
+    shared_patients: tuple[str, ...]
+
+    def summary(self) -> str:
+        """A few lines for the console: counts per split, skipped files, shared patients."""
+        lines = [f"data: {self.source}"]
+        for split, counts in self.counts.items():
+            parts = ", ".join(f"{k} {v}" for k, v in counts.items())
+            lines.append(
+                f"  {split:<10} {sum(counts.values()):>6} images, "
+                f"{self.patients[split]:>5} patients ({parts})"
+            )
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} unreadable image(s):")
+            lines.extend(f"    {p}: {why}" for p, why in sorted(self.skipped.items()))
+        if self.shared_patients:
+            lines.append(
+                f"  warning: {len(self.shared_patients)} patient(s) appear in both train and "
+                f"test, e.g. {self.shared_patients[0]!r}"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading sources into the cache
+
+
+def _preprocess_one(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
+    """Decodes and preprocesses one file; returns (grey HxW or None, error message)."""
+    try:
+        return crop_and_resize(decode_image(path), resolution), ""
+    except DataError as err:
+        return None, str(err)
+
+
+def _preprocess_files(
+    paths: list[Path], resolution: int, workers: int, desc: str
+) -> list[tuple[np.ndarray | None, str]]:
+    from tqdm.auto import tqdm
+
+    show = len(paths) >= 2000
+    if workers > 0 and len(paths) >= 256:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(
+                _preprocess_one, map(str, paths), itertools.repeat(resolution), chunksize=64
+            )
+            return list(tqdm(results, total=len(paths), desc=desc, disable=not show))
+    return [_preprocess_one(str(p), resolution) for p in tqdm(paths, desc=desc, disable=not show)]
+
+
+def _cache_from_covidx(
+    folder: CovidxFolder, config: DataConfig, resolution: int
+) -> cache_lib.CacheEntry:
+    splits = {"train": folder.train, "test": folder.test}
+    key_parts: dict[str, Any] = {
+        "source": "covidx",
+        "root": str(folder.root.resolve()),
+        "resolution": resolution,
+        "preprocess": PREPROCESS_VERSION,
+    }
+    for name, split in splits.items():
+        key_parts[f"{name}_split"] = hashlib.sha256(split.split_file.read_bytes()).hexdigest()
+        key_parts[f"{name}_files"] = cache_lib.file_fingerprint(split.image_paths())
+    root = Path(config.cache_dir) if config.cache_dir else cache_lib.default_cache_root(folder.root)
+    path = root / f"covidx-r{resolution}-{cache_lib.cache_key(key_parts)}"
+    entry = cache_lib.load_entry(path)
+    if entry is None:
+        arrays: dict[str, cache_lib.SplitArrays] = {}
+        skipped: dict[str, str] = {}
+        for name, split in splits.items():
+            paths = split.image_paths()
+            results = _preprocess_files(paths, resolution, config.workers, f"preprocess {name}")
+            keep = []
+            for entry_, path_, (image, error) in zip(split.entries, paths, results, strict=True):
+                if image is None:
+                    skipped[str(path_)] = error
+                else:
+                    keep.append((entry_, image))
+            images = (
+                np.stack([im for _, im in keep])
+                if keep
+                else np.zeros((0, resolution, resolution), np.uint8)
+            )
+            arrays[name] = cache_lib.SplitArrays(
+                images,
+                tuple(e.label for e, _ in keep),
+                tuple(e.patient_id for e, _ in keep),
+                tuple(e.filename for e, _ in keep),
+            )
+        entry = cache_lib.write_entry(path, arrays, skipped)
+    if entry.skipped and not config.skip_corrupt:
+        _first, why = next(iter(sorted(entry.skipped.items())))
+        more = f" ({len(entry.skipped) - 1} more unreadable)" if len(entry.skipped) > 1 else ""
+        raise DataError(f"{why}{more}; fix or remove it, or set data.skip_corrupt: true")
+    return entry
+
+
+def _cache_from_tfds(config: DataConfig, resolution: int) -> cache_lib.CacheEntry:
+    from covidnet_jax.data.tfds_covidx import read_prepared
+
+    assert config.tfds_data_dir is not None
+    return read_prepared(config.tfds_data_dir, resolution=resolution, cache_dir=config.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Splits and batches
+
+
+def _patient_rank(patient_id: str) -> str:
+    """A seed-independent, stable pseudo-random order of patients."""
+    return hashlib.sha256(patient_id.encode("utf-8")).hexdigest()
+
+
+def split_validation(
+    labels: np.ndarray, patient_ids: tuple[str, ...], fraction: float
+) -> np.ndarray:
+    """Chooses validation images by patient, stratified by class, independent of any seed.
+
+    Patients are grouped by their most frequent label; within each group they are taken in
+    the order of a hash of their id until `fraction` of that group's images is reached (at
+    least one patient per group that has two or more).
+
+    Args:
+        labels: int label per train image, shape (N,).
+        patient_ids: patient id per train image.
+        fraction: the fraction of images to hold out, in [0, 1).
+
+    Returns:
+        bool (N,), True for validation images. No patient has images on both sides.
+    """
+    n = len(patient_ids)
+    is_val = np.zeros(n, dtype=bool)
+    if fraction <= 0 or n == 0:
+        return is_val
+    images_of: dict[str, list[int]] = {}
+    for i, pid in enumerate(patient_ids):
+        images_of.setdefault(pid, []).append(i)
+    by_class: dict[int, list[str]] = {}
+    for pid, idx in images_of.items():
+        majority = int(np.bincount(labels[idx]).argmax())
+        by_class.setdefault(majority, []).append(pid)
+    for _, pids in sorted(by_class.items()):
+        if len(pids) < 2:
+            continue
+        total = sum(len(images_of[p]) for p in pids)
+        target = fraction * total
+        taken = 0
+        for pid in sorted(pids, key=_patient_rank)[:-1]:  # always leave one patient in train
+            if taken >= target:
+                break
+            is_val[images_of[pid]] = True
+            taken += len(images_of[pid])
+    return is_val
+
+
+def _epoch_permutation(seed: int, pool: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, pool, epoch]).permutation(n)
+
+
+def _stream(seed: int, pool: int, members: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Items start..start+count of the infinite stream of per-epoch shuffles of `members`."""
+    n = len(members)
+    positions = np.arange(start, start + count)
+    out = np.empty(count, dtype=members.dtype)
+    for epoch in np.unique(positions // n):
+        sel = positions // n == epoch
+        perm = _epoch_permutation(seed, pool, int(epoch), n)
+        out[sel] = members[perm[positions[sel] % n]]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatchMaker:
+    """Builds train batch `step` from the cached arrays: a pure function of (seed, step).
+
+    Picklable for Grain worker processes: large memory-mapped arrays travel as their cache
+    path and are re-opened in the worker.
+
+    Attributes:
+        images: uint8 NxHxW train images.
+        labels: int32 (N,) labels.
+        batch_size: images per batch.
+        seed: the shuffle and augmentation seed.
+        channels: output channels (grey repeated).
+        augment: apply the augmentations.
+        target_class: the re-balancing class index, or -1.
+        target_count: slots per batch drawn from the target class.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    batch_size: int
+    seed: int
+    channels: int
+    augment: bool
+    target_class: int
+    target_count: int
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(self.images, np.memmap):
+            state["images"] = ("memmap", str(self.images.filename))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["images"], tuple):
+            state["images"] = np.load(state["images"][1], mmap_mode="r")
+        self.__dict__.update(state)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """The batch at `step`: {"image": float32 BxHxWxC in [0, 1], "label": int32 B}."""
+        step = int(step)
+        if self.target_class < 0:
+            members = np.arange(len(self.labels))
+            index = _stream(self.seed, 0, members, step * self.batch_size, self.batch_size)
+        else:
+            target = np.flatnonzero(self.labels == self.target_class)
+            rest = np.flatnonzero(self.labels != self.target_class)
+            n_rest = self.batch_size - self.target_count
+            index = np.empty(self.batch_size, dtype=np.int64)
+            slots = np.random.default_rng([self.seed, 3, step]).permutation(self.batch_size)
+            index[slots[: self.target_count]] = _stream(
+                self.seed, 1, target, step * self.target_count, self.target_count
+            )
+            index[slots[self.target_count :]] = _stream(self.seed, 2, rest, step * n_rest, n_rest)
+        grey_BxHxWx1 = np.asarray(self.images[index])[..., None]
+        if self.augment:
+            image = augment_batch(grey_BxHxWx1, np.random.default_rng([self.seed, 4, step]))
+        else:
+            image = grey_BxHxWx1.astype(np.float32) * np.float32(1.0 / 255.0)
+        if self.channels > 1:
+            image = np.repeat(image, self.channels, axis=3)
+        return {"image": image, "label": self.labels[index].astype(np.int32)}
+
+
+class Data:
+    """Preprocessed COVIDx-format data in memory, with train and eval batch iterators.
+
+    Attributes:
+        class_names: class names in label-index order.
+        resolution: image side in pixels.
+        channels: channels of the batches.
+        report: counts, skipped files and warnings from loading.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: DataConfig,
+        class_names: tuple[str, ...],
+        splits: dict[str, tuple[np.ndarray, np.ndarray]],
+        report: DataReport,
+        seed: int,
+    ) -> None:
+        self.config = config
+        self.class_names = class_names
+        self.resolution = config.resolution
+        self.channels = config.channels
+        self.report = report
+        self.seed = seed
+        self._splits = splits
+        self._target = class_names.index(config.rebalance_class) if config.rebalance_class else -1
+
+    def num_examples(self, split: Split) -> int:
+        """Number of images in "train", "validation" or "test"."""
+        return len(self._split(split)[1])
+
+    def labels(self, split: Split) -> np.ndarray:
+        """int32 labels of a split, in the order `eval_batches` yields them."""
+        return self._split(split)[1].copy()
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self._splits:
+            raise ValueError(f"split must be one of {sorted(self._splits)}, got {split!r}")
+        return self._splits[split]
+
+    def class_weights(self) -> np.ndarray:
+        """Per-class loss weights, float32 (K,), from `config.class_weights`.
+
+        "balanced" gives N / (K * n_k) over the train split (a class with no images gets 1).
+        """
+        k = len(self.class_names)
+        spec = self.config.class_weights
+        if spec == "none":
+            return np.ones(k, np.float32)
+        if spec == "balanced":
+            counts = np.bincount(self._splits["train"][1], minlength=k).astype(np.float64)
+            weights = np.where(counts > 0, counts.sum() / (k * np.maximum(counts, 1)), 1.0)
+            return weights.astype(np.float32)
+        return np.array([spec.get(name, 1.0) for name in self.class_names], np.float32)
+
+    def batch_maker(self, batch_size: int, *, seed: int | None = None) -> TrainBatchMaker:
+        """The pure function step -> train batch used by `train_batches`."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        images, labels = self._splits["train"]
+        target_count = 0
+        if self._target >= 0:
+            target_count = max(int(batch_size * self.config.rebalance_fraction), 1)
+            if target_count >= batch_size:
+                raise DataError(
+                    f"batch size {batch_size} leaves no room besides the "
+                    f"{self.config.rebalance_class!r} slots; use a batch size >= 2"
+                )
+        return TrainBatchMaker(
+            images=images,
+            labels=labels,
+            batch_size=batch_size,
+            seed=self.seed if seed is None else seed,
+            channels=self.channels,
+            augment=self.config.augment,
+            target_class=self._target,
+            target_count=target_count,
+        )
+
+    def train_batches(
+        self, batch_size: int, *, seed: int | None = None, start_step: int = 0
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Infinite train batches; the batch at step s depends only on (seed, s).
+
+        Args:
+            batch_size: images per batch.
+            seed: shuffle/augmentation seed (default: the seed given to `load_data`).
+            start_step: the first step to yield (a resumed run passes its step).
+
+        Yields:
+            {"image": float32 BxHxWxC in [0, 1], "label": int32 B}.
+        """
+        make = self.batch_maker(batch_size, seed=seed)
+        workers = self.config.workers
+        if workers == 0:
+            return map(make, itertools.count(start_step))
+        import grain
+
+        steps = grain.MapDataset.range(start_step, start_step + 2**40)
+        dataset = steps.map(make).to_iter_dataset()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        return iter(dataset)
+
+    def eval_batches(self, split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Fixed-shape batches over "validation" or "test" ("train" also works), in order.
+
+        The last batch is padded with zero images; `mask` marks the real examples.
+
+        Yields:
+            {"image": float32 BxHxWxC, "label": int32 B, "mask": bool B}.
+        """
+        if split == "validation" and self.num_examples("validation") == 0:
+            raise DataError(
+                "the validation split is empty; set data.validation_fraction > 0 (e.g. 0.1)"
+            )
+        images, labels = self._split(split)
+        n = len(labels)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            real = stop - start
+            image = np.zeros(
+                (batch_size, self.resolution, self.resolution, self.channels), np.float32
+            )
+            grey = np.asarray(images[start:stop], dtype=np.float32) * np.float32(1.0 / 255.0)
+            image[:real] = grey[..., None]
+            label = np.zeros(batch_size, np.int32)
+            label[:real] = labels[start:stop]
+            mask = np.zeros(batch_size, bool)
+            mask[:real] = True
+            yield {"image": image, "label": label, "mask": mask}
+
+
+def _ensure_synthetic(config: DataConfig) -> None:
+    assert config.covidx_dir is not None and config.synth is not None
+    folder = Path(config.covidx_dir)
+    wanted = {
+        "per_class": config.synth.per_class,
+        "image_size": config.synth.image_size,
+        "seed": config.synth.seed,
+    }
+    if folder.exists() and any(folder.iterdir()):
+        found = read_synth_settings(folder)
+        if found is not None and any(found.get(k) != v for k, v in wanted.items()):
+            raise DataError(
+                f"{folder}: holds a synthetic data set written with {found}, but data.synth "
+                f"asks for {wanted}; delete the folder or match data.synth"
+            )
+        return
+    log.info("writing the synthetic data set to %s", folder)
+    write_synthetic_dataset(folder, overwrite=True, **wanted)
+
+
+def load_data(config: DataConfig, *, seed: int) -> Data:
+    """Loads (preprocessing once, then from the cache) and checks a data set.
+
+    Args:
+        config: the data section of the experiment.
+        seed: the default seed of `Data.train_batches` (the splits never depend on it).
+
+    Returns:
+        The data set, with train / validation / test arrays in memory.
+
+    Raises:
+        DataError: one line naming the file (and line) at fault and the fix: a folder that is
+            not COVIDx-shaped, a bad split file, missing or unreadable images, leakage, an
+            empty split, a class without images.
+    """
+    check_resolution(config.resolution, config.channels)
+    if config.tfds_data_dir is not None:
+        entry = _cache_from_tfds(config, config.resolution)
+        source = config.tfds_data_dir
+    else:
+        assert config.covidx_dir is not None
+        if config.synth is not None:
+            _ensure_synthetic(config)
+        folder = open_covidx_folder(
+            config.covidx_dir,
+            classes=config.classes,
+            train_split_file=config.train_split_file,
+            test_split_file=config.test_split_file,
+        )
+        entry = _cache_from_covidx(folder, config, config.resolution)
+        source = str(folder.root)
+
+    train, test = entry.splits["train"], entry.splits["test"]
+    if config.classes is not None:
+        class_names = tuple(config.classes)
+        unknown = sorted((set(train.labels) | set(test.labels)) - set(class_names))
+        if unknown:
+            raise DataError(
+                f"{source}: labels {unknown} are not in data.classes {list(class_names)}; "
+                "add them or remove those images"
+            )
+    else:
+        class_names = order_class_names(train.labels + test.labels)
+    index = {name: i for i, name in enumerate(class_names)}
+    for name, arrays in (("train", train), ("test", test)):
+        if len(arrays) == 0:
+            raise DataError(
+                f"{source}: the {name} split has no readable images; check its split file"
+            )
+    if config.rebalance_class is not None and config.rebalance_class not in index:
+        raise DataError(
+            f"data.rebalance_class {config.rebalance_class!r} is not a class of {source} "
+            f"({list(class_names)})"
+        )
+    if isinstance(config.class_weights, Mapping):
+        extra = sorted(set(config.class_weights) - set(class_names))
+        if extra:
+            raise DataError(
+                f"data.class_weights names unknown classes {extra}; "
+                f"the classes are {list(class_names)}"
+            )
+
+    train_labels = np.array([index[x] for x in train.labels], np.int32)
+    test_labels = np.array([index[x] for x in test.labels], np.int32)
+    is_val = split_validation(train_labels, train.patient_ids, config.validation_fraction)
+    fit = np.flatnonzero(~is_val)
+    val = np.flatnonzero(is_val)
+    if config.rebalance_class is not None and not np.any(
+        train_labels[fit] == index[config.rebalance_class]
+    ):
+        raise DataError(
+            f"{source}: no train images of the re-balancing class "
+            f"{config.rebalance_class!r}; unset data.rebalance_class or add images"
+        )
+    # Contiguous copies: batches gather from these arrays thousands of times.
+    splits = {
+        "train": (_take(train.images, fit), train_labels[fit]),
+        "validation": (_take(train.images, val), train_labels[val]),
+        "test": (test.images, test_labels),
+    }
+    pids = {
+        "train": {train.patient_ids[i] for i in fit},
+        "validation": {train.patient_ids[i] for i in val},
+        "test": set(test.patient_ids),
+    }
+    report = DataReport(
+        source=source,
+        cache=str(entry.path),
+        counts={
+            s: {c: int(np.sum(lab == i)) for i, c in enumerate(class_names)}
+            for s, (_, lab) in splits.items()
+        },
+        patients={s: len(p) for s, p in pids.items()},
+        skipped=dict(entry.skipped),
+        shared_patients=tuple(sorted((pids["train"] | pids["validation"]) & pids["test"])),
+    )
+    if report.skipped:
+        log.warning(
+            "skipped %d unreadable image(s): %s",
+            len(report.skipped),
+            ", ".join(sorted(report.skipped)),
+        )
+    return Data(config=config, class_names=class_names, splits=splits, report=report, seed=seed)
+
+
+def _take(images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    if (
+        isinstance(images, np.memmap)
+        and len(index) == len(images)
+        and np.all(index == np.arange(len(images)))
+    ):
+        return images
+    if isinstance(images, np.memmap):
+        # Keep large data sets on disk: a sorted fancy index of a memmap copies into memory,
+        # so write the selection to a sibling file once and map that instead.
+        path = Path(images.filename).with_suffix(
+            f".sel-{hashlib.sha256(index.tobytes()).hexdigest()[:12]}.npy"
+        )
+        if not path.is_file():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            out = np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.uint8, shape=(len(index), *images.shape[1:])
+            )
+            for start in range(0, len(index), 1024):
+                out[start : start + 1024] = images[index[start : start + 1024]]
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+    return np.ascontiguousarray(images[index])
