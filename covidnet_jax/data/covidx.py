@@ -270,10 +270,12 @@ def open_covidx_folder(
         split_file = _resolve_split_file(root, name, given)
         image_dir = root / name
         if not split_file.is_file() or not image_dir.is_dir():
+            found = sorted(p.name for p in root.iterdir())
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "") or "nothing"
             raise DataError(
                 f"{root}: not a COVIDx folder: expected {name}/ and {split_file.name} "
-                f"(found {', '.join(sorted(p.name for p in root.iterdir())[:8]) or 'nothing'}); "
-                "point data.covidx_dir at the folder holding them"
+                f"(found {shown}); point data.covidx_dir (--covidx-dir) at the folder "
+                "holding them"
             )
         entries = parse_split_file(split_file, classes=classes)
         seen: dict[str, int] = {}
