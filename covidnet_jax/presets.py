@@ -129,82 +129,79 @@ def covidnet_prototype() -> ArchSpec:
     )
 
 
-def covidnet_b() -> ArchSpec:
-    """480 px design inside the CXR3-B budget (<= 11.75 M params, <= 7.50 G MACs)."""
+def _design_480(
+    stem_channels: int, stages: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...]
+) -> ArchSpec:
+    """A 480 px dense design: 7x7/2 stem + 2x2 max-pool, stage strides 1, 2, 2, 2, GAP head.
+
+    `stages` holds `(width, modules)` with each module `(proj1, expand, proj2[, kernel])`.
+    """
     return ArchSpec(
         input_size=480,
-        stem=StemSpec(channels=48, kernel_size=7, stride=2, pool_size=2, pool_stride=2),
-        stages=(
+        stem=StemSpec(channels=stem_channels, kernel_size=7, stride=2, pool_size=2),
+        stages=tuple(
             StageSpec(
-                stride=1,
-                modules=(_pepx(32, 96, 32, 96), _pepx(24, 72, 24, 96), _pepx(32, 96, 32, 96)),
-            ),
-            StageSpec(
-                stride=2,
-                modules=(
-                    _pepx(48, 160, 48, 192),
-                    _pepx(40, 120, 40, 192),
-                    _pepx(48, 144, 48, 192),
-                    _pepx(56, 168, 56, 192),
-                ),
-            ),
-            StageSpec(
-                stride=2,
-                modules=(
-                    _pepx(96, 288, 96, 384),
-                    _pepx(80, 240, 80, 384),
-                    _pepx(96, 288, 96, 384),
-                    _pepx(80, 240, 80, 384),
-                    _pepx(96, 288, 96, 384),
-                    _pepx(112, 336, 112, 384),
-                ),
-            ),
-            StageSpec(
-                stride=2,
-                modules=(
-                    _pepx(192, 576, 192, 768, 5),
-                    _pepx(160, 480, 160, 768),
-                    _pepx(192, 576, 192, 768),
-                ),
-            ),
+                stride=1 if i == 0 else 2,
+                modules=tuple(_pepx(*module[:3], width, *module[3:]) for module in modules),
+            )
+            for i, (width, modules) in enumerate(stages)
         ),
         connectivity="dense",
-        head=HeadSpec(pool="avg", hidden=(), dropout=0.0),
+        head=HeadSpec(pool="avg"),
+    )
+
+
+def covidnet_b() -> ArchSpec:
+    """480 px design inside the CXR3-B budget (<= 11.75 M params, <= 7.50 G MACs).
+
+    6.98 M params, 6.58 G MACs (88% of the MAC budget): 3-4-6-3 dense PEPX stages at
+    144/288/576/1280 channels, inner widths varied per module, a 5x5 depthwise conv where
+    the last stage downsamples.
+    """
+    return _design_480(
+        64,
+        (
+            (144, ((48, 144, 48), (40, 120, 40), (48, 144, 48))),
+            (288, ((72, 232, 72), (64, 200, 64), (72, 216, 72), (80, 248, 80))),
+            (
+                576,
+                (
+                    (144, 440, 144),
+                    (128, 392, 128),
+                    (144, 432, 144),
+                    (120, 368, 120),
+                    (144, 432, 144),
+                    (160, 488, 160),
+                ),
+            ),
+            (1280, ((320, 960, 320, 5), (288, 864, 288), (320, 960, 320))),
+        ),
     )
 
 
 def covidnet_c() -> ArchSpec:
-    """480 px design inside the CXR3-C budget (<= 9.2 M params, <= 5.55 G MACs)."""
-    return ArchSpec(
-        input_size=480,
-        stem=StemSpec(channels=32, kernel_size=7, stride=2, pool_size=2, pool_stride=2),
-        stages=(
-            StageSpec(stride=1, modules=(_pepx(24, 72, 24, 80), _pepx(24, 64, 24, 80))),
-            StageSpec(
-                stride=2,
-                modules=(
-                    _pepx(40, 128, 40, 160),
-                    _pepx(32, 96, 32, 160),
-                    _pepx(40, 120, 40, 160),
+    """480 px design inside the CXR3-C budget (<= 9.2 M params, <= 5.55 G MACs).
+
+    4.50 M params, 4.81 G MACs (87% of the MAC budget): 2-3-5-2 dense PEPX stages at
+    144/288/576/1152 channels, inner widths varied per module.
+    """
+    return _design_480(
+        48,
+        (
+            (144, ((48, 136, 48), (40, 120, 40))),
+            (288, ((72, 216, 72), (64, 184, 64), (72, 208, 72))),
+            (
+                576,
+                (
+                    (144, 432, 144),
+                    (120, 360, 120),
+                    (136, 408, 136),
+                    (128, 376, 128),
+                    (152, 456, 152),
                 ),
             ),
-            StageSpec(
-                stride=2,
-                modules=(
-                    _pepx(80, 240, 80, 320),
-                    _pepx(64, 192, 64, 320),
-                    _pepx(80, 240, 80, 320),
-                    _pepx(72, 216, 72, 320),
-                    _pepx(96, 288, 96, 320),
-                ),
-            ),
-            StageSpec(
-                stride=2,
-                modules=(_pepx(160, 480, 160, 640, 5), _pepx(144, 432, 144, 640)),
-            ),
+            (1152, ((288, 864, 288, 5), (256, 768, 256))),
         ),
-        connectivity="dense",
-        head=HeadSpec(pool="avg", hidden=(), dropout=0.0),
     )
 
 
