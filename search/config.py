@@ -1,0 +1,298 @@
+"""The search-specific sections of an experiment file, as frozen typed dataclasses.
+
+A search experiment is a training experiment (data, optimizer, batch size, ...) plus the
+sections below. They are validated by `covidnet_jax.typed_yaml` like every other config:
+unknown keys, wrong types and out-of-range values are reported with their key path before
+any JAX work.
+
+Example (YAML):
+
+    space:
+      prototype: covidnet-tiny
+      stage_depths: [[1, 2], [1, 2]]
+      stage_width: {min: 0.5, max: 1.0, step: 0.25}
+      module_width: {min: 0.25, max: 1.0, step: 0.25}
+      kernel_sizes: [3, 5]
+      connectivity: [dense, residual]
+      resolutions: [64]
+    requirements:
+      max_macs: 2.0e7
+      min_accuracy: 0.7
+      classes: {COVID-19: {min_sensitivity: 0.6, min_ppv: 0.6}}
+    objective: min_macs
+    strategy: {name: evolution}
+    budget: {max_trials: 24, rungs: [100, 300], reduction_factor: 3}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Literal
+
+from covidnet_jax.errors import ConfigError
+from covidnet_jax.typed_yaml import bounded
+
+Objective = Literal["min_macs", "max_netscore", "pareto"]
+StrategyName = Literal["random", "evolution", "shrink", "tpe", "nsga2"]
+Pool = Literal["avg", "flatten"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthRange:
+    """An ordered range of width multipliers of the prototype: min, min + step, ..., max.
+
+    Attributes:
+        min: smallest multiplier.
+        max: largest multiplier.
+        step: spacing of the choices.
+    """
+
+    min: float = bounded(gt=0)
+    max: float = bounded(gt=0)
+    step: float = bounded(gt=0)
+
+    def __post_init__(self) -> None:
+        if self.max < self.min:
+            raise ConfigError(f"max: expected a value >= min {self.min}, got {self.max}")
+        count = (self.max - self.min) / self.step
+        if abs(count - round(count)) > 1e-6:
+            raise ConfigError(
+                f"step: expected (max - min) to be a multiple of step, got "
+                f"min {self.min}, max {self.max}, step {self.step}"
+            )
+
+    @property
+    def choices(self) -> tuple[float, ...]:
+        """The multipliers, ascending, rounded to 6 decimals."""
+        count = round((self.max - self.min) / self.step)
+        return tuple(round(self.min + i * self.step, 6) for i in range(count + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadChoice:
+    """One classifier-head option (see `covidnet_jax.arch.HeadSpec`).
+
+    Attributes:
+        pool: "avg" (global average pooling) or "flatten".
+        hidden: widths of hidden FC layers.
+        dropout: dropout rate before each FC layer.
+    """
+
+    pool: Pool = "avg"
+    hidden: tuple[int, ...] = ()
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+
+    def __post_init__(self) -> None:
+        for i, width in enumerate(self.hidden):
+            if width < 1:
+                raise ConfigError(f"hidden[{i}]: expected a width >= 1, got {width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceConfig:
+    """The search space around a prototype architecture.
+
+    Widths are multipliers of the prototype's widths: `stage_width` scales each stage's output
+    width (one gene per stage, since dense connectivity sums the outputs of a stage), and
+    `module_width` scales the inner widths (projection, expansion, projection) of each module
+    separately, which gives the heterogeneous per-module widths GenSynth found. A stage deeper
+    than the prototype's repeats the prototype stage's last module.
+
+    Attributes:
+        prototype: preset name or spec JSON file (a PEPX `ArchSpec`).
+        stage_depths: per stage, the (min, max) number of modules; empty keeps the prototype's.
+        stage_width: multipliers of each stage's output width.
+        module_width: multipliers of each module's inner widths.
+        width_divisor: every width is rounded to a multiple of this.
+        kernel_sizes: depthwise kernel size choices (one gene per stage); empty keeps the
+            prototype's.
+        connectivity: connectivity choices ("dense", "residual", "none"); empty keeps the
+            prototype's.
+        heads: classifier-head choices; empty keeps the prototype's.
+        resolutions: input resolution choices; empty keeps the prototype's.
+    """
+
+    prototype: str
+    stage_depths: tuple[tuple[int, int], ...] = ()
+    stage_width: WidthRange = WidthRange(1.0, 1.0, 1.0)
+    module_width: WidthRange = WidthRange(1.0, 1.0, 1.0)
+    width_divisor: int = bounded(4, ge=1)
+    kernel_sizes: tuple[int, ...] = ()
+    connectivity: tuple[Literal["dense", "residual", "none"], ...] = ()
+    heads: tuple[HeadChoice, ...] = ()
+    resolutions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, (low, high) in enumerate(self.stage_depths):
+            if not 1 <= low <= high:
+                raise ConfigError(
+                    f"stage_depths[{i}]: expected [min, max] with 1 <= min <= max, "
+                    f"got [{low}, {high}]"
+                )
+        for i, kernel in enumerate(self.kernel_sizes):
+            if kernel < 1 or kernel % 2 == 0:
+                raise ConfigError(f"kernel_sizes[{i}]: expected an odd size >= 1, got {kernel}")
+        for i, size in enumerate(self.resolutions):
+            if size < 8:
+                raise ConfigError(f"resolutions[{i}]: expected a size >= 8, got {size}")
+        for name in ("kernel_sizes", "connectivity", "resolutions"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name}: choices must be unique, got {list(values)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassRequirement:
+    """Outcome requirements on one named class (validation split).
+
+    Attributes:
+        min_sensitivity: lowest acceptable recall of the class.
+        min_ppv: lowest acceptable precision of the class.
+    """
+
+    min_sensitivity: float | None = bounded(None, ge=0.0, le=1.0)
+    min_ppv: float | None = bounded(None, ge=0.0, le=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequirementsConfig:
+    """Design requirements: a design is feasible only if every one holds.
+
+    Attributes:
+        max_macs: hard limit on multiply-accumulates per image (known before training).
+        max_params: hard limit on parameters.
+        max_activation_bytes: hard limit on training activation memory at the batch size.
+        min_accuracy: lowest acceptable validation accuracy.
+        classes: per class name, minimum sensitivity and PPV.
+    """
+
+    max_macs: float | None = bounded(None, gt=0)
+    max_params: float | None = bounded(None, gt=0)
+    max_activation_bytes: float | None = bounded(None, gt=0)
+    min_accuracy: float | None = bounded(None, ge=0.0, le=1.0)
+    classes: Mapping[str, ClassRequirement] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    """How candidates are proposed.
+
+    Attributes:
+        name: "random", "evolution" (regularized/aging evolution), "shrink" (GenSynth-style
+            shrinking of the prototype), "tpe" or "nsga2" (from Optuna).
+        startup_trials: random proposals before evolution or TPE take over.
+        population_size: evolution's sliding window of recent trained designs; NSGA-II's
+            generation size.
+        tournament_size: evolution's tournament sample size.
+        mutations: evolution's mutations per child.
+        shrink_modules: shrink lowers up to this many modules' widths per child.
+        inherit_weights: evolution and shrink children start from their parent's checkpoint
+            where shapes allow.
+        max_resample: proposals a custom strategy retries to avoid an already-seen design.
+    """
+
+    name: StrategyName = "evolution"
+    startup_trials: int = bounded(4, ge=0)
+    population_size: int = bounded(8, ge=2)
+    tournament_size: int = bounded(3, ge=1)
+    mutations: int = bounded(1, ge=1)
+    shrink_modules: int = bounded(2, ge=1)
+    inherit_weights: bool = True
+    max_resample: int = bounded(20, ge=1)
+
+    def __post_init__(self) -> None:
+        if self.tournament_size > self.population_size:
+            raise ConfigError(
+                f"tournament_size: expected a value <= population_size "
+                f"{self.population_size}, got {self.tournament_size}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+    """What the search may spend.
+
+    Attributes:
+        max_trials: candidates proposed (feasible or not, duplicates included; retries of
+            crashed trials are not counted).
+        max_wall_time_s: stop proposing after this many seconds of one invocation (running
+            trials finish).
+        rungs: training steps of each fidelity rung, ascending (successive halving).
+        reduction_factor: a candidate is promoted to the next rung when it ranks in the top
+            1/reduction_factor of those that finished the rung.
+        final_steps: steps of the best design's full-fidelity retraining (0: the last rung).
+        max_consecutive_infeasible: give up after this many infeasible proposals in a row.
+        max_retries: times a trial whose worker died is retried.
+    """
+
+    max_trials: int = bounded(20, ge=1)
+    max_wall_time_s: float = bounded(3600.0, gt=0)
+    rungs: tuple[int, ...] = (200, 600, 1800)
+    reduction_factor: int = bounded(3, ge=2)
+    final_steps: int = bounded(0, ge=0)
+    max_consecutive_infeasible: int = bounded(200, ge=1)
+    max_retries: int = bounded(1, ge=0)
+
+    def __post_init__(self) -> None:
+        if not self.rungs:
+            raise ConfigError("rungs: expected at least one rung, got []")
+        for i, steps in enumerate(self.rungs):
+            if steps < 1:
+                raise ConfigError(f"rungs[{i}]: expected steps >= 1, got {steps}")
+        for i in range(1, len(self.rungs)):
+            if self.rungs[i] <= self.rungs[i - 1]:
+                raise ConfigError(f"rungs[{i}]: expected ascending steps, got {list(self.rungs)}")
+
+    @property
+    def full_fidelity_steps(self) -> int:
+        """Steps of the final retraining of the best design."""
+        return self.final_steps or self.rungs[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeartbeatConfig:
+    """Detection of trials whose worker died.
+
+    Attributes:
+        interval_s: a running trial records a heartbeat this often.
+        grace_s: a running trial without a heartbeat for this long is stale (its worker is
+            presumed dead) and is retried or marked failed.
+    """
+
+    interval_s: float = bounded(5.0, gt=0)
+    grace_s: float = bounded(60.0, gt=0)
+
+    def __post_init__(self) -> None:
+        if self.grace_s <= self.interval_s:
+            raise ConfigError(
+                f"grace_s: expected a value > interval_s {self.interval_s}, got {self.grace_s}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The `search:` section of an experiment file.
+
+    Attributes:
+        space: the search space.
+        requirements: design requirements (hard cost limits, outcome minimums).
+        objective: "min_macs" (fewest MACs among feasible designs), "max_netscore" or
+            "pareto" (validation accuracy vs MACs).
+        strategy: how candidates are proposed.
+        budget: trials, wall time, fidelity rungs.
+        heartbeat: dead-worker detection.
+        seed: root seed of the proposals (training keeps its own `seed`).
+        workers: worker processes (`--workers` overrides).
+        study_name: the Optuna study name (default: the workdir's name).
+    """
+
+    space: SpaceConfig
+    requirements: RequirementsConfig = RequirementsConfig()
+    objective: Objective = "min_macs"
+    strategy: StrategyConfig = StrategyConfig()
+    budget: BudgetConfig = BudgetConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+    seed: int = 0
+    workers: int = bounded(1, ge=1)
+    study_name: str = ""

@@ -1,0 +1,257 @@
+"""Trial records: what the trial store holds about each candidate, and how designs rank.
+
+Each proposed candidate is one Optuna trial. Its user attributes (JSON values) are the record;
+compare/export read them through `TrialRecord.from_trial` or straight from the storage:
+
+    status            "running" | "trained" | "infeasible" | "duplicate" | "failed" |
+                      "lost" (its worker died) | "cancelled" (proposed after the budget was
+                      spent) | "invalid" (the genome decodes to no valid spec)
+    reason            why a candidate is infeasible/failed/lost/duplicate (one line)
+    spec              the spec JSON (`covidnet_jax.arch.spec_from_json` reads it)
+    spec_hash         `spec.content_hash()`, the dedupe key
+    summary           `spec.summary()`
+    macs, params, activation_bytes     the analytic cost
+    violations        {requirement name: shortfall}, 0.0 where it holds (see requirements.py)
+    feasible          all violations 0 (cost, and outcome at the last trained rung)
+    rung.<r>          per completed rung r: {"steps", "metrics" (EvalMetrics.to_dict()),
+                      "compile_s", "train_s", "checkpoint", "violations"}
+    rung              the last completed rung (-1 when never trained)
+    val_accuracy      validation accuracy at that rung
+    checkpoint        checkpoint directory of the last rung, relative to the workdir
+    compile_s, train_s     totals over the rungs
+    parent, operator  the trial the strategy derived this one from, and how
+    duplicate_of      the earlier trial with the same spec hash
+    retry_of          the lost trial this one retries
+    proposal          index among proposals (retries share their original's index)
+    worker            "host:pid" of the worker that ran it
+
+Trial values are the objective (min_macs: MACs; max_netscore: NetScore; pareto: validation
+accuracy and MACs) and the violations are set as Optuna constraints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import optuna
+
+from covidnet_jax.metrics import EvalMetrics, netscore
+from search.config import Objective
+
+TERMINAL_STATUSES = (
+    "trained",
+    "infeasible",
+    "duplicate",
+    "failed",
+    "lost",
+    "cancelled",
+    "invalid",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RungResult:
+    """The evaluation of a candidate at one fidelity rung.
+
+    Attributes:
+        rung: rung index.
+        steps: training steps reached.
+        metrics: validation metrics.
+        compile_s: seconds spent compiling.
+        train_s: seconds spent training and evaluating.
+        checkpoint: checkpoint directory relative to the workdir ("" when none).
+        violations: outcome-requirement shortfalls at this rung.
+    """
+
+    rung: int
+    steps: int
+    metrics: EvalMetrics
+    compile_s: float
+    train_s: float
+    checkpoint: str
+    violations: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_attr(self) -> dict[str, Any]:
+        """The JSON value stored as user attribute `rung.<r>`."""
+        return {
+            "steps": self.steps,
+            "metrics": self.metrics.to_dict(),
+            "compile_s": self.compile_s,
+            "train_s": self.train_s,
+            "checkpoint": self.checkpoint,
+            "violations": dict(self.violations),
+        }
+
+    @classmethod
+    def from_attr(cls, rung: int, value: Mapping[str, Any]) -> RungResult:
+        """The inverse of `to_attr`."""
+        return cls(
+            rung=rung,
+            steps=int(value["steps"]),
+            metrics=EvalMetrics.from_dict(dict(value["metrics"])),
+            compile_s=float(value["compile_s"]),
+            train_s=float(value["train_s"]),
+            checkpoint=str(value.get("checkpoint", "")),
+            violations={k: float(v) for k, v in value.get("violations", {}).items()},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """One candidate as recorded in the trial store (see the module docstring).
+
+    Attributes:
+        number: the Optuna trial number.
+        state: the Optuna trial state name ("COMPLETE", "FAIL", "RUNNING", "WAITING", ...).
+        status: the search status.
+        params: the genome (gene name -> index).
+        attrs: every user attribute.
+        rungs: completed rungs, in order.
+        heartbeat: epoch seconds of the last heartbeat (None when none).
+    """
+
+    number: int
+    state: str
+    status: str
+    params: dict[str, int]
+    attrs: dict[str, Any]
+    rungs: tuple[RungResult, ...]
+    heartbeat: float | None
+
+    @classmethod
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
+        """Reads a record from an Optuna `FrozenTrial`."""
+        attrs = dict(trial.user_attrs)
+        rungs = sorted(
+            (int(key.split(".", 1)[1]), value)
+            for key, value in attrs.items()
+            if key.startswith("rung.")
+        )
+        return cls(
+            number=trial.number,
+            state=trial.state.name,
+            status=str(attrs.get("status", "waiting" if trial.state.name == "WAITING" else "")),
+            params={k: int(v) for k, v in trial.params.items()},
+            attrs=attrs,
+            rungs=tuple(RungResult.from_attr(r, v) for r, v in rungs),
+            heartbeat=trial.system_attrs.get("search:heartbeat"),
+        )
+
+    @property
+    def spec_hash(self) -> str | None:
+        """The spec's content hash, once known."""
+        return self.attrs.get("spec_hash")
+
+    @property
+    def macs(self) -> int | None:
+        """Analytic MACs, once known."""
+        value = self.attrs.get("macs")
+        return None if value is None else int(value)
+
+    @property
+    def params_count(self) -> int | None:
+        """Analytic parameter count, once known."""
+        value = self.attrs.get("params")
+        return None if value is None else int(value)
+
+    @property
+    def last(self) -> RungResult | None:
+        """The last completed rung (None when never trained)."""
+        return self.rungs[-1] if self.rungs else None
+
+    @property
+    def violations(self) -> dict[str, float]:
+        """Requirement shortfalls (empty when unknown)."""
+        return dict(self.attrs.get("violations", {}))
+
+    @property
+    def feasible(self) -> bool:
+        """Whether the candidate meets every requirement at its last trained rung."""
+        return bool(self.attrs.get("feasible", False))
+
+    @property
+    def retry_of(self) -> int | None:
+        """The lost trial this one retries, if any."""
+        value = self.attrs.get("retry_of")
+        return None if value is None else int(value)
+
+    @property
+    def is_trained(self) -> bool:
+        """True when at least one rung completed and the record is final."""
+        return self.status == "trained" and bool(self.rungs)
+
+    def netscore(self) -> float:
+        """NetScore of the last rung (-inf when untrained)."""
+        if self.last is None or not self.macs or not self.params_count:
+            return -math.inf
+        return netscore(self.last.metrics.accuracy, self.params_count, self.macs)
+
+
+def outcome_shortfall(record: TrialRecord) -> float:
+    """Sum of the outcome (non-cost) violations of a trained record."""
+    return sum(
+        v for k, v in record.violations.items() if k not in ("macs", "params", "activation_bytes")
+    )
+
+
+def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
+    """Sort key of a trained record, best first.
+
+    Feasible designs come first, then by how little the requirements are missed; within
+    that, by the objective: fewest MACs, highest NetScore, or (pareto) highest validation
+    accuracy then fewest MACs.
+
+    Args:
+        record: a trained record.
+        objective: the search objective.
+
+    Returns:
+        A tuple; smaller is better.
+    """
+    assert record.last is not None
+    head = (0.0 if record.feasible else 1.0, outcome_shortfall(record))
+    accuracy = record.last.metrics.accuracy
+    if objective == "min_macs":
+        return (*head, float(record.macs or 0), -accuracy)
+    if objective == "max_netscore":
+        return (*head, -record.netscore(), float(record.macs or 0))
+    return (*head, -accuracy, float(record.macs or 0))
+
+
+def rung_rank_key(record: TrialRecord, rung: int, objective: Objective) -> tuple[float, ...]:
+    """Sort key of a record's result at one rung (for successive halving), best first."""
+    result = record.rungs[rung]
+    metrics = result.metrics
+    shortfall = sum(result.violations.values())
+    feasible = 0.0 if shortfall <= 0 else 1.0
+    if objective == "min_macs":
+        return (feasible, shortfall, float(record.macs or 0), -metrics.accuracy)
+    if objective == "max_netscore":
+        score = netscore(metrics.accuracy, record.params_count or 1, record.macs or 1)
+        return (feasible, shortfall, -score)
+    return (feasible, shortfall, -metrics.accuracy, float(record.macs or 0))
+
+
+def pareto_front(records: Iterable[TrialRecord]) -> list[TrialRecord]:
+    """Feasible trained records not dominated in (higher accuracy, fewer MACs)."""
+    pool = [r for r in records if r.is_trained and r.feasible]
+    front = []
+    for r in pool:
+        acc, macs = r.last.metrics.accuracy, r.macs or 0
+        dominated = any(
+            (o.last.metrics.accuracy >= acc and (o.macs or 0) <= macs)
+            and (o.last.metrics.accuracy > acc or (o.macs or 0) < macs)
+            for o in pool
+        )
+        if not dominated:
+            front.append(r)
+    return front
+
+
+def compact_json(value: Any) -> str:
+    """JSON without whitespace (for attributes that hold JSON text)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

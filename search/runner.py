@@ -1,0 +1,458 @@
+"""The design-exploration loop and its workers.
+
+Each worker repeats, against the shared trial store:
+
+1. recover trials whose worker died (heartbeat) and enqueue their retries;
+2. stop when the budget is spent (proposals, wall time) or after too many infeasible
+   proposals in a row;
+3. ask the strategy (an Optuna sampler) for a genome and decode it into a spec;
+4. cost pre-filter: a spec over a hard cost limit is recorded as infeasible with its reason
+   and never built or trained;
+5. dedupe: a spec whose content hash an earlier trial holds is recorded as a duplicate of it
+   and not trained again;
+6. train at rung 0 through the evaluator, record validation metrics and requirement
+   violations, and continue to the next rungs while successive halving promotes it;
+7. tell the study the objective values and the requirement violations (as constraints).
+
+A training failure (NaN, out of memory, compile error, or an exception from the evaluator)
+ends that trial with its reason; the search goes on. With several workers the main process
+only watches the store (live view) and then finishes: leaderboard, best design at full
+fidelity, test metrics once (`search.report`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import multiprocessing
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from covidnet_jax.arch import AnySpec, ArchSpec, spec_from_json
+from covidnet_jax.errors import SpecError
+from covidnet_jax.metrics import netscore
+from covidnet_jax.typed_yaml import from_dict
+from search import store
+from search.config import Objective, SearchSettings
+from search.evaluation import EvalFailure, EvalRequest, Evaluator
+from search.fidelity import should_promote
+from search.records import TERMINAL_STATUSES, RungResult, TrialRecord
+from search.requirements import (
+    Cost,
+    cost_violations,
+    describe_violations,
+    is_feasible,
+    outcome_names,
+    outcome_violations,
+    untrained_outcome_violations,
+)
+from search.space import SearchSpace
+from search.strategies import StrategySampler
+
+CostModel = Callable[[AnySpec], Cost]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchJob:
+    """Everything a worker process needs, in picklable form.
+
+    Attributes:
+        settings_data: the `search:` section as plain data (`typed_yaml.to_dict`).
+        workdir: the search's working directory.
+        storage_url: a database URL, or None for the workdir's journal.
+        study_name: the Optuna study name.
+        prototype_json: the prototype spec as JSON.
+        class_names: the data's classes (the decoded specs predict these).
+        make_evaluator: builds the evaluator in the worker process (a picklable callable).
+        make_cost_model: builds the cost model in the worker process.
+        deadline: epoch seconds after which no new candidate is proposed.
+    """
+
+    settings_data: Mapping[str, Any]
+    workdir: str
+    storage_url: str | None
+    study_name: str
+    prototype_json: str
+    class_names: tuple[str, ...]
+    make_evaluator: Callable[[], Evaluator]
+    make_cost_model: Callable[[], CostModel]
+    deadline: float
+
+    @property
+    def settings(self) -> SearchSettings:
+        """The validated `search:` section."""
+        return from_dict(SearchSettings, self.settings_data, path="search")
+
+    def space(self) -> SearchSpace:
+        """The search space around the prototype."""
+        prototype = spec_from_json(self.prototype_json)
+        assert isinstance(prototype, ArchSpec)
+        return SearchSpace(self.settings.space, prototype, self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSummary:
+    """What one worker did.
+
+    Attributes:
+        handled: trials this worker ran to a final status.
+        stop_reason: why it stopped.
+    """
+
+    handled: int
+    stop_reason: str
+
+
+def objective_values(
+    objective: Objective, cost: Cost, accuracy: float | None, num_classes: int
+) -> list[float]:
+    """Trial values for Optuna (an untrained design counts at chance accuracy)."""
+    acc = 1.0 / num_classes if accuracy is None else accuracy
+    if objective == "min_macs":
+        return [float(cost.macs)]
+    if objective == "max_netscore":
+        score = netscore(acc, max(cost.params, 1), max(cost.macs, 1))
+        return [score if math.isfinite(score) else -1000.0]
+    return [acc, float(cost.macs)]
+
+
+def proposal_count(records: Sequence[TrialRecord]) -> int:
+    """Proposals made so far (retries of lost trials are not proposals)."""
+    return sum(1 for r in records if r.retry_of is None and r.state != "WAITING")
+
+
+def infeasible_streak(records: Sequence[TrialRecord]) -> int:
+    """Length of the current run of consecutive cost-infeasible proposals."""
+    streak = 0
+    for r in reversed(records):
+        if r.retry_of is not None or r.status in ("running", "cancelled", ""):
+            continue
+        if r.status != "infeasible":
+            break
+        streak += 1
+    return streak
+
+
+class Worker:
+    """Runs trials of one search until its budget is spent.
+
+    Args:
+        job: the search.
+        evaluator: trains candidates (default: `job.make_evaluator()`).
+    """
+
+    def __init__(self, job: SearchJob, evaluator: Evaluator | None = None) -> None:
+        self.job = job
+        self.settings = job.settings
+        self.workdir = Path(job.workdir)
+        self.space = job.space()
+        self.cost_model = job.make_cost_model()
+        self.evaluator = evaluator if evaluator is not None else job.make_evaluator()
+        self.sampler = StrategySampler(
+            self.space, self.settings.strategy, self.settings.objective, self.settings.seed
+        )
+        self.storage = store.open_storage(self.workdir, job.storage_url)
+        self.study = store.open_study(
+            self.storage, job.study_name, self.settings.objective, self.sampler
+        )
+        reqs = self.settings.requirements
+        self.constraint_names = [
+            name
+            for name, limit in (
+                ("macs", reqs.max_macs),
+                ("params", reqs.max_params),
+                ("activation_bytes", reqs.max_activation_bytes),
+            )
+            if limit is not None
+        ] + outcome_names(reqs)
+
+    # The loop -------------------------------------------------------------------------------
+
+    def run(self) -> WorkerSummary:
+        """Proposes and evaluates candidates until the budget is spent."""
+        handled = 0
+        budget = self.settings.budget
+        while True:
+            store.recover_lost_trials(
+                self.study, grace_s=self.settings.heartbeat.grace_s, max_retries=budget.max_retries
+            )
+            records = store.read_records(self.study)
+            waiting = any(r.state == "WAITING" for r in records)
+            if time.time() >= self.job.deadline:
+                return WorkerSummary(handled, "wall-time budget spent")
+            if infeasible_streak(records) >= budget.max_consecutive_infeasible:
+                return WorkerSummary(
+                    handled,
+                    f"gave up after {budget.max_consecutive_infeasible} infeasible proposals in a row",
+                )
+            if proposal_count(records) >= budget.max_trials and not waiting:
+                return WorkerSummary(handled, "trial budget spent")
+            trial = self.study.ask()
+            self.run_trial(trial)
+            handled += 1
+
+    def run_trial(self, trial: optuna.Trial) -> None:
+        """Takes one asked trial to a final status (see the module docstring)."""
+        attrs = trial.user_attrs
+        retry_of = attrs.get("retry_of")
+        if retry_of is None:
+            records = store.read_records(self.study)
+            index = sum(1 for r in records if r.number < trial.number and r.retry_of is None)
+            trial.set_user_attr("proposal", index)
+            if index >= self.settings.budget.max_trials:
+                self._finish(trial, "cancelled", "proposed after the trial budget was spent")
+                return
+        trial.set_user_attr("worker", store.worker_id())
+        trial.set_user_attr("status", "running")
+        with store.heartbeat(self.storage, trial._trial_id, self.settings.heartbeat.interval_s):
+            try:
+                self._evaluate(trial)
+            except Exception as err:
+                self._finish(trial, "failed", f"search error: {type(err).__name__}: {err}")
+                raise
+
+    def _evaluate(self, trial: optuna.Trial) -> None:
+        genome = self.space.suggest(trial)
+        proposal = self.sampler.proposal(trial.number)
+        if proposal is not None:
+            if proposal.parent is not None:
+                trial.set_user_attr("parent", proposal.parent)
+            trial.set_user_attr("operator", proposal.operator)
+        try:
+            spec = self.space.decode(genome)
+        except SpecError as err:
+            self._finish(trial, "invalid", f"genome decodes to no valid spec: {err}")
+            return
+        cost = self.cost_model(spec)
+        trial.set_user_attr("spec", spec.to_json(indent=None))
+        trial.set_user_attr("spec_hash", spec.content_hash())
+        trial.set_user_attr("summary", spec.summary())
+        trial.set_user_attr("macs", cost.macs)
+        trial.set_user_attr("params", cost.params)
+        trial.set_user_attr("activation_bytes", cost.activation_bytes)
+
+        over = cost_violations(self.settings.requirements, cost)
+        if not is_feasible(over):
+            violations = {**over, **untrained_outcome_violations(self.settings.requirements)}
+            self._complete(trial, "infeasible", cost, None, violations, describe_violations(over))
+            return
+
+        original = self._find_original(trial.number, spec.content_hash())
+        if original is not None:
+            self._record_duplicate(trial, original)
+            return
+        self._train(trial, spec, cost, over)
+
+    def _train(
+        self, trial: optuna.Trial, spec: AnySpec, cost: Cost, cost_over: dict[str, float]
+    ) -> None:
+        settings = self.settings
+        rungs = settings.budget.rungs
+        trial_dir = self.workdir / "trials" / str(trial.number)
+        record = TrialRecord.from_trial(self.study._storage.get_trial(trial._trial_id))
+        done = list(record.rungs)
+        retry_of = record.retry_of
+        if retry_of is not None and not trial_dir.exists():
+            lost_dir = self.workdir / "trials" / str(retry_of)
+            if lost_dir.exists():
+                shutil.copytree(lost_dir, trial_dir)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        init_from = self._inherited_checkpoint(record) if not done else None
+        totals = [sum(r.compile_s for r in done), sum(r.train_s for r in done)]
+        for rung in range(len(done), len(rungs)):
+            request = EvalRequest(
+                spec=spec,
+                steps=rungs[rung],
+                workdir=trial_dir,
+                init_from=init_from if rung == 0 else None,
+                seed=settings.seed,
+                rung=rung,
+            )
+            outcome = self._call_evaluator(request)
+            if isinstance(outcome, EvalFailure):
+                trial.set_user_attr("failure_kind", outcome.kind)
+                self._finish(trial, "failed", outcome.reason)
+                return
+            checkpoint = ""
+            if outcome.checkpoint is not None:
+                checkpoint = os.path.relpath(outcome.checkpoint, self.workdir)
+            result = RungResult(
+                rung=rung,
+                steps=rungs[rung],
+                metrics=outcome.metrics,
+                compile_s=outcome.compile_s,
+                train_s=outcome.train_s,
+                checkpoint=checkpoint,
+                violations=outcome_violations(settings.requirements, outcome.metrics),
+            )
+            trial.set_user_attr(f"rung.{rung}", result.to_attr())
+            totals[0] += outcome.compile_s
+            totals[1] += outcome.train_s
+            done.append(result)
+            if rung == len(rungs) - 1:
+                break
+            me = dataclasses.replace(record, rungs=tuple(done))
+            if not should_promote(
+                me,
+                rung,
+                store.read_records(self.study),
+                reduction_factor=settings.budget.reduction_factor,
+                objective=settings.objective,
+            ):
+                break
+        last = done[-1]
+        trial.set_user_attr("rung", last.rung)
+        trial.set_user_attr("steps", last.steps)
+        trial.set_user_attr("val_accuracy", last.metrics.accuracy)
+        trial.set_user_attr("checkpoint", last.checkpoint)
+        trial.set_user_attr("compile_s", totals[0])
+        trial.set_user_attr("train_s", totals[1])
+        violations = {**cost_over, **last.violations}
+        reason = describe_violations(violations)
+        self._complete(trial, "trained", cost, last.metrics.accuracy, violations, reason)
+
+    def _call_evaluator(self, request: EvalRequest):
+        try:
+            return self.evaluator.train(request)
+        except Exception as err:  # a failing candidate must not end the search
+            return EvalFailure("error", f"{type(err).__name__}: {err}")
+
+    def _inherited_checkpoint(self, record: TrialRecord) -> Path | None:
+        if not self.settings.strategy.inherit_weights:
+            return None
+        parent = record.attrs.get("parent")
+        if parent is None:
+            return None
+        parent_trial = self.study.get_trials(deepcopy=False)[int(parent)]
+        checkpoint = parent_trial.user_attrs.get("checkpoint")
+        if parent_trial.user_attrs.get("status") != "trained" or not checkpoint:
+            return None
+        path = self.workdir / checkpoint
+        return path if path.exists() else None
+
+    # Dedupe ---------------------------------------------------------------------------------
+
+    def _find_original(self, number: int, spec_hash: str) -> TrialRecord | None:
+        """The earliest other trial holding `spec_hash`, waiting briefly for proposals that
+        started before this one and have not recorded their spec yet (closes the race between
+        two workers proposing the same spec at once)."""
+        give_up = time.monotonic() + 10.0
+        while True:
+            earlier = [r for r in store.read_records(self.study) if r.number < number]
+            pending = any(
+                r.state == "RUNNING" and r.spec_hash is None and r.status == "running"
+                for r in earlier
+            )
+            for r in earlier:
+                if r.spec_hash == spec_hash and r.status in ("running", "trained", "failed"):
+                    return r
+            if not pending or time.monotonic() > give_up:
+                return None
+            time.sleep(0.05)
+
+    def _record_duplicate(self, trial: optuna.Trial, original: TrialRecord) -> None:
+        trial.set_user_attr("duplicate_of", original.number)
+        reason = f"same spec as trial {original.number}"
+        frozen = self.study.get_trials(deepcopy=False)[original.number]
+        if original.status == "trained" and frozen.state == TrialState.COMPLETE:
+            for key in ("rung", "steps", "val_accuracy", "checkpoint", "violations", "feasible"):
+                if key in original.attrs:
+                    trial.set_user_attr(key, original.attrs[key])
+            for name, value in frozen.constraints.items():
+                trial.set_constraint(name, value)
+            trial.set_user_attr("status", "duplicate")
+            trial.set_user_attr("reason", reason)
+            self._tell(trial, TrialState.COMPLETE, frozen.values)
+            return
+        self._finish(trial, "duplicate", reason)
+
+    # Recording ------------------------------------------------------------------------------
+
+    def _complete(
+        self,
+        trial: optuna.Trial,
+        status: str,
+        cost: Cost,
+        accuracy: float | None,
+        violations: dict[str, float],
+        reason: str,
+    ) -> None:
+        trial.set_user_attr("violations", violations)
+        trial.set_user_attr("feasible", is_feasible(violations))
+        trial.set_user_attr("reason", reason)
+        for name in self.constraint_names:
+            trial.set_constraint(name, float(violations.get(name, 0.0)))
+        trial.set_user_attr("status", status)
+        values = objective_values(
+            self.settings.objective, cost, accuracy, len(self.space.prototype.class_names)
+        )
+        self._tell(trial, TrialState.COMPLETE, values)
+
+    def _finish(self, trial: optuna.Trial, status: str, reason: str) -> None:
+        """Ends a trial without values (failed, invalid, cancelled, duplicate of a failure)."""
+        assert status in TERMINAL_STATUSES
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("reason", reason)
+        self._tell(trial, TrialState.FAIL, None)
+
+    def _tell(self, trial: optuna.Trial, state: TrialState, values: Sequence[float] | None):
+        # UpdateFinishedTrialError: another worker declared this trial lost (a missed
+        # heartbeat) and retried it; the retry's result counts.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self.study.tell(trial, values=values, state=state)
+
+
+def run_worker(job: SearchJob, evaluator: Evaluator | None = None) -> WorkerSummary:
+    """Runs one worker of `job` in this process until the budget is spent."""
+    return Worker(job, evaluator).run()
+
+
+def _worker_main(job: SearchJob, device: str | None) -> None:
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    run_worker(job)
+
+
+def count_gpus() -> int:
+    """GPUs visible on this host (without initializing JAX in this process)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def start_workers(job: SearchJob, count: int) -> list[multiprocessing.process.BaseProcess]:
+    """Starts `count` worker processes (spawned; one GPU each when the host has several).
+
+    Returns:
+        The started processes.
+    """
+    context = multiprocessing.get_context("spawn")
+    gpus = count_gpus()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    processes = []
+    for i in range(count):
+        device = devices[i % len(devices)] if len(devices) > 1 else None
+        process = context.Process(
+            target=_worker_main, args=(job, device), name=f"covidnet-search-worker-{i}"
+        )
+        process.start()
+        processes.append(process)
+    return processes

@@ -1,0 +1,113 @@
+"""Proposal strategies, all Optuna samplers: random, evolution, shrink, TPE, NSGA-II.
+
+`StrategySampler` is what a study runs with. Before each trial it builds the strategy's
+sampler afresh, seeded by (search seed, trial number), so the only state a strategy has is
+the trial store: any worker proposes the next candidate, a resumed search continues the same
+strategy (Optuna's own samplers keep nothing else that matters: TPE and NSGA-II rebuild their
+models and generations from the stored trials), and one worker's proposals are reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config import Objective, StrategyConfig
+from search.space import SearchSpace
+from search.strategies.evolution import EvolutionSampler
+from search.strategies.genome import GenomeSampler, Proposal, trial_rng
+from search.strategies.shrink import ShrinkSampler
+
+__all__ = ["EvolutionSampler", "GenomeSampler", "Proposal", "ShrinkSampler", "StrategySampler"]
+
+
+class StrategySampler(BaseSampler):
+    """Builds the configured strategy's sampler per trial and delegates to it.
+
+    Args:
+        space: the search space.
+        strategy: the `strategy:` section.
+        objective: the search objective.
+        seed: the search's root seed.
+    """
+
+    def __init__(
+        self, space: SearchSpace, strategy: StrategyConfig, objective: Objective, seed: int
+    ) -> None:
+        self.space = space
+        self.strategy = strategy
+        self.objective = objective
+        self.seed = seed
+        self._inner: BaseSampler = self._build(0)
+
+    def _build(self, number: int) -> BaseSampler:
+        seed = int(trial_rng(self.seed, number).integers(2**31 - 1))
+        name = self.strategy.name
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=self.strategy.startup_trials,
+                multivariate=True,
+                constant_liar=True,
+            )
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(
+                seed=seed, population_size=self.strategy.population_size
+            )
+        cls = EvolutionSampler if name == "evolution" else ShrinkSampler
+        return cls(self.space, self.strategy, self.objective, self.seed)
+
+    def proposal(self, number: int) -> Proposal | None:
+        """Parent and operator of trial `number` when a genome strategy proposed it."""
+        if isinstance(self._inner, GenomeSampler):
+            return self._inner.proposal(number)
+        return None
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Builds this trial's sampler, then lets it prepare."""
+        self._inner = self._build(trial.number)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        """Delegated to the strategy's sampler."""
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        """Delegated to the strategy's sampler."""
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        """Delegated to the strategy's sampler."""
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Any,
+    ) -> None:
+        """Delegated to the strategy's sampler."""
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        """Nothing to do: every trial's sampler is seeded from the trial number."""

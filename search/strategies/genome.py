@@ -1,0 +1,156 @@
+"""The base of the strategies Optuna lacks: a sampler that proposes a whole genome at once.
+
+Optuna asks a sampler for one parameter at a time. A `GenomeSampler` decides the whole genome
+in `before_trial`, from the trial store alone (every earlier trial's record) and a random
+generator seeded by (seed, trial number), then answers each `suggest_int` from it. So the
+strategy keeps no state outside the storage: any worker can propose, a resumed search
+continues the same strategy, and one worker's proposals are deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial
+
+from search.config import Objective, StrategyConfig
+from search.records import TrialRecord
+from search.space import Genome, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """A proposed genome and where it came from.
+
+    Attributes:
+        genome: gene name -> index.
+        parent: the trial number it was derived from (None for fresh designs).
+        operator: how it was derived, e.g. "random", "prototype", "narrow s1.m0.width".
+    """
+
+    genome: Genome
+    parent: int | None
+    operator: str
+
+
+def trial_rng(seed: int, number: int) -> np.random.Generator:
+    """The random generator of trial `number` in a search seeded with `seed`."""
+    return np.random.default_rng([seed, number])
+
+
+class GenomeSampler(BaseSampler, abc.ABC):
+    """An Optuna sampler that proposes genomes from the records of earlier trials.
+
+    Args:
+        space: the search space.
+        strategy: the `strategy:` section.
+        objective: the search objective (ranks parents).
+        seed: the search's root seed.
+    """
+
+    def __init__(
+        self, space: SearchSpace, strategy: StrategyConfig, objective: Objective, seed: int
+    ) -> None:
+        self.space = space
+        self.strategy = strategy
+        self.objective = objective
+        self.seed = seed
+        self._proposals: dict[int, Proposal] = {}
+
+    @abc.abstractmethod
+    def propose(self, records: Sequence[TrialRecord], rng: np.random.Generator) -> Proposal:
+        """The next genome, given every earlier trial's record (ordered by number)."""
+
+    def proposal(self, number: int) -> Proposal | None:
+        """The proposal made for trial `number` by this sampler (None for fixed trials)."""
+        return self._proposals.get(number)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Decides the genome of `trial` unless its parameters are fixed (enqueued)."""
+        if "fixed_params" in trial.system_attrs:
+            return
+        records = [
+            TrialRecord.from_trial(t)
+            for t in study.get_trials(deepcopy=False)
+            if t.number < trial.number
+        ]
+        self._proposals[trial.number] = self.propose(records, trial_rng(self.seed, trial.number))
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        """No relative sampling: the genome is decided in `before_trial`."""
+        return {}
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, BaseDistribution],
+    ) -> dict[str, Any]:
+        """No relative sampling: the genome is decided in `before_trial`."""
+        return {}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        """The proposed value of one gene."""
+        return self._proposals[trial.number].genome[param_name]
+
+    def fresh_genome(self, records: Sequence[TrialRecord], rng: np.random.Generator) -> Genome:
+        """A random genome whose spec has not been proposed before (if one is found)."""
+        seen = seen_hashes(records)
+        genome = self.space.random_genome(rng)
+        for _ in range(self.strategy.max_resample):
+            if self.space.decode(genome).content_hash() not in seen:
+                break
+            genome = self.space.random_genome(rng)
+        return genome
+
+    def mutate(
+        self,
+        genome: Genome,
+        records: Sequence[TrialRecord],
+        rng: np.random.Generator,
+        *,
+        count: int,
+    ) -> tuple[Genome, str]:
+        """`count` random single-step mutations, retried to avoid specs seen before.
+
+        Returns:
+            The child genome and a description of the applied mutations.
+        """
+        seen = seen_hashes(records)
+        child, notes = dict(genome), []
+        for _ in range(self.strategy.max_resample):
+            child, notes = dict(genome), []
+            for _ in range(count):
+                options = self.space.mutation_options(child)
+                if not options:
+                    break
+                note, child = options[int(rng.integers(len(options)))]
+                notes.append(note)
+            if self.space.decode(child).content_hash() not in seen:
+                break
+        return child, ", ".join(notes) or "unchanged"
+
+
+def seen_hashes(records: Sequence[TrialRecord]) -> set[str]:
+    """Spec hashes of every recorded proposal."""
+    return {r.spec_hash for r in records if r.spec_hash}
+
+
+def trained_records(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Records of trained candidates with their genome, in trial order."""
+    return [r for r in records if r.is_trained and r.params]

@@ -1,0 +1,80 @@
+"""Prototype-guided shrinking in the spirit of GenSynth, as an Optuna sampler.
+
+Start from the prototype; then repeatedly take the best design that meets every requirement
+(the anchor) and propose a child with the widths of a few of its modules or stages lowered by
+one step (or one module fewer). A shrink of the anchor that broke a requirement (or failed) is
+not tried again from that anchor; the other genes are. The result is the heterogeneous
+per-module widths GenSynth produced: modules that matter keep their width, the rest shrink.
+
+Before any design meets the requirements: when no candidate was trained yet because the
+designs so far exceed the cost limits, the cheapest of them shrinks in every width gene at
+once (cost-driven descent); when designs were trained but none meets the requirements, the
+closest one is mutated at random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from search.records import TrialRecord, rank_key
+from search.strategies.genome import GenomeSampler, Proposal, seen_hashes, trained_records
+
+
+class ShrinkSampler(GenomeSampler):
+    """GenSynth-style shrinking; see the module docstring."""
+
+    def propose(self, records: Sequence[TrialRecord], rng: np.random.Generator) -> Proposal:
+        """The next shrink step from the current anchor."""
+        proposed = [r for r in records if r.params and r.retry_of is None]
+        if not proposed:
+            return Proposal(self.space.prototype_genome(), None, "prototype")
+        trained = trained_records(records)
+        feasible = [r for r in trained if r.feasible]
+        if feasible:
+            anchor = min(feasible, key=lambda r: rank_key(r, self.objective))
+            return self._shrink_anchor(anchor, records, rng)
+        if trained:
+            closest = min(trained, key=lambda r: rank_key(r, self.objective))
+            child, note = self.mutate(closest.params, records, rng, count=1)
+            return Proposal(child, closest.number, note)
+        over_budget = [r for r in proposed if r.status == "infeasible" and r.macs is not None]
+        if not over_budget:
+            return Proposal(self.fresh_genome(records, rng), None, "random")
+        cheapest = min(over_budget, key=lambda r: (r.macs, r.number))
+        child = dict(cheapest.params)
+        for name, _ in self.space.shrink_options(child):
+            if name.endswith("width"):
+                child[name] -= 1
+        if child == cheapest.params:
+            return Proposal(self.fresh_genome(records, rng), None, "random")
+        return Proposal(child, cheapest.number, "narrow every width")
+
+    def _shrink_anchor(
+        self, anchor: TrialRecord, records: Sequence[TrialRecord], rng: np.random.Generator
+    ) -> Proposal:
+        blocked: set[str] = set()
+        for r in records:
+            if r.attrs.get("parent") != anchor.number:
+                continue
+            broke = r.status in ("failed", "infeasible", "invalid") or (
+                r.is_trained and not r.feasible
+            )
+            if broke:
+                blocked.update(str(r.attrs.get("operator", "")).removeprefix("shrink ").split("+"))
+        options = [(n, g) for n, g in self.space.shrink_options(anchor.params) if n not in blocked]
+        seen = seen_hashes(records)
+        for _ in range(self.strategy.max_resample):
+            if not options:
+                break
+            count = int(rng.integers(1, min(self.strategy.shrink_modules, len(options)) + 1))
+            picks = sorted(int(i) for i in rng.choice(len(options), size=count, replace=False))
+            child = dict(anchor.params)
+            for i in picks:
+                child[options[i][0]] -= 1
+            if self.space.decode(child).content_hash() not in seen:
+                note = "shrink " + "+".join(options[i][0] for i in picks)
+                return Proposal(child, anchor.number, note)
+        child, note = self.mutate(anchor.params, records, rng, count=1)
+        return Proposal(child, anchor.number, note)
