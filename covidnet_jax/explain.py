@@ -41,6 +41,7 @@ __all__ = [
     "grad_cam",
     "heatmap_to_original",
     "integrated_gradients",
+    "integrated_gradients_attribution",
     "lesion_hit_rates",
     "overlay_heatmap",
     "random_map_rates",
@@ -62,15 +63,15 @@ def _normalize_maps(heat_BxHxW: jax.Array) -> jax.Array:
     return jnp.where(top_B11 > 0, heat_BxHxW / jnp.where(top_B11 > 0, top_B11, 1.0), 0.0)
 
 
-def _resolve_target(logits_BxK: jax.Array, target: jax.Array | None) -> jax.Array:
-    if target is None:
-        return jnp.argmax(logits_BxK, axis=-1).astype(jnp.int32)
-    return jnp.broadcast_to(jnp.asarray(target, jnp.int32), logits_BxK.shape[:1])
+def _resolve_target(logits_BxK: jax.Array, target_B: jax.Array) -> jax.Array:
+    """Negative entries of `target_B` mean "the predicted class"."""
+    predicted_B = jnp.argmax(logits_BxK, axis=-1).astype(jnp.int32)
+    return jnp.where(target_B < 0, predicted_B, target_B)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _grad_cam_jit(
-    graphdef: Any, state: Any, images_BxHxWxC: jax.Array, target_B: jax.Array | None
+    graphdef: Any, state: Any, images_BxHxWxC: jax.Array, target_B: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     model = _eval_copy(graphdef, state)
     feats_BxhxwxC = model.features(images_BxHxWxC)
@@ -112,9 +113,8 @@ def grad_cam(
         >>> heat, target = grad_cam(model, batch["image"], target=2)
     """
     graphdef, state = nnx.split(model)
-    heat, target_B = _grad_cam_jit(
-        graphdef, state, jnp.asarray(images_BxHxWxC, jnp.float32), _as_target(target)
-    )
+    images = jnp.asarray(images_BxHxWxC, jnp.float32)
+    heat, target_B = _grad_cam_jit(graphdef, state, images, _as_target(target, len(images)))
     return np.asarray(heat), np.asarray(target_B)
 
 
@@ -123,7 +123,7 @@ def _integrated_gradients_jit(
     graphdef: Any,
     state: Any,
     images_BxHxWxC: jax.Array,
-    target_B: jax.Array | None,
+    target_B: jax.Array,
     steps: int,
 ) -> tuple[jax.Array, jax.Array]:
     model = _eval_copy(graphdef, state)
@@ -142,15 +142,16 @@ def _integrated_gradients_jit(
 
     # A loop rather than a batch of all path points: memory stays at one batch.
     grad_sum = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros_like(images_BxHxWxC))
-    attribution_BxHxWxC = delta_BxHxWxC * grad_sum / steps
-    heat_BxHxW = jnp.sum(jnp.abs(attribution_BxHxWxC), axis=-1)
-    return _normalize_maps(heat_BxHxW), target_B
+    return delta_BxHxWxC * grad_sum / steps, target_B
 
 
-def integrated_gradients(
+def integrated_gradients_attribution(
     model: nnx.Module, images_BxHxWxC: Any, *, target: Any = None, steps: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Integrated gradients from a black image, as a per-pixel heatmap.
+    """Integrated gradients from a black image, per pixel and channel.
+
+    By the completeness property, each image's attributions sum to approximately
+    score(image) - score(black image) for the explained class (exactly as `steps` grows).
 
     Args:
         model: a model mapping BxHxWxC images to BxK logits.
@@ -160,25 +161,54 @@ def integrated_gradients(
         steps: points on the path from the baseline to the image (midpoint rule).
 
     Returns:
-        (heat_BxHxW float32 in [0, 1], target_B int32).
+        (attribution_BxHxWxC float32, target_B int32).
 
     Raises:
         ValueError: if `steps` < 1.
 
     Example:
-        >>> heat, target = integrated_gradients(model, batch["image"], steps=16)
+        >>> attribution, target = integrated_gradients_attribution(model, images, steps=64)
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     graphdef, state = nnx.split(model)
-    heat, target_B = _integrated_gradients_jit(
-        graphdef, state, jnp.asarray(images_BxHxWxC, jnp.float32), _as_target(target), steps
+    images = jnp.asarray(images_BxHxWxC, jnp.float32)
+    attribution, target_B = _integrated_gradients_jit(
+        graphdef, state, images, _as_target(target, len(images)), steps
     )
-    return np.asarray(heat), np.asarray(target_B)
+    return np.asarray(attribution), np.asarray(target_B)
 
 
-def _as_target(target: Any) -> jax.Array | None:
-    return None if target is None else jnp.asarray(target, jnp.int32)
+def integrated_gradients(
+    model: nnx.Module, images_BxHxWxC: Any, *, target: Any = None, steps: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integrated gradients as a heatmap: absolute attributions summed over channels.
+
+    Args:
+        model: a model mapping BxHxWxC images to BxK logits.
+        images_BxHxWxC: preprocessed images, float32 in [0, 1].
+        target: as for `integrated_gradients_attribution`.
+        steps: points on the path from the baseline to the image.
+
+    Returns:
+        (heat_BxHxW float32 in [0, 1], target_B int32).
+
+    Example:
+        >>> heat, target = integrated_gradients(model, batch["image"], steps=16)
+    """
+    attribution, target_B = integrated_gradients_attribution(
+        model, images_BxHxWxC, target=target, steps=steps
+    )
+    heat = _normalize_maps(jnp.sum(jnp.abs(jnp.asarray(attribution)), axis=-1))
+    return np.asarray(heat), target_B
+
+
+def _as_target(target: Any, batch: int) -> jax.Array:
+    # Always an int32 array B (-1 = predicted class), so every call of one shape shares one
+    # compiled function.
+    if target is None:
+        return jnp.full((batch,), -1, jnp.int32)
+    return jnp.broadcast_to(jnp.asarray(target, jnp.int32), (batch,))
 
 
 @dataclasses.dataclass(frozen=True)
