@@ -81,6 +81,7 @@ class Checkpoints:
         if keep_latest < 1 or keep_best < 0:
             raise ValueError(f"keep_latest >= 1 and keep_best >= 0, got {keep_latest}, {keep_best}")
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         preserve: list[policies.PreservationPolicy] = [policies.LatestN(n=keep_latest)]
         if keep_best:
             preserve.append(
@@ -95,7 +96,8 @@ class Checkpoints:
             best_mode="max",
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             save_decision_policy=policies.FixedIntervalPolicy(1),
-            read_only=read_only,
+            # Readers open without Orbax's read_only flag (which only logs warnings here):
+            # `save` refuses instead, and readers neither create nor clean up anything.
             create=not read_only,
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
@@ -150,6 +152,8 @@ class Checkpoints:
             metrics: validation metrics; must hold "selection" (higher is better) for
                 the step to compete for "best".
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         if metrics is not None and SELECTION_KEY not in metrics:
             raise ValueError(f"metrics must contain {SELECTION_KEY!r}, got {sorted(metrics)}")
         self._manager.save(

@@ -8,6 +8,7 @@ final report only: training and model selection never read it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
@@ -24,10 +25,11 @@ from covidnet_jax.arch import AnySpec, spec_from_dict
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.cost import count_cost
 from covidnet_jax.data import Data, load_data
+from covidnet_jax.errors import ConfigError
 from covidnet_jax.metrics import EvalMetrics, compute_metrics, netscore
 from covidnet_jax.models import build_model
 from covidnet_jax.steps import StepFunctions, StepSettings
-from covidnet_jax.typed_yaml import from_dict
+from covidnet_jax.typed_yaml import apply_overrides, from_dict
 
 Split = Literal["validation", "test"]
 
@@ -205,6 +207,7 @@ def evaluate_workdir(
     split: Split = "validation",
     step: int | None = None,
     data: Data | None = None,
+    overrides: Sequence[str] = (),
 ) -> Evaluation:
     """Scores a run's best checkpoint (or `step`) on a split.
 
@@ -213,6 +216,8 @@ def evaluate_workdir(
         split: "validation" (model selection) or "test" (final report only).
         step: a specific checkpoint (default: the best by validation).
         data: the run's data set if already loaded (else loaded from the saved config).
+        overrides: "key.path=value" changes to the saved config before loading the data,
+            e.g. "data.covidx_dir=/mnt/covidx" when the data set has moved.
 
     Raises:
         CheckpointError: the workdir has no checkpoint.
@@ -220,7 +225,11 @@ def evaluate_workdir(
     """
     trained = load_trained(workdir, step=step)
     if data is None:
-        config = from_dict(TrainConfig, trained.config)
+        saved = apply_overrides(copy.deepcopy(trained.config), overrides)
+        try:
+            config = from_dict(TrainConfig, saved)
+        except ConfigError as err:
+            raise ConfigError(f"config saved in {trained.checkpoint_dir}: {err}") from None
         data = load_data(config.data, seed=config.seed)
     batch_size = int(
         trained.config["train"]["eval_batch_size"] or trained.config["train"]["batch_size"]
