@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -60,6 +61,8 @@ __all__ = [
     "predict",
     "preprocessing_recipe",
     "render_model_card",
+    "restore_inference_state",
+    "save_inference_state",
     "write_export",
 ]
 
@@ -318,8 +321,8 @@ def write_export(
             `input_channels`, `class_names`).
         out_dir: the export folder to create.
         card: the model card's facts.
-        save_state: writes the Orbax checkpoint of the inference state into a given folder;
-            None for `covidnet_jax.checkpointing.save_inference_state`.
+        save_state: writes the inference state into a given folder; None for
+            `save_inference_state` (an Orbax checkpoint).
         platforms: platforms the StableHLO artifact is lowered for.
 
     Returns:
@@ -336,7 +339,7 @@ def write_export(
             f"{out_dir}: folder is not empty and holds no export; choose another --out"
         )
     if save_state is None:
-        from covidnet_jax.checkpointing import save_inference_state as save_state
+        save_state = functools.partial(save_inference_state, spec=spec)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     exported = export_inference(
         model, input_size=spec.input_size, channels=spec.input_channels, platforms=platforms
@@ -384,6 +387,63 @@ def write_export(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _inference_filter() -> nnx.filterlib.Filter:
+    # What inference needs: weights and BatchNorm running statistics (not optimizer state,
+    # not random-number streams).
+    return nnx.Any(nnx.Param, nnx.BatchStat)
+
+
+def save_inference_state(directory: str | Path, model: nnx.Module, *, spec: Any) -> Path:
+    """Saves a model's parameters and BatchNorm statistics as an Orbax checkpoint (step 0).
+
+    Args:
+        directory: the checkpoint folder to create.
+        model: the trained model.
+        spec: its spec (stored as metadata, so the folder describes itself).
+
+    Returns:
+        The checkpoint folder.
+    """
+    from covidnet_jax.checkpointing import Checkpoints
+
+    state = jax.device_get(nnx.state(model, _inference_filter()).to_pure_dict())
+    metadata = {"what": "inference state", "spec": spec.to_dict(), "spec_hash": spec.content_hash()}
+    with Checkpoints(directory, keep_latest=1, keep_best=0, async_save=False) as checkpoints:
+        # A selection value keeps Orbax's best-step bookkeeping quiet; there is one step.
+        checkpoints.save(0, state, metadata=metadata, metrics={"selection": 0.0})
+    return Path(directory)
+
+
+def restore_inference_state(directory: str | Path, spec: Any) -> nnx.Module:
+    """Builds the model of `spec` and restores a `save_inference_state` checkpoint into it.
+
+    Args:
+        directory: the checkpoint folder.
+        spec: the architecture spec.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        CheckpointError: if the folder holds no checkpoint or it does not fit the spec.
+    """
+    from covidnet_jax.checkpointing import Checkpoints
+    from covidnet_jax.models import build_model
+
+    model = build_model(spec, rngs=nnx.Rngs(0))
+    state = nnx.state(model, _inference_filter())
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state.to_pure_dict()
+    )
+    with Checkpoints.open_existing(directory) as checkpoints:
+        restored, _ = checkpoints.restore(abstract)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    model.eval()
+    return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,20 +542,15 @@ class LoadedExport:
         attributions such as Grad-CAM, which need more than the exported function).
 
         Returns:
-            The model, in eval mode.
+            The model (float32 compute), in eval mode.
 
         Raises:
+            SpecError: if `spec.json` is not a valid spec.
             CheckpointError: if the checkpoint is missing or does not fit the spec.
         """
         from covidnet_jax.arch import spec_from_json
-        from covidnet_jax.checkpointing import restore_inference_state
-        from covidnet_jax.models import build_model
 
-        spec = spec_from_json(self.spec_json())
-        abstract = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
-        model = restore_inference_state(self.path / CHECKPOINT_DIR, abstract)
-        model.eval()
-        return model
+        return restore_inference_state(self.path / CHECKPOINT_DIR, spec_from_json(self.spec_json()))
 
 
 def load_export(path: str | Path) -> LoadedExport:
