@@ -92,7 +92,7 @@ class Checkpoints:
                 )
             )
         options = ocp.CheckpointManagerOptions(
-            best_fn=_selection,
+            best_fn=_selection if keep_best else None,
             best_mode="max",
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             save_decision_policy=policies.FixedIntervalPolicy(1),

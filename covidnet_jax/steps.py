@@ -203,7 +203,7 @@ def _train_step(
         updates = jax.tree.map(jnp.add, updates, decay)
     lr = scheduled_learning_rate(state.step, hyper, state.lr_scale, settings.schedule)
     params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
         "correct": jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32),

@@ -1,0 +1,178 @@
+"""The jitted steps on a tiny local model: loss goes down, jit == eager, optimizer == optax."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from covidnet_jax import parallel, steps
+from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+
+
+class TinyNet(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        # No conv bias before BatchNorm: its exact gradient is zero, and Adam would turn
+        # float noise in it into full-size updates that differ between programs.
+        self.conv = nnx.Conv(3, 6, (3, 3), use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(6, rngs=rngs)
+        self.head = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x_BxHxWxC):
+        x = nnx.relu(self.norm(self.conv(x_BxHxWxC)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def _batch(seed=0, size=8):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.random((size, 8, 8, 3), dtype=np.float32),
+        "label": rng.integers(0, 3, size).astype(np.int32),
+    }
+
+
+def _hyper(**kw):
+    args = {"learning_rate": 0.01, "weight_decay": 0.0, "class_weights": np.ones(3), "seed": 0}
+    args.update(kw)
+    return Hyper.create(**args)
+
+
+def _setup(key, settings=None, seed=0):
+    settings = StepSettings() if settings is None else settings
+    model = TinyNet(rngs=nnx.Rngs(seed))
+    mesh = parallel.make_mesh()
+    fns = StepFunctions.for_model(model, key=key, settings=settings, mesh=mesh)
+    return model, fns, mesh
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.array, tree)
+
+
+def test_one_step_reduces_loss_on_a_fixed_batch():
+    model, fns, mesh = _setup("steps-loss")
+    state = fns.init_state(model)
+    batch = parallel.shard_batch(_batch(), mesh)
+    hyper = _hyper()
+    train, _ = fns.compile_train(state, batch, hyper)
+    state, first = train(state, batch, hyper)  # loss before the update
+    state, second = train(state, batch, hyper)  # loss after one update
+    assert float(second["loss"]) < float(first["loss"])
+    assert int(state.step) == 2
+    assert bool(first["finite"])
+
+
+def test_jit_equals_eager():
+    model, fns, mesh = _setup("steps-eager")
+    state = fns.init_state(model)
+    batch = parallel.shard_batch(_batch(1), mesh)
+    hyper = _hyper(weight_decay=1e-3)
+    eager_state, eager_metrics = steps._train_step(
+        _copy(state), batch, hyper, graphdef=fns.graphdef_train, settings=fns.settings
+    )
+    jit_state, jit_metrics = fns.train_step(_copy(state), batch, hyper)
+    for a, b in zip(jax.tree.leaves(eager_state), jax.tree.leaves(jit_state), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eager_metrics["loss"], jit_metrics["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_update_matches_optax(optimizer):
+    settings = StepSettings(optimizer=optimizer)
+    model, fns, mesh = _setup(f"steps-optax-{optimizer}", settings)
+    state = fns.init_state(model)
+    host_batch = _batch(2)
+    batch = parallel.shard_batch(host_batch, mesh)
+    lr, wd = 0.01, 0.1
+    hyper = _hyper(learning_rate=lr, weight_decay=wd)
+
+    def loss_fn(params):
+        model_ = nnx.merge(fns.graphdef_train, params, _copy(state.model_state))
+        logits = model_(jnp.asarray(host_batch["image"]))
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.asarray(host_batch["label"])
+        ).mean()
+
+    params = _copy(state.params)
+    grads = jax.grad(loss_fn)(params)
+    mask = jax.tree.map(lambda p: p.ndim > 1, params)
+    if optimizer == "adamw":
+        tx = optax.adamw(lr, weight_decay=wd, mask=mask)
+    else:
+        tx = optax.chain(optax.add_decayed_weights(wd, mask=mask), optax.adam(lr))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+
+    new_state, _ = fns.train_step(state, batch, hyper)
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_weighted_cross_entropy_by_hand():
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    labels = np.array([0, 2], np.int32)
+    weights = np.array([1.0, 1.0, 5.0], np.float32)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = np.mean([-log_softmax[0, 0] * 1.0, -log_softmax[1, 2] * 5.0])
+    got = steps.weighted_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), weights)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def test_schedules():
+    hyper = _hyper(learning_rate=1.0, warmup_steps=10, total_steps=110, min_learning_rate=0.1)
+    one = jnp.float32(1.0)
+
+    def lr(step, kind, scale=one):
+        return float(steps.scheduled_learning_rate(jnp.int32(step), hyper, scale, kind))
+
+    assert lr(0, "warmup_cosine") == pytest.approx(0.1)
+    assert lr(4, "warmup_cosine") == pytest.approx(0.5)
+    assert lr(10, "warmup_cosine") == pytest.approx(1.0)
+    assert lr(60, "warmup_cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr(110, "warmup_cosine") == pytest.approx(0.1)
+    assert lr(500, "constant") == 1.0
+    assert lr(3, "plateau", jnp.float32(0.49)) == pytest.approx(0.49)
+
+
+def test_eval_step_confusion_matches_numpy():
+    model, fns, mesh = _setup("steps-eval")
+    state = fns.init_state(model)
+    host = {**_batch(3, size=8), "mask": np.array([1, 1, 1, 1, 1, 1, 0, 0], bool)}
+    batch = parallel.shard_batch(host, mesh)
+    out = fns.eval_step(state.params, state.model_state, batch)
+    model.eval()
+    predicted = np.asarray(model(jnp.asarray(host["image"]))).argmax(-1)
+    expected = np.zeros((3, 3), int)
+    for t, p, m in zip(host["label"], predicted, host["mask"], strict=True):
+        expected[t, p] += m
+    np.testing.assert_array_equal(np.asarray(out["confusion"]), expected)
+    probs = fns.predict(state.params, state.model_state, batch["image"])
+    np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_compiled_once_per_signature_and_shared_per_key():
+    model, fns, mesh = _setup("steps-cache")
+    again = StepFunctions.for_model(
+        TinyNet(rngs=nnx.Rngs(5)), key="steps-cache", settings=StepSettings(), mesh=mesh
+    )
+    assert again is fns
+    state = fns.init_state(model)
+    batch = parallel.shard_batch(_batch(), mesh)
+    hyper = _hyper()
+    first, seconds = fns.compile_train(state, batch, hyper)
+    second, zero = fns.compile_train(state, batch, _hyper(learning_rate=0.5, seed=3))
+    assert second is first and seconds > 0 and zero == 0.0
+
+
+def test_init_state_does_not_alias_the_model():
+    model, fns, mesh = _setup("steps-alias")
+    kernel_before = np.asarray(model.conv.kernel[...]).copy()
+    state = fns.init_state(model)
+    batch = parallel.shard_batch(_batch(), mesh)
+    fns.train_step(state, batch, _hyper())  # donates `state`
+    np.testing.assert_array_equal(np.asarray(model.conv.kernel[...]), kernel_before)
