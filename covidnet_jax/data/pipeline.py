@@ -408,6 +408,26 @@ class TrainBatchMaker:
         return {"image": image, "label": self.labels[index].astype(np.int32)}
 
 
+def _grain_batches(
+    make: TrainBatchMaker, start_step: int, workers: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from `workers` Grain processes, in step order; workers stop with the iterator."""
+    import grain
+    from absl import flags
+
+    # Grain reads one of its absl flags in the prefetch thread; outside an absl app the flags
+    # are never parsed and that read raises, so accept the defaults explicitly.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    steps = grain.MapDataset.range(start_step, start_step + 2**40)
+    dataset = steps.map(make).to_iter_dataset()
+    iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+    try:
+        yield from iterator
+    finally:
+        iterator.close()
+
+
 class Data:
     """Preprocessed COVIDx-format data in memory, with train and eval batch iterators.
 
@@ -502,15 +522,9 @@ class Data:
             {"image": float32 BxHxWxC in [0, 1], "label": int32 B}.
         """
         make = self.batch_maker(batch_size, seed=seed)
-        workers = self.config.workers
-        if workers == 0:
+        if self.config.workers == 0:
             return map(make, itertools.count(start_step))
-        import grain
-
-        steps = grain.MapDataset.range(start_step, start_step + 2**40)
-        dataset = steps.map(make).to_iter_dataset()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        return iter(dataset)
+        return _grain_batches(make, start_step, self.config.workers)
 
     def eval_batches(self, split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Fixed-shape batches over "validation" or "test" ("train" also works), in order.
