@@ -102,7 +102,15 @@ class Checkpoints:
             cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Registering the items up front lets a fresh manager read item metadata.
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+            registry.add(_STATE, args)
+        for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+            registry.add(_META, args)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
 
     @classmethod
     def open_existing(cls, path: str | Path) -> Checkpoints:

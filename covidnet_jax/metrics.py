@@ -40,7 +40,7 @@ def check_selection_metric(name: str, class_names: Sequence[str] | None = None) 
         raise ValueError(f"class {class_name!r} in {name!r} is not one of {', '.join(class_names)}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds an array: compare `to_dict()`s
 class EvalMetrics:
     """Metrics of one evaluation.
 

@@ -1,0 +1,250 @@
+"""End to end on a small synthetic data set: train, resume, fail safely, evaluate, predict."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from covidnet_jax import parallel
+from covidnet_jax.arch import ModuleSpec
+from covidnet_jax.checkpointing import Checkpoints
+from covidnet_jax.config import TrainConfig
+from covidnet_jax.data import load_data, write_synthetic_dataset
+from covidnet_jax.evaluate import evaluate_workdir, write_evaluation
+from covidnet_jax.models import build_model
+from covidnet_jax.predict import predict_images
+from covidnet_jax.presets import get_preset
+from covidnet_jax.steps import StepFunctions, StepSettings
+from covidnet_jax.train import TrainFailure, TrainResult, _inherit, resolve_spec, train_and_evaluate
+from covidnet_jax.typed_yaml import from_dict
+from search.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "covidx"
+    write_synthetic_dataset(out, per_class=16, image_size=32, seed=0)
+    return out
+
+
+def make_config(data_dir: Path, cache: Path, **overrides) -> TrainConfig:
+    raw = {
+        "model": {"arch": "tiny"},
+        "data": {
+            "covidx_dir": str(data_dir),
+            "resolution": 16,
+            "channels": 3,
+            "validation_fraction": 0.2,
+            "rebalance_class": "COVID-19",
+            "class_weights": "balanced",
+        },
+        "optimizer": {"learning_rate": 0.003},
+        "schedule": {"kind": "plateau", "plateau_patience": 1},
+        "train": {"steps": 6, "batch_size": 8, "log_every": 2, "eval_every": 2},
+        "compile_cache_dir": str(cache),
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        raw[section][name] = value
+    return from_dict(TrainConfig, raw)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    config = make_config(data_dir, root / "cache")
+    result = train_and_evaluate(config, root / "run", show_progress=False)
+    return config, result, root / "run"
+
+
+class ScriptedData:
+    """A data set whose train stream is interrupted or poisoned at a given step."""
+
+    def __init__(self, data, *, interrupt_at=None, nan_at=None):
+        self._data, self.interrupt_at, self.nan_at = data, interrupt_at, nan_at
+
+    def __getattr__(self, name):
+        return getattr(self._data, name)
+
+    def train_batches(self, batch_size, *, seed=None, start_step=0):
+        stream = self._data.train_batches(batch_size, seed=seed, start_step=start_step)
+        for step, batch in zip(itertools.count(start_step), stream, strict=False):
+            if step == self.interrupt_at:
+                raise KeyboardInterrupt
+            if step == self.nan_at:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            yield batch
+
+
+def _final_arrays(workdir: Path):
+    with Checkpoints.open_existing(workdir) as ckpts:
+        return ckpts.latest_step(), jax.tree.leaves(ckpts.restore_arrays())
+
+
+def test_train_writes_result_logs_and_checkpoints(trained):
+    config, result, workdir = trained
+    assert isinstance(result, TrainResult) and result.ok
+    assert result.step == 6 and result.best_step in (2, 4, 6)
+    assert result.metrics.count > 0 and 0.0 <= result.metrics.accuracy <= 1.0
+    assert result.selection_value == result.metrics.accuracy
+    assert result.compile_s > 0 and result.train_s > 0 and result.images_per_s > 0
+    assert (workdir / "config.yaml").is_file() and (workdir / "spec.json").is_file()
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[1] == "compile" and kinds[-1] == "end"
+    assert [e["step"] for e in events if e["event"] == "train"] == [2, 4, 6]
+    assert [e["step"] for e in events if e["event"] == "validation"] == [2, 4, 6]
+    with Checkpoints.open_existing(workdir) as ckpts:
+        assert ckpts.latest_step() == 6 and 6 in ckpts.steps()
+        assert len(ckpts.steps()) <= config.train.keep_checkpoints + config.train.keep_best
+
+
+def test_rerun_of_a_finished_run_trains_nothing(trained, data_dir):
+    config, result, workdir = trained
+    again = train_and_evaluate(config, workdir, show_progress=False)
+    assert again.ok and again.resumed_from == 6 and again.train_s == 0.0
+    assert (
+        again.best_step == result.best_step and again.metrics.to_dict() == result.metrics.to_dict()
+    )
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(trained, data_dir, tmp_path):
+    config, _, workdir = trained
+    data = load_data(config.data, seed=config.seed)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(
+            config, tmp_path, data=ScriptedData(data, interrupt_at=3), show_progress=False
+        )
+    assert Checkpoints.open_existing(tmp_path).latest_step() == 2
+    resumed = train_and_evaluate(config, tmp_path, show_progress=False)
+    assert resumed.ok and resumed.resumed_from == 2
+    step_a, arrays_a = _final_arrays(workdir)
+    step_b, arrays_b = _final_arrays(tmp_path)
+    assert step_a == step_b == 6
+    for a, b in zip(arrays_a, arrays_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_loss_returns_failure_and_keeps_last_good_checkpoint(trained, tmp_path):
+    config, _, _ = trained
+    data = load_data(config.data, seed=config.seed)
+    failure = train_and_evaluate(
+        config, tmp_path, data=ScriptedData(data, nan_at=3), show_progress=False
+    )
+    assert isinstance(failure, TrainFailure) and not failure.ok
+    assert failure.kind == "non_finite" and failure.step == 4
+    assert "step 4" in failure.reason and failure.last_good_step == 2
+    with Checkpoints.open_existing(tmp_path) as ckpts:
+        assert ckpts.steps() == [2]
+        assert all(
+            np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ckpts.restore_arrays())
+        )
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "failure" and events[-1]["kind"] == "non_finite"
+
+
+def test_huge_learning_rate_fails_without_spoiling_checkpoints(trained, tmp_path):
+    config, _, _ = trained
+    assert train_and_evaluate(
+        make_config_like(config, train__steps=2), tmp_path, show_progress=False
+    ).ok
+    failure = train_and_evaluate(
+        make_config_like(config, train__steps=40, optimizer__learning_rate=1e30),
+        tmp_path,
+        show_progress=False,
+    )
+    assert isinstance(failure, TrainFailure) and failure.kind == "non_finite"
+    with Checkpoints.open_existing(tmp_path) as ckpts:
+        assert all(
+            np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ckpts.restore_arrays())
+        )
+
+
+def make_config_like(config: TrainConfig, **overrides) -> TrainConfig:
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        config = dataclasses.replace(
+            config, **{section: dataclasses.replace(getattr(config, section), **{name: value})}
+        )
+    return config
+
+
+def test_init_from_copies_matching_weights(trained, tmp_path):
+    config, _, workdir = trained
+    child = train_and_evaluate(
+        make_config_like(config, train__steps=2),
+        tmp_path / "same",
+        init_from=workdir,
+        show_progress=False,
+    )
+    assert child.ok and child.inherited == child.inheritable > 0
+
+    data = load_data(config.data, seed=config.seed)
+    tiny = get_preset("tiny")
+    last = tiny.stages[-1]
+    wider = dataclasses.replace(last, modules=(ModuleSpec(8, 24, 8, 32, 5),))
+    spec = resolve_spec(config, data, dataclasses.replace(tiny, stages=(*tiny.stages[:-1], wider)))
+    model = build_model(spec, rngs=nnx.Rngs(1))
+    fns = StepFunctions.for_model(
+        model, key=spec.content_hash(), settings=StepSettings(), mesh=parallel.make_mesh()
+    )
+    fresh = fns.init_state(model)
+    state, copied = _inherit(fresh, workdir, fns.mesh)
+    total = len(jax.tree.leaves(fresh.params))
+    assert 0 < copied < total
+    with Checkpoints.open_existing(workdir) as parent:
+        parent_stem = parent.restore_arrays(parent.best_step())["params"]["stem"]
+    np.testing.assert_array_equal(
+        np.asarray(jax.tree.leaves(state.params["stem"])[0]),
+        np.asarray(jax.tree.leaves(parent_stem)[0]),
+    )
+
+
+def test_evaluate_and_predict(trained, data_dir):
+    config, result, workdir = trained
+    evaluation = evaluate_workdir(workdir, split="test")
+    assert evaluation.step == result.best_step
+    assert evaluation.metrics.count == load_data(config.data, seed=0).num_examples("test")
+    assert evaluation.params > 0 and evaluation.macs > 0 and np.isfinite(evaluation.netscore)
+    json_path, png = write_evaluation(evaluation, workdir)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(json_path.read_text())["split"] == "test"
+
+    images = sorted((data_dir / "test").glob("*.png"))[:3]
+    predictions = predict_images(workdir, images)
+    assert [p.path for p in predictions] == [str(p) for p in images]
+    for p in predictions:
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert p.predicted == max(p.probabilities, key=p.probabilities.get)
+        assert set(p.probabilities) == set(result.metrics.class_names)
+
+
+def test_cli_evaluate_predict_and_one_line_errors(trained, data_dir, tmp_path, capsys):
+    _, _, workdir = trained
+    assert main(["evaluate", "--workdir", str(workdir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "validation" and "netscore" in out and "confusion" in out
+    image = sorted((data_dir / "test").glob("*.png"))[0]
+    assert main(["predict", "--workdir", str(workdir), str(image), "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
+    assert prediction["path"] == str(image)
+
+    assert main(["evaluate", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint found" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {arch: tiny}\ndata: {covidx_dir: x}\ntrain: {steps: 0}\n")
+    assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.steps: expected a value >= 1, got 0" in err
+    assert main(["predict", "--workdir", str(workdir), str(tmp_path / "missing.png")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
