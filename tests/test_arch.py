@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -155,6 +156,7 @@ VALIDATION_CASES = [
     (lambda: arch(class_names=["a", "b"]), r"class_names: expected a tuple"),
     (lambda: arch(stem="stem"), r"stem: expected a StemSpec, got 'stem'"),
     (lambda: arch(stages=()), r"stages: expected at least one stage, got \(\)"),
+    (lambda: arch(stages=[STAGE]), r"stages: expected a tuple, got \[StageSpec"),
     (lambda: arch(stages=(M,)), r"stages\[0\]: expected a StageSpec, got ModuleSpec"),
     (lambda: arch(connectivity="skip"), r"connectivity: expected one of .* got 'skip'"),
     (lambda: arch(norm="layernorm"), r"norm: expected one of .* got 'layernorm'"),
@@ -165,6 +167,9 @@ VALIDATION_CASES = [
         r"stages\[0\]\.modules\[0\]\.out: dense connectivity .* stage width 16, got 8",
     ),
     (lambda: ResNetSpec(224, depths=()), r"depths: expected at least one stage"),
+    (lambda: ResNetSpec(224, depths=[3]), r"depths: expected a tuple, got \[3\]"),
+    (lambda: ResNetSpec(224, widths=[256]), r"widths: expected a tuple, got \[256\]"),
+    (lambda: ResNetSpec(224, widths=(0, 512, 1024, 2048)), r"widths\[0\]: .* got 0"),
     (lambda: ResNetSpec(224, widths=(256,)), r"widths: expected 4 widths .* got \(256,\)"),
     (lambda: ResNetSpec(224, depths=(3, 0, 6, 3)), r"depths\[1\]: .* got 0"),
     (lambda: ResNetSpec(224, widths=(256, 510, 1024, 2048)), r"widths\[1\]: .* got 510"),
@@ -172,6 +177,7 @@ VALIDATION_CASES = [
     (lambda: ResNetSpec(224, expansion=0), r"expansion: .* got 0"),
     (lambda: ResNetSpec(224, head="avg"), r"head: expected a HeadSpec, got 'avg'"),
     (lambda: VGGSpec(224, stages=()), r"stages: expected at least one stage"),
+    (lambda: VGGSpec(224, stages=[(64,)]), r"stages: expected a tuple, got \[\(64,\)\]"),
     (lambda: VGGSpec(224, stages=((64,), ())), r"stages\[1\]: expected at least one conv"),
     (lambda: VGGSpec(224, stages=((64, 0),)), r"stages\[0\]\[1\]: .* got 0"),
     (lambda: VGGSpec(224, stages=([64],)), r"stages\[0\]: expected a tuple, got \[64\]"),
@@ -257,12 +263,16 @@ def test_load_spec_reads_files_and_names_them_in_errors(tmp_path):
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(_set(_tiny_dict(), ["stem", "stride"], 9)))
-    with pytest.raises(SpecError, match=rf"^{bad}: stem\.stride: .* got 9$"):
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(bad))}: stem\.stride: .* got 9$"):
         presets.load_spec(bad)
     broken = tmp_path / "broken.json"
     broken.write_text('{"type": "pepx",\n  oops}')
-    with pytest.raises(SpecError, match=rf"^{broken}: invalid JSON at line 2"):
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(broken))}: invalid JSON at line 2"):
         presets.load_spec(broken)
+    undecodable = tmp_path / "latin1.json"
+    undecodable.write_bytes(b'{"type": "pepx\xe9"}')
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(undecodable))}: cannot read spec file"):
+        presets.load_spec(undecodable)
     with pytest.raises(SpecError, match=r"missing\.json: spec file not found"):
         presets.load_spec(tmp_path / "missing.json")
     with pytest.raises(SpecError, match=r"'resnet51' is neither a preset nor a spec file"):
