@@ -100,30 +100,42 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
 
 
 def _soft_ellipse(
-    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, edge: float
+    yy: np.ndarray,
+    xx: np.ndarray,
+    cy: float,
+    cx: float,
+    ry: float,
+    rx: float,
+    edge: float,
+    power: float = 2.0,
 ) -> np.ndarray:
-    """1 inside the ellipse, 0 outside, with a soft edge of relative width `edge`."""
-    r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    """1 inside the (super)ellipse, 0 outside, with a soft edge of relative width `edge`."""
+    r = (np.abs((yy - cy) / ry) ** power + np.abs((xx - cx) / rx) ** power) ** (1.0 / power)
     return np.clip((1.0 - r) / edge, 0.0, 1.0)
 
 
 def _anatomy(rng: np.random.Generator) -> dict[str, float]:
-    """Per-patient anatomy: body and lung sizes, heart size, rib spacing."""
+    """Per-patient anatomy and disease: sizes, tissue density, severity, lesion sites."""
     return {
-        "body_rx": rng.uniform(0.40, 0.47),
-        "body_ry": rng.uniform(0.55, 0.65),
-        "lung_rx": rng.uniform(0.12, 0.15),
-        "lung_ry": rng.uniform(0.25, 0.30),
+        "body_rx": rng.uniform(0.42, 0.48),
+        "body_ry": rng.uniform(0.50, 0.58),
+        "lung_rx": rng.uniform(0.13, 0.16),
+        "lung_ry": rng.uniform(0.27, 0.32),
         "lung_dx": rng.uniform(0.17, 0.20),
         "heart_rx": rng.uniform(0.10, 0.14),
         "heart_ry": rng.uniform(0.09, 0.12),
-        "rib_gap": rng.uniform(0.048, 0.06),
+        "rib_gap": rng.uniform(0.05, 0.065),
         "rib_bend": rng.uniform(0.05, 0.10),
-        "tissue": rng.uniform(0.40, 0.50),
-        "severity": rng.uniform(0.25, 1.0),  # disease severity, so subtle cases exist
+        "tissue": rng.uniform(0.38, 0.52),
+        # disease severity: mostly clear, a tail of subtle cases
+        "severity": 1.0 - 0.7 * rng.beta(1.0, 3.0),
         "side": float(rng.integers(2)),  # pneumonia: which lung
         "lobe": float(rng.choice(3, p=[0.2, 0.3, 0.5])),  # pneumonia: upper/middle/lower
     }
+
+
+def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    return np.exp(-(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2))
 
 
 def _draw_lesions(
@@ -149,35 +161,35 @@ def _draw_lesions(
             lobe = int(anat["lobe"]) if k == 0 else 2
             cy = cy_l + ry * (-0.45, 0.05, 0.5)[lobe] + rng.normal(0, 0.03)
             cx = cx_l + rng.normal(0, rx * 0.25)
-            size = rng.uniform(0.07, 0.12) * (1.0 if k == 0 else 0.6)
-            blob = np.exp(-(((yy - cy) / size) ** 2 + ((xx - cx) / (size * 1.2)) ** 2))
-            texture = 0.6 + 0.4 * _smooth_noise(rng, shape, 8)
-            dense = np.clip((blob * texture - 0.25) * 3.0, 0.0, 1.0)
+            size = rng.uniform(0.08, 0.13) * (1.0 if k == 0 else 0.6)
+            blob = _blob(yy, xx, cy, cx, size, size * rng.uniform(1.0, 1.4))
+            texture = 0.7 + 0.3 * _smooth_noise(rng, shape, 10)
+            # dense and homogeneous: a plateau with a short soft rim
+            dense = np.clip((blob * texture - 0.3) * 4.0, 0.0, 1.0)
             # a lobar consolidation stops at a fissure: a sharp, slightly tilted boundary
-            fissure_y = cy - size * rng.uniform(0.3, 0.8)
+            fissure_y = cy - size * rng.uniform(0.2, 0.7)
             tilt = rng.normal(0, 0.3)
-            dense *= np.clip((yy - fissure_y - tilt * (xx - cx)) / 0.01, 0.0, 1.0)
-            opacity += dense * rng.uniform(0.20, 0.32) * sev
+            dense *= np.clip((yy - fissure_y - tilt * (xx - cx)) / 0.006, 0.0, 1.0)
+            opacity += dense * rng.uniform(0.22, 0.34) * sev
     elif label == "COVID-19":
         unilateral = rng.random() < 0.15  # unilateral-dominant: the overlap with pneumonia
         for side, (cy_l, cx_l) in enumerate(centres):
             lateral = -1.0 if side == 0 else 1.0  # towards the chest wall
-            n_patches = int(rng.integers(2, 5))
+            n_patches = int(rng.integers(3, 6))
             if unilateral and side == 1:
                 n_patches = 1
             for _ in range(n_patches):
                 lower = rng.random() < 0.75
-                cy = cy_l + ry * (rng.uniform(0.1, 0.75) if lower else rng.uniform(-0.6, 0.1))
-                cx = cx_l + lateral * rx * rng.uniform(0.35, 0.8)
-                size = rng.uniform(0.04, 0.08)
-                blob = np.exp(-(((yy - cy) / size) ** 2 + ((xx - cx) / size) ** 2))
-                haze = 0.5 + 0.5 * _smooth_noise(rng, shape, 12)
-                opacity += blob * haze * rng.uniform(0.08, 0.16) * sev
+                cy = cy_l + ry * (rng.uniform(0.1, 0.7) if lower else rng.uniform(-0.6, 0.1))
+                cx = cx_l + lateral * rx * rng.uniform(0.4, 0.85)
+                size = rng.uniform(0.045, 0.08)
+                blob = _blob(yy, xx, cy, cx, size * rng.uniform(1.0, 1.6), size)
+                # ground glass: hazy and mottled, vessels stay visible through it
+                haze = 0.3 + 0.7 * _smooth_noise(rng, shape, 16)
+                opacity += blob * haze * rng.uniform(0.09, 0.16) * sev
         if rng.random() < 0.15:  # a denser, consolidative patch
             cy_l, cx_l = centres[int(rng.integers(2))]
-            cy, cx = cy_l + ry * 0.5, cx_l
-            blob = np.exp(-(((yy - cy) / 0.05) ** 2 + ((xx - cx) / 0.05) ** 2))
-            opacity += blob * 0.15 * sev
+            opacity += _blob(yy, xx, cy_l + ry * 0.5, cx_l, 0.05, 0.05) * 0.15 * sev
     return opacity * lungs
 
 
@@ -188,8 +200,7 @@ def _draw_haze(
     haze = np.zeros_like(yy)
     if rng.random() < 0.3:
         for cy_l, cx_l in centres:
-            blob = np.exp(-(((yy - cy_l) / 0.08) ** 2 + ((xx - cx_l) / 0.06) ** 2))
-            haze += blob * rng.uniform(0.03, 0.07)
+            haze += _blob(yy, xx, cy_l, cx_l, 0.08, 0.06) * rng.uniform(0.03, 0.07)
     return haze
 
 
@@ -213,17 +224,21 @@ def render_radiograph(
         (uint8 HxW image, uint8 HxW mask with 255 where a lesion is visible).
     """
     yy, xx = _grid(height, width)
-    # position: the patient stands a little off-centre, a little closer or farther
-    scale = rng.uniform(0.94, 1.06)
-    oy, ox = rng.normal(0.0, 0.02), rng.normal(0.0, 0.025)
-    cy0, cx0 = 0.56 + oy, 0.5 + ox
-    yy_s = cy0 + (yy - cy0) / scale
-    xx_s = cx0 + (xx - cx0) / scale
+    # position: off-centre, nearer or farther, slightly rotated (x scaled to physical units)
+    aspect = width / height
+    scale = rng.uniform(0.9, 1.1)
+    angle = np.deg2rad(rng.normal(0.0, 3.0))
+    cy0, cx0 = 0.56 + rng.normal(0.0, 0.03), 0.5 + rng.normal(0.0, 0.035)
+    dy, dx = yy - cy0, (xx - cx0) * aspect
+    yy_s = cy0 + (np.cos(angle) * dy - np.sin(angle) * dx) / scale
+    xx_s = cx0 + (np.sin(angle) * dy + np.cos(angle) * dx) / scale
 
-    body = _soft_ellipse(yy_s, xx_s, cy0 + 0.05, cx0, anat["body_ry"], anat["body_rx"], 0.08)
-    body = np.maximum(
-        body, (yy_s > cy0 + 0.15) * _soft_ellipse(yy_s, xx_s, 1.0, cx0, 0.6, 0.48, 0.1)
+    # soft tissue: a boxy torso with shoulders, and the neck above it
+    body = _soft_ellipse(
+        yy_s, xx_s, cy0 + 0.12, cx0, anat["body_ry"], anat["body_rx"], 0.06, power=3.0
     )
+    neck = _soft_ellipse(yy_s, xx_s, cy0 - 0.45, cx0, 0.2, 0.09, 0.2)
+    body = np.maximum(body, neck)
     img = 0.04 + anat["tissue"] * body
 
     centres = [
@@ -240,8 +255,9 @@ def render_radiograph(
         lungs = np.maximum(lungs, lung)
     img -= 0.27 * lungs * body
 
-    # ribs: curved bright bands across each lung field, denser towards the back
-    rib_phase = (yy_s - cy0 + 0.35 - anat["rib_bend"] * ((xx_s - cx0) / 0.2) ** 2) / anat["rib_gap"]
+    # ribs: curved bright bands across each lung field
+    bend = anat["rib_bend"] * ((xx_s - cx0) / 0.2) ** 2
+    rib_phase = (yy_s - cy0 + 0.35 - bend) / anat["rib_gap"]
     ribs = np.clip(np.cos(2 * np.pi * rib_phase) * 2.0 - 1.0, 0.0, 1.0)
     img += 0.07 * ribs * lungs
     # clavicles: two oblique bands at the lung apices
@@ -261,8 +277,8 @@ def render_radiograph(
     img += opacity + _draw_haze(rng, yy_s, xx_s, centres) * lungs
 
     # exposure: contrast, brightness and gamma of this acquisition; then quantum noise
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
+    img = img * rng.uniform(0.75, 1.25) + rng.uniform(-0.06, 0.06)
+    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.75, 1.3)
     img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, mask

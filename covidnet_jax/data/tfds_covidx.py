@@ -25,6 +25,7 @@ Reading without this module's code: `tfds.builder_from_directory(result.path)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -85,8 +86,9 @@ def _preprocess_path(args: tuple[str, int, int]) -> np.ndarray:
     return preprocess_image(path, resolution=resolution, channels=channels)
 
 
+@functools.cache
 def make_builder_class() -> type:
-    """Defines the `Covidx` builder class (after importing TFDS, which is slow to import)."""
+    """Defines the `Covidx` builder class once (after importing TFDS, which is slow to import)."""
     tfds = _tfds()
 
     class CovidxConfig(tfds.core.BuilderConfig):
@@ -134,6 +136,8 @@ def make_builder_class() -> type:
                     }
                 ),
                 supervised_keys=("image", "label"),
+                # keep split-file order: reading back gives the same order as the folder
+                disable_shuffling=True,
                 homepage="https://github.com/lindawangg/COVID-Net",
             )
 
