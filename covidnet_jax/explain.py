@@ -34,15 +34,21 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from covidnet_jax.data.preprocess import TOP_CROP_FRACTION
+from covidnet_jax.data.covidx import open_covidx_folder
+from covidnet_jax.data.preprocess import TOP_CROP_FRACTION, preprocess_image
+from covidnet_jax.errors import DataError
 
 __all__ = [
     "HitRates",
+    "LesionSet",
+    "LocalizationReport",
     "grad_cam",
     "heatmap_to_original",
     "integrated_gradients",
     "integrated_gradients_attribution",
     "lesion_hit_rates",
+    "load_lesion_set",
+    "localization_report",
     "overlay_heatmap",
     "random_map_rates",
     "save_overlay_png",
@@ -298,6 +304,154 @@ def random_map_rates(mask_BxHxW: Any, *, seed: int, draws: int = 100) -> HitRate
         pointing.append(hits.mean())
         mass.append(share.mean())
     return HitRates(pointing=float(np.mean(pointing)), mass=float(np.mean(mass)), count=len(inside))
+
+
+@dataclasses.dataclass(frozen=True)
+class LesionSet:
+    """Images of lesion classes with their lesion masks, preprocessed for one model.
+
+    Attributes:
+        images_BxHxWxC: float32 in [0, 1], as the model sees them.
+        masks_BxHxW: bool, the lesion masks put through the same crop and resize.
+        labels_B: int32 class indices (into the class names the set was loaded with).
+        paths: the image files.
+    """
+
+    images_BxHxWxC: np.ndarray
+    masks_BxHxW: np.ndarray
+    labels_B: np.ndarray
+    paths: tuple[str, ...]
+
+
+def load_lesion_set(
+    covidx_dir: str | Path,
+    *,
+    resolution: int,
+    channels: int,
+    class_names: tuple[str, ...],
+    split: str = "test",
+    limit: int | None = None,
+) -> LesionSet:
+    """Reads the images of a split whose lesion masks are non-empty (the synthetic data set
+    writes one mask per image to `masks/<file name>`; normal images have empty masks).
+
+    Args:
+        covidx_dir: a COVIDx-format folder with a `masks/` folder.
+        resolution: the model's input side.
+        channels: the model's input channels.
+        class_names: the model's classes, in label order.
+        split: "train" or "test".
+        limit: keep at most this many images (in split-file order).
+
+    Returns:
+        The `LesionSet`.
+
+    Raises:
+        DataError: if the folder has no masks or the split has no image with a lesion.
+    """
+    folder = open_covidx_folder(covidx_dir, classes=class_names)
+    mask_dir = Path(covidx_dir) / "masks"
+    if not mask_dir.is_dir():
+        raise DataError(
+            f"{covidx_dir}: no masks/ folder; lesion masks come with the synthetic data set "
+            "(covidnet data synth)"
+        )
+    entries = folder.train if split == "train" else folder.test
+    images, masks, labels, paths = [], [], [], []
+    for entry, path in zip(entries.entries, entries.image_paths(), strict=True):
+        mask_path = mask_dir / entry.filename
+        if not mask_path.is_file():
+            continue
+        mask = preprocess_image(mask_path, resolution=resolution, channels=1)[..., 0] >= 128
+        if not mask.any():
+            continue
+        images.append(preprocess_image(path, resolution=resolution, channels=channels))
+        masks.append(mask)
+        labels.append(class_names.index(entry.label))
+        paths.append(str(path))
+        if limit is not None and len(paths) >= limit:
+            break
+    if not paths:
+        raise DataError(f"{covidx_dir}: no {split} image has a non-empty lesion mask")
+    return LesionSet(
+        images_BxHxWxC=np.stack(images).astype(np.float32) / 255.0,
+        masks_BxHxW=np.stack(masks),
+        labels_B=np.asarray(labels, np.int32),
+        paths=tuple(paths),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalizationReport:
+    """Attribution maps against lesion masks, and the random-map baseline.
+
+    Attributes:
+        grad_cam: hit rates of Grad-CAM.
+        integrated_gradients: hit rates of integrated gradients.
+        random: hit rates of uniform random maps.
+        lesion_fraction: mean share of the image covered by the lesion.
+        accuracy: the model's accuracy on these images.
+    """
+
+    grad_cam: HitRates
+    integrated_gradients: HitRates
+    random: HitRates
+    lesion_fraction: float
+    accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_jit(graphdef: Any, state: Any, images_BxHxWxC: jax.Array) -> jax.Array:
+    return _eval_copy(graphdef, state)(images_BxHxWxC)
+
+
+def _predicted_classes(model: nnx.Module, images_BxHxWxC: np.ndarray) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    return np.asarray(jnp.argmax(_logits_jit(graphdef, state, jnp.asarray(images_BxHxWxC)), -1))
+
+
+def localization_report(
+    model: nnx.Module,
+    lesions: LesionSet,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    ig_steps: int = 32,
+    draws: int = 100,
+) -> LocalizationReport:
+    """Scores Grad-CAM and integrated gradients of each image's true class against its
+    lesion mask, next to random maps.
+
+    Args:
+        model: the trained model.
+        lesions: images with lesion masks.
+        seed: seed of the random maps.
+        batch_size: images per attribution call.
+        ig_steps: path points of integrated gradients.
+        draws: random maps per mask.
+
+    Returns:
+        The `LocalizationReport`.
+    """
+    cams, igs, correct = [], [], 0
+    for start in range(0, len(lesions.paths), batch_size):
+        images = lesions.images_BxHxWxC[start : start + batch_size]
+        labels = lesions.labels_B[start : start + batch_size]
+        cams.append(grad_cam(model, images, target=labels)[0])
+        igs.append(integrated_gradients(model, images, target=labels, steps=ig_steps)[0])
+        correct += int((_predicted_classes(model, images) == labels).sum())
+    masks = lesions.masks_BxHxW
+    return LocalizationReport(
+        grad_cam=lesion_hit_rates(np.concatenate(cams), masks),
+        integrated_gradients=lesion_hit_rates(np.concatenate(igs), masks),
+        random=random_map_rates(masks, seed=seed, draws=draws),
+        lesion_fraction=float(masks.mean()),
+        accuracy=correct / len(lesions.paths),
+    )
 
 
 def heatmap_to_original(heat_HxW: Any, original_hw: tuple[int, int]) -> np.ndarray:

@@ -56,9 +56,12 @@ __all__ = [
     "LoadedExport",
     "ModelCard",
     "RequirementCheck",
+    "card_metrics",
     "export_inference",
+    "export_training_run",
     "load_export",
     "predict",
+    "predict_files",
     "preprocessing_recipe",
     "render_model_card",
     "restore_inference_state",
@@ -259,14 +262,23 @@ def render_model_card(card: ModelCard) -> str:
         lines.append("No requirements were stated.")
     lines += ["", "## Metrics", ""]
     if card.metrics:
-        names = sorted({name for values in card.metrics.values() for name in values})
+        names = list(dict.fromkeys(name for values in card.metrics.values() for name in values))
         splits = list(card.metrics)
         lines += ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
         for name in names:
             row = [_fmt(card.metrics[s].get(name, "-")) for s in splits]
             lines.append(f"| {name} | " + " | ".join(row) + " |")
-        lines += ["", "Model selection used the validation split only; the test split was "]
-        lines[-1] += "scored once, for this report."
+        lines.append("")
+        if "test" in card.metrics:
+            lines.append(
+                "Model selection used the validation split only; the test split was scored "
+                "once, for this report."
+            )
+        else:
+            lines.append(
+                "Model selection used the validation split only; the test split was not "
+                "scored for this design."
+            )
     else:
         lines.append("No metrics recorded.")
     lines += ["", "## Training", ""]
@@ -619,3 +631,165 @@ def predict(
         >>> probs = predict("runs/quickstart/export", ["chest.png"])
     """
     return load_export(export_dir).predict_images(images, batch_size=batch_size)
+
+
+def predict_files(export_dir: str | Path, images: Sequence[str | Path], *, batch_size: int = 32):
+    """Predictions in the form `covidnet predict --workdir` prints (`covidnet_jax.predict`).
+
+    Args:
+        export_dir: an export folder.
+        images: image files.
+        batch_size: images per call of the exported function.
+
+    Returns:
+        One `covidnet_jax.predict.Prediction` per image, in order.
+
+    Raises:
+        ExportError: for a missing or broken export.
+        DataError: naming an unreadable image.
+    """
+    from covidnet_jax.predict import Prediction
+
+    loaded = load_export(export_dir)
+    probs_NxK = loaded.predict_images(list(images), batch_size=batch_size)
+    names = loaded.class_names
+    return [
+        Prediction(
+            path=str(path),
+            probabilities={name: float(p) for name, p in zip(names, probs, strict=True)},
+            predicted=names[int(np.argmax(probs))],
+        )
+        for path, probs in zip(images, probs_NxK, strict=True)
+    ]
+
+
+def card_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flattens `EvalMetrics.to_dict()` into the model card's metric rows.
+
+    Args:
+        metrics: {"accuracy", "count", "sensitivity": {class: v}, "ppv": {class: v}, ...}.
+
+    Returns:
+        {"accuracy": .., "images": .., "sensitivity <class>": .., "PPV <class>": ..}.
+    """
+    rows: dict[str, float] = {"accuracy": float(metrics["accuracy"])}
+    if metrics.get("count") is not None:
+        rows["images"] = int(metrics["count"])
+    for name, value in dict(metrics.get("sensitivity", {})).items():
+        rows[f"sensitivity {name}"] = float(value)
+    for name, value in dict(metrics.get("ppv", {})).items():
+        rows[f"PPV {name}"] = float(value)
+    return rows
+
+
+def _describe_data(data: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    source = data.get("covidx_dir") or data.get("tfds_data_dir") or "unknown"
+    synthetic = bool(data.get("synth")) or (
+        data.get("covidx_dir") is not None and (Path(data["covidx_dir"]) / "synth.json").is_file()
+    )
+    kind = (
+        "the procedural synthetic chest X-ray data set (`covidnet data synth`; not real "
+        "radiographs)"
+        if synthetic
+        else "a COVIDx-format data set"
+    )
+    sizes = ", ".join(
+        f"{split} {int(m['count'])} images" for split, m in metrics.items() if m.get("count")
+    )
+    text = (
+        f"Trained on `{source}`, {kind}, at {data.get('resolution')} px with "
+        f"{data.get('channels')} channel(s). Validation is a patient-disjoint "
+        f"{data.get('validation_fraction', 'part')} of the train split; the test split is "
+        "separate."
+    )
+    return text + (f" Evaluated on: {sizes}." if sizes else "")
+
+
+def _describe_training(config: Mapping[str, Any], step: int) -> dict[str, Any]:
+    optimizer = config.get("optimizer", {})
+    schedule = config.get("schedule", {})
+    train = config.get("train", {})
+    data = config.get("data", {})
+    recipe: dict[str, Any] = {
+        "steps trained": step,
+        "batch size": train.get("batch_size"),
+        "optimizer": f"{optimizer.get('name')} (learning rate {optimizer.get('learning_rate')})",
+        "schedule": schedule.get("kind"),
+        "selection metric (validation)": train.get("selection_metric"),
+        "class weights": data.get("class_weights"),
+        "batch re-balancing": (
+            f"{data.get('rebalance_fraction')} of each batch from {data['rebalance_class']}"
+            if data.get("rebalance_class")
+            else "none"
+        ),
+        "augmentation": data.get("augment"),
+        "compute dtype": config.get("model", {}).get("compute_dtype"),
+        "seed": config.get("seed"),
+    }
+    return {k: v for k, v in recipe.items() if v is not None}
+
+
+def export_training_run(
+    workdir: str | Path,
+    out_dir: str | Path,
+    *,
+    step: int | None = None,
+    title: str | None = None,
+    requirements: Sequence[RequirementCheck] = (),
+    metrics: Mapping[str, Mapping[str, Any]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    platforms: Sequence[str] = DEFAULT_PLATFORMS,
+) -> Path:
+    """Exports a trained model from a training workdir (its best checkpoint by validation).
+
+    Args:
+        workdir: a `covidnet train` workdir (a search trial's folder, or `best/train`).
+        out_dir: the export folder to create (an existing export there is replaced).
+        step: a checkpoint step instead of the best.
+        title: the model card's title (default: the spec hash).
+        requirements: design requirements and whether they were met, for the card.
+        metrics: split -> `EvalMetrics.to_dict()`; default: the checkpoint's validation
+            metrics.
+        provenance: extra facts for the card (search workdir, trial, ...).
+        platforms: platforms the StableHLO artifact is lowered for.
+
+    Returns:
+        The export folder.
+
+    Raises:
+        CheckpointError: if the workdir holds no checkpoint.
+        ExportError: if `out_dir` cannot be written.
+    """
+    from covidnet_jax.checkpointing import Checkpoints
+    from covidnet_jax.cost import activation_bytes, count_cost
+    from covidnet_jax.evaluate import load_trained
+
+    trained = load_trained(workdir, step=step)
+    if metrics is None:
+        with Checkpoints.open_existing(workdir) as checkpoints:
+            saved = checkpoints.metrics(trained.step) or {}
+        metrics = {"validation": saved["validation"]} if "validation" in saved else {}
+    # Host copies: the export closes over plain arrays, not arrays sharded over a mesh.
+    params, model_state = jax.device_get((trained.params, trained.model_state))
+    model = nnx.merge(trained.fns.graphdef_eval, params, model_state)
+    spec = trained.spec
+    cost = count_cost(spec)
+    card = ModelCard(
+        title=title or f"design {spec.content_hash()}",
+        spec_summary=spec.summary(),
+        class_names=tuple(spec.class_names),
+        params=int(cost.params),
+        macs=int(cost.macs),
+        activation_bytes=activation_bytes(spec, 1, training=False),
+        data=_describe_data(trained.config.get("data", {}), metrics),
+        requirements=tuple(requirements),
+        metrics={split: card_metrics(values) for split, values in metrics.items()},
+        training=_describe_training(trained.config, trained.step),
+        provenance={
+            "training workdir": str(workdir),
+            "checkpoint step": trained.step,
+            "spec hash": spec.content_hash(),
+            **dict(provenance or {}),
+        },
+    )
+    return write_export(model, spec, out_dir, card=card, platforms=platforms)
