@@ -35,7 +35,7 @@ p.subtitle { color: #57606a; margin-top: 0; }
 table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: right; }
 th { background: #f6f8fa; position: sticky; top: 0; }
-td.text { text-align: left; font-family: ui-monospace, monospace; }
+td.text { text-align: left; font-family: ui-monospace, monospace; white-space: nowrap; }
 tr.bad td { color: #8c959f; }
 figure { margin: 0.5rem 0 1.5rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }

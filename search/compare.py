@@ -47,11 +47,13 @@ __all__ = [
     "comparison_rows",
     "design_knobs",
     "load_run",
+    "open_search_study",
     "read_training_curve",
     "write_comparison",
 ]
 
 LEADERBOARD_JSON = "leaderboard.json"
+_CONNECTIVITY = ("none", "residual", "dense")  # knob values 0, 1, 2
 TRIALS_DIR = "trials"
 TRAIN_LOG = "metrics.jsonl"
 
@@ -143,7 +145,14 @@ class RunData:
     best: Mapping[str, Any] | None
 
 
-def _open_study(workdir: Path, storage_url: str | None, study_name: str | None) -> optuna.Study:
+def open_search_study(
+    workdir: Path, storage_url: str | None, study_name: str | None
+) -> optuna.Study:
+    """Loads a search's Optuna study (the only one in its storage unless `study_name`).
+
+    Raises:
+        CompareError: if the storage holds no such study, or several and none is named.
+    """
     storage = store.open_storage(workdir, storage_url)
     names = optuna.get_all_study_names(storage)
     if study_name is None:
@@ -247,7 +256,7 @@ def load_run(
             board = json.loads(board_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise CompareError(f"{board_path}: unreadable ({err})") from None
-    study = _open_study(workdir, storage_url, study_name or board.get("study"))
+    study = open_search_study(workdir, storage_url, study_name or board.get("study"))
     records = [r for r in store.read_records(study) if r.status != "duplicate"]
     finished = [r for r in records if r.is_trained or r.status in ("infeasible", "failed")]
     if not finished:
@@ -380,7 +389,7 @@ def design_knobs(spec_json: str) -> dict[str, float]:
         knobs[f"s{i} width"] = float(stage.width)
         knobs[f"s{i} expand"] = float(np.mean([m.expand for m in modules]))
         knobs[f"s{i} kernel"] = float(np.mean([m.kernel_size for m in modules]))
-    knobs["connectivity"] = float(("none", "residual", "dense").index(spec.connectivity))
+    knobs["connectivity"] = float(_CONNECTIVITY.index(spec.connectivity))
     return knobs
 
 
@@ -516,13 +525,16 @@ def plot_pareto(runs: Sequence[RunData]) -> bytes:
             label=f"min accuracy {min_accuracy:.3g}",
         )
     if _is_covidx(runs):
-        for name, macs, _params, accuracy in PAPER_REFERENCES:
+        # CXR3-B and CXR3-C sit close together: label one above, one below.
+        offsets = ((6, 4), (-10, -12), (6, -10), (6, -10))
+        for (name, macs, _params, accuracy), offset in zip(PAPER_REFERENCES, offsets, strict=True):
             ax.scatter([macs], [accuracy], marker="*", s=120, color="dimgray", zorder=4)
             ax.annotate(
                 name,
                 (macs, accuracy),
                 textcoords="offset points",
-                xytext=(5, -10),
+                xytext=offset,
+                ha="right" if offset[0] < 0 else "left",
                 fontsize=8,
                 color="dimgray",
             )
@@ -566,6 +578,10 @@ def plot_knobs(runs: Sequence[RunData], *, limit: int = 60) -> bytes:
         table[i, -2] = math.log10(c.macs) if c.macs else np.nan
         table[i, -1] = c.val_accuracy
     low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+    varied = [j for j in range(len(names)) if high[j] > low[j] or j >= len(names) - 2]
+    constant = [f"{names[j]} = {low[j]:.4g}" for j in range(len(names)) if j not in varied]
+    names = [names[j] for j in varied]
+    table, low, high = table[:, varied], low[varied], high[varied]
     span = np.where(high > low, high - low, 1.0)
     scaled = (table - low) / span
     from matplotlib import colormaps
@@ -585,24 +601,18 @@ def plot_knobs(runs: Sequence[RunData], *, limit: int = 60) -> bytes:
             alpha=0.85,
         )
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    for j in range(len(names)):
+    for j, name in enumerate(names):
         ax.axvline(j, color="lightgray", linewidth=0.8, zorder=0)
+        ends = (low[j], high[j])
+        labels = [_CONNECTIVITY[int(v)] if name == "connectivity" else f"{v:.3g}" for v in ends]
         ax.annotate(
-            f"{low[j]:.3g}",
-            (j, 0),
-            textcoords="offset points",
-            xytext=(2, -2),
-            fontsize=6,
-            va="top",
+            labels[0], (j, 0), textcoords="offset points", xytext=(2, -2), fontsize=6, va="top"
         )
         ax.annotate(
-            f"{high[j]:.3g}",
-            (j, 1),
-            textcoords="offset points",
-            xytext=(2, 2),
-            fontsize=6,
-            va="bottom",
+            labels[1], (j, 1), textcoords="offset points", xytext=(2, 2), fontsize=6, va="bottom"
         )
+    if constant:
+        ax.set_xlabel("same in every design: " + ", ".join(constant), fontsize=8)
     ax.set_yticks([])
     ax.set_ylim(-0.08, 1.08)
     ax.set_title(
