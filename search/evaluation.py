@@ -28,7 +28,6 @@ class EvalRequest:
         steps: train until this global step (resuming from `workdir`'s latest checkpoint).
         workdir: the trial's directory (checkpoints live here).
         init_from: a parent checkpoint directory to initialize matching weights from, or None.
-        seed: the training seed.
         rung: the fidelity rung index (-1 for the final full-fidelity training).
     """
 
@@ -36,7 +35,6 @@ class EvalRequest:
     steps: int
     workdir: Path
     init_from: Path | None
-    seed: int
     rung: int
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
+from rich.console import Console
 
 from covidnet_jax.arch import AnySpec, ArchSpec, spec_from_json
 from covidnet_jax.errors import SpecError
@@ -46,6 +47,7 @@ from search import store
 from search.config import Objective, SearchSettings
 from search.evaluation import EvalFailure, EvalRequest, Evaluator
 from search.fidelity import should_promote
+from search.live import LiveView
 from search.records import TERMINAL_STATUSES, RungResult, TrialRecord
 from search.requirements import (
     Cost,
@@ -159,7 +161,11 @@ class Worker:
         self.cost_model = job.make_cost_model()
         self.evaluator = evaluator if evaluator is not None else job.make_evaluator()
         self.sampler = StrategySampler(
-            self.space, self.settings.strategy, self.settings.objective, self.settings.seed
+            self.space,
+            self.settings.strategy,
+            self.settings.objective,
+            self.settings.seed,
+            within_cost=self._within_cost,
         )
         self.storage = store.open_storage(self.workdir, job.storage_url)
         self.study = store.open_study(
@@ -175,6 +181,9 @@ class Worker:
             )
             if limit is not None
         ] + outcome_names(reqs)
+
+    def _within_cost(self, spec: AnySpec) -> bool:
+        return is_feasible(cost_violations(self.settings.requirements, self.cost_model(spec)))
 
     # The loop -------------------------------------------------------------------------------
 
@@ -275,7 +284,6 @@ class Worker:
                 steps=rungs[rung],
                 workdir=trial_dir,
                 init_from=init_from if rung == 0 else None,
-                seed=settings.seed,
                 rung=rung,
             )
             outcome = self._call_evaluator(request)
@@ -456,3 +464,63 @@ def start_workers(job: SearchJob, count: int) -> list[multiprocessing.process.Ba
         process.start()
         processes.append(process)
     return processes
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    """How a search invocation ended.
+
+    Attributes:
+        records: every trial's record after the workers stopped.
+        stop_reasons: why each worker stopped (in-process worker last).
+    """
+
+    records: list[TrialRecord]
+    stop_reasons: list[str]
+
+
+def run_search(
+    job: SearchJob,
+    *,
+    workers: int = 1,
+    evaluator: Evaluator | None = None,
+    console: Console | None = None,
+) -> SearchOutcome:
+    """Runs (or resumes) a search: `workers` worker processes, or this process for one.
+
+    The study is created here before any worker starts. With several workers, this process
+    watches the store and afterwards drains what they left (retries of trials lost at the
+    very end) with an in-process worker.
+
+    Args:
+        job: the search.
+        workers: worker processes (1: run in this process).
+        evaluator: the in-process worker's evaluator (default: `job.make_evaluator()`).
+        console: where the live view draws (None: no live view).
+
+    Returns:
+        The records and the workers' stop reasons.
+    """
+    storage = store.open_storage(job.workdir, job.storage_url)
+    study = store.open_study(storage, job.study_name, job.settings.objective)
+    if "search" not in study.user_attrs:
+        study.set_user_attr("search", dict(job.settings_data))
+        study.set_user_attr("prototype", job.prototype_json)
+
+    def records() -> list[TrialRecord]:
+        return store.read_records(study)
+
+    reasons: list[str] = []
+    view = (
+        LiveView(records, job.settings.budget, console)
+        if console is not None
+        else contextlib.nullcontext()
+    )
+    with view:
+        if workers > 1:
+            processes = start_workers(job, workers)
+            for process in processes:
+                process.join()
+                reasons.append(f"worker pid {process.pid} exited with {process.exitcode}")
+        reasons.append(run_worker(job, evaluator).stop_reason)
+    return SearchOutcome(records(), reasons)

@@ -16,6 +16,7 @@ per-class sensitivities, so PPV and accuracy are consistent with it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import time
@@ -26,7 +27,8 @@ import numpy as np
 from covidnet_jax.arch import AnySpec, ArchSpec
 from covidnet_jax.cost import count_cost
 from covidnet_jax.metrics import EvalMetrics, compute_metrics
-from search.evaluation import EvalFailure, EvalRequest, EvalSuccess
+from search.evaluation import AnalyticCost, EvalFailure, EvalRequest, EvalSuccess
+from search.runner import SearchJob
 
 _PER_CLASS = 100
 
@@ -88,7 +90,7 @@ class SurrogateEvaluator:
         tau, macs_mid, params_mid: see `surrogate_metrics`.
         seconds_per_step: simulated training time per step (sleeps; 0 for none).
         fail_hashes: spec hashes whose training fails with a NaN loss.
-        jobs: (spec hash, steps, init_from) of every training job, in order.
+        jobs: (spec hash, start step, steps, init_from) of every training job, in order.
     """
 
     tau: float = 150.0
@@ -96,23 +98,17 @@ class SurrogateEvaluator:
     params_mid: float = 4e3
     seconds_per_step: float = 0.0
     fail_hashes: frozenset[str] = frozenset()
-    jobs: list[tuple[str, int, str | None]] = dataclasses.field(default_factory=list)
+    jobs: list[tuple[str, int, int, str | None]] = dataclasses.field(default_factory=list)
 
     def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
         """Simulates training `request.spec` to `request.steps`, resuming from the marker."""
         spec_hash = request.spec.content_hash()
-        self.jobs.append(
-            (
-                spec_hash,
-                request.steps,
-                None if request.init_from is None else str(request.init_from),
-            )
-        )
-        if spec_hash in self.fail_hashes:
-            return EvalFailure("nan", f"loss became NaN at step 1 (spec {spec_hash})")
-        checkpoint = Path(request.workdir) / "checkpoint"
-        marker = checkpoint / "step"
+        marker = Path(request.workdir) / "checkpoint" / "step"
         start = int(marker.read_text()) if marker.exists() else 0
+        init_from = None if request.init_from is None else str(request.init_from)
+        self.jobs.append((spec_hash, start, request.steps, init_from))
+        if spec_hash in self.fail_hashes:
+            return EvalFailure("nan", f"loss became NaN at step {start + 1} (spec {spec_hash})")
         if self.seconds_per_step > 0:
             for step in range(start, request.steps):
                 time.sleep(self.seconds_per_step)
@@ -121,7 +117,7 @@ class SurrogateEvaluator:
         _write_marker(marker, max(start, request.steps))
         metrics = self._metrics(request)
         simulated = self.seconds_per_step * max(0, request.steps - start)
-        return EvalSuccess(metrics, compile_s=0.0, train_s=simulated, checkpoint=checkpoint)
+        return EvalSuccess(metrics, compile_s=0.0, train_s=simulated, checkpoint=marker.parent)
 
     def test(self, request: EvalRequest) -> EvalMetrics:
         """Test metrics: the surrogate at the trained steps."""
@@ -142,3 +138,38 @@ def _write_marker(marker: Path, step: int) -> None:
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(str(step))
     tmp.replace(marker)
+
+
+def surrogate_job(
+    settings_data: dict,
+    workdir: str | Path,
+    *,
+    prototype: ArchSpec,
+    storage_url: str | None = None,
+    wall_time_s: float = 3600.0,
+    **evaluator_options,
+) -> SearchJob:
+    """A `SearchJob` whose workers score candidates with a `SurrogateEvaluator`.
+
+    Args:
+        settings_data: the `search:` section as plain data.
+        workdir: the search's working directory.
+        prototype: the prototype design (its class names are the data's).
+        storage_url: a database URL, or None for the workdir's journal.
+        wall_time_s: the wall-time budget from now.
+        **evaluator_options: `SurrogateEvaluator` fields (tau, seconds_per_step, ...).
+
+    Returns:
+        The job (picklable: worker processes can run it).
+    """
+    return SearchJob(
+        settings_data=settings_data,
+        workdir=str(workdir),
+        storage_url=storage_url,
+        study_name=Path(workdir).name,
+        prototype_json=prototype.to_json(indent=None),
+        class_names=prototype.class_names,
+        make_evaluator=functools.partial(SurrogateEvaluator, **evaluator_options),
+        make_cost_model=functools.partial(AnalyticCost, 8),
+        deadline=time.time() + wall_time_s,
+    )

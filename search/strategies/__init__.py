@@ -9,6 +9,7 @@ models and generations from the stored trials), and one worker's proposals are r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -16,6 +17,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
 from search.space import SearchSpace
 from search.strategies.evolution import EvolutionSampler
@@ -33,11 +35,18 @@ class StrategySampler(BaseSampler):
         strategy: the `strategy:` section.
         objective: the search objective.
         seed: the search's root seed.
+        within_cost: whether a spec meets the hard cost limits (for evolution and shrink).
     """
 
     def __init__(
-        self, space: SearchSpace, strategy: StrategyConfig, objective: Objective, seed: int
+        self,
+        space: SearchSpace,
+        strategy: StrategyConfig,
+        objective: Objective,
+        seed: int,
+        within_cost: Callable[[AnySpec], bool] | None = None,
     ) -> None:
+        self.within_cost = within_cost
         self.space = space
         self.strategy = strategy
         self.objective = objective
@@ -61,7 +70,7 @@ class StrategySampler(BaseSampler):
                 seed=seed, population_size=self.strategy.population_size
             )
         cls = EvolutionSampler if name == "evolution" else ShrinkSampler
-        return cls(self.space, self.strategy, self.objective, self.seed)
+        return cls(self.space, self.strategy, self.objective, self.seed, self.within_cost)
 
     def proposal(self, number: int) -> Proposal | None:
         """Parent and operator of trial `number` when a genome strategy proposed it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 
+from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
 from search.records import TrialRecord
 from search.space import Genome, SearchSpace
@@ -53,15 +54,24 @@ class GenomeSampler(BaseSampler, abc.ABC):
         strategy: the `strategy:` section.
         objective: the search objective (ranks parents).
         seed: the search's root seed.
+        within_cost: whether a spec meets the hard cost limits (None: no check). Children are
+            resampled to meet them, so a strategy spends few proposals on designs that the
+            cost pre-filter would reject anyway.
     """
 
     def __init__(
-        self, space: SearchSpace, strategy: StrategyConfig, objective: Objective, seed: int
+        self,
+        space: SearchSpace,
+        strategy: StrategyConfig,
+        objective: Objective,
+        seed: int,
+        within_cost: Callable[[AnySpec], bool] | None = None,
     ) -> None:
         self.space = space
         self.strategy = strategy
         self.objective = objective
         self.seed = seed
+        self.within_cost = within_cost
         self._proposals: dict[int, Proposal] = {}
 
     @abc.abstractmethod
@@ -118,6 +128,13 @@ class GenomeSampler(BaseSampler, abc.ABC):
             genome = self.space.random_genome(rng)
         return genome
 
+    def acceptable(self, genome: Genome, seen: set[str]) -> bool:
+        """Whether a child is new and within the cost limits."""
+        spec = self.space.decode(genome)
+        if spec.content_hash() in seen:
+            return False
+        return self.within_cost is None or self.within_cost(spec)
+
     def mutate(
         self,
         genome: Genome,
@@ -125,11 +142,20 @@ class GenomeSampler(BaseSampler, abc.ABC):
         rng: np.random.Generator,
         *,
         count: int,
+        growing: bool = False,
     ) -> tuple[Genome, str]:
-        """`count` random single-step mutations, retried to avoid specs seen before.
+        """`count` random single-step mutations, resampled until the child is acceptable.
+
+        Args:
+            genome: the parent.
+            records: every earlier record (to avoid specs seen before).
+            rng: the trial's random generator.
+            count: mutations per child.
+            growing: only mutations that add capacity (widen, add a module).
 
         Returns:
-            The child genome and a description of the applied mutations.
+            The child genome and a description of the applied mutations (the last attempt's
+            when no acceptable child was found).
         """
         seen = seen_hashes(records)
         child, notes = dict(genome), []
@@ -137,13 +163,19 @@ class GenomeSampler(BaseSampler, abc.ABC):
             child, notes = dict(genome), []
             for _ in range(count):
                 options = self.space.mutation_options(child)
+                if growing:
+                    options = [o for o in options if _grows(o[0])] or options
                 if not options:
                     break
                 note, child = options[int(rng.integers(len(options)))]
                 notes.append(note)
-            if self.space.decode(child).content_hash() not in seen:
+            if self.acceptable(child, seen):
                 break
         return child, ", ".join(notes) or "unchanged"
+
+
+def _grows(note: str) -> bool:
+    return note.startswith(("widen", "add module"))
 
 
 def seen_hashes(records: Sequence[TrialRecord]) -> set[str]:

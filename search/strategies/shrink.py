@@ -9,7 +9,8 @@ per-module widths GenSynth produced: modules that matter keep their width, the r
 Before any design meets the requirements: when no candidate was trained yet because the
 designs so far exceed the cost limits, the cheapest of them shrinks in every width gene at
 once (cost-driven descent); when designs were trained but none meets the requirements, the
-closest one is mutated at random.
+closest one grows by one step (a wider module or stage, or one more module) within the cost
+limits, the way a designer would give a too-weak prototype more capacity.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ShrinkSampler(GenomeSampler):
             return self._shrink_anchor(anchor, records, rng)
         if trained:
             closest = min(trained, key=lambda r: rank_key(r, self.objective))
-            child, note = self.mutate(closest.params, records, rng, count=1)
+            child, note = self.mutate(closest.params, records, rng, count=1, growing=True)
             return Proposal(child, closest.number, note)
         over_budget = [r for r in proposed if r.status == "infeasible" and r.macs is not None]
         if not over_budget:
@@ -73,7 +74,7 @@ class ShrinkSampler(GenomeSampler):
             child = dict(anchor.params)
             for i in picks:
                 child[options[i][0]] -= 1
-            if self.space.decode(child).content_hash() not in seen:
+            if self.acceptable(child, seen):
                 note = "shrink " + "+".join(options[i][0] for i in picks)
                 return Proposal(child, anchor.number, note)
         child, note = self.mutate(anchor.params, records, rng, count=1)

@@ -1,0 +1,185 @@
+"""The leaderboard: trained candidates ranked by the search's objective, as CSV, JSON and a table.
+
+Files written in the workdir (compare/export read them; see docs/CONTRACTS.md):
+
+- `leaderboard.json`: `{"study", "objective", "requirements", "counts", "rows", "best"}`.
+  `counts` tallies trials by status plus `proposed` and `feasible`. Each row is one trained
+  candidate (duplicates left out), best first:
+  `rank, trial, spec_hash, summary, feasible, pareto, macs, params, activation_bytes, rung,
+  steps, val_accuracy, sensitivity {class: value}, ppv {class: value}, netscore,
+  violations {name: shortfall}, reason, compile_s, train_s, checkpoint, parent, operator`.
+  `best` is the content of `best/metrics.json` (or null when no design met the requirements).
+- `leaderboard.csv`: the same rows flattened: per-class `sensitivity:<class>` and
+  `ppv:<class>` columns, violations as `name=value;...`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from search.config import Objective
+from search.records import TrialRecord, pareto_front, rank_key
+from search.requirements import describe_violations
+
+CSV_NAME = "leaderboard.csv"
+JSON_NAME = "leaderboard.json"
+
+
+def ranked(records: Sequence[TrialRecord], objective: Objective) -> list[TrialRecord]:
+    """Trained candidates (no duplicates), best first."""
+    trained = [r for r in records if r.is_trained]
+    return sorted(trained, key=lambda r: (rank_key(r, objective), r.number))
+
+
+def count_statuses(records: Sequence[TrialRecord]) -> dict[str, int]:
+    """Trials per status, plus `proposed` (retries excluded) and `feasible` (trained ones)."""
+    counts = Counter(r.status or "waiting" for r in records)
+    result = dict(sorted(counts.items()))
+    result["proposed"] = sum(1 for r in records if r.retry_of is None and r.state != "WAITING")
+    result["feasible"] = sum(1 for r in records if r.is_trained and r.feasible)
+    return result
+
+
+def leaderboard_rows(records: Sequence[TrialRecord], objective: Objective) -> list[dict[str, Any]]:
+    """The leaderboard rows (see the module docstring)."""
+    front = {r.number for r in pareto_front(records)}
+    rows = []
+    for rank, r in enumerate(ranked(records, objective), start=1):
+        metrics = r.last.metrics
+        rows.append(
+            {
+                "rank": rank,
+                "trial": r.number,
+                "spec_hash": r.spec_hash,
+                "summary": r.attrs.get("summary", ""),
+                "feasible": r.feasible,
+                "pareto": r.number in front,
+                "macs": r.macs,
+                "params": r.params_count,
+                "activation_bytes": r.attrs.get("activation_bytes"),
+                "rung": r.last.rung,
+                "steps": r.last.steps,
+                "val_accuracy": metrics.accuracy,
+                "sensitivity": dict(zip(metrics.class_names, metrics.sensitivity, strict=True)),
+                "ppv": dict(zip(metrics.class_names, metrics.ppv, strict=True)),
+                "netscore": r.netscore(),
+                "violations": r.violations,
+                "reason": describe_violations(r.violations),
+                "compile_s": r.attrs.get("compile_s", 0.0),
+                "train_s": r.attrs.get("train_s", 0.0),
+                "checkpoint": r.attrs.get("checkpoint", ""),
+                "parent": r.attrs.get("parent"),
+                "operator": r.attrs.get("operator", ""),
+            }
+        )
+    return rows
+
+
+def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in row.items():
+        if key in ("sensitivity", "ppv"):
+            for name, v in value.items():
+                flat[f"{key}:{name}"] = f"{v:.4f}"
+        elif key == "violations":
+            flat[key] = ";".join(f"{k}={v:.4g}" for k, v in value.items())
+        elif isinstance(value, float):
+            flat[key] = f"{value:.6g}"
+        else:
+            flat[key] = "" if value is None else value
+    return flat
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_leaderboard(
+    workdir: str | Path,
+    records: Sequence[TrialRecord],
+    *,
+    study: str,
+    objective: Objective,
+    requirements_data: Mapping[str, Any],
+    best: Mapping[str, Any] | None,
+) -> tuple[Path, Path]:
+    """Writes `leaderboard.csv` and `leaderboard.json` atomically.
+
+    Args:
+        workdir: the search's working directory.
+        records: every trial's record.
+        study: the study name.
+        objective: the objective.
+        requirements_data: the requirements as plain data (for the JSON).
+        best: the best design's summary (`best/metrics.json`), or None.
+
+    Returns:
+        The CSV and JSON paths.
+    """
+    workdir = Path(workdir)
+    rows = leaderboard_rows(records, objective)
+    document = {
+        "study": study,
+        "objective": objective,
+        "requirements": dict(requirements_data),
+        "counts": count_statuses(records),
+        "rows": rows,
+        "best": None if best is None else dict(best),
+    }
+    json_path = workdir / JSON_NAME
+    _atomic_write(json_path, json.dumps(document, indent=2) + "\n")
+    flat = [_flatten(row) for row in rows]
+    fields: list[str] = []
+    for row in flat:
+        fields.extend(k for k in row if k not in fields)
+    csv_path = workdir / CSV_NAME
+    tmp = csv_path.with_name(f".{CSV_NAME}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or ["rank"])
+        writer.writeheader()
+        writer.writerows(flat)
+    os.replace(tmp, csv_path)
+    return csv_path, json_path
+
+
+def leaderboard_table(
+    records: Sequence[TrialRecord], objective: Objective, *, limit: int = 10
+) -> Table:
+    """The top of the leaderboard as a rich table."""
+    table = Table(title=f"Leaderboard ({objective}, best first)", expand=False)
+    for name in ("#", "trial", "feasible", "MACs", "params", "rung", "val acc", "netscore"):
+        table.add_column(name, justify="right")
+    table.add_column("design")
+    for row in leaderboard_rows(records, objective)[:limit]:
+        table.add_row(
+            str(row["rank"]),
+            str(row["trial"]),
+            "yes" if row["feasible"] else "no",
+            format_count(row["macs"]),
+            format_count(row["params"]),
+            f"{row['rung']} ({row['steps']})",
+            f"{row['val_accuracy']:.3f}",
+            f"{row['netscore']:.1f}",
+            row["summary"] if row["feasible"] else row["reason"],
+        )
+    return table
+
+
+def format_count(value: int | None) -> str:
+    """12_300_000 -> "12.3M"."""
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(value)

@@ -1,0 +1,146 @@
+"""Search experiments and the real evaluator: `covidnet_jax.train.train_and_evaluate`.
+
+A search experiment file is a training experiment file (`covidnet_jax.config.TrainConfig`:
+model, data, train, optimizer, schedule, seed) plus a `search:` section
+(`search.config.SearchSettings`). The training sections say how every candidate trains; the
+search sets the design (`spec`), the resolution (`data.resolution`, from the spec) and the
+step budget of each rung (`train.steps`). `train.steps` may be left out (it is filled with the
+full-fidelity steps), and `search.space.prototype` defaults to `model.arch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from covidnet_jax.arch import AnySpec
+from covidnet_jax.config import TrainConfig
+from covidnet_jax.data import Data, load_data
+from covidnet_jax.errors import ConfigError
+from covidnet_jax.evaluate import evaluate_workdir
+from covidnet_jax.metrics import EvalMetrics
+from covidnet_jax.train import TrainFailure, train_and_evaluate
+from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
+from search.config import SearchSettings
+from search.evaluation import EvalFailure, EvalRequest, EvalSuccess
+
+_FAILURE_KINDS = {"non_finite": "nan", "out_of_memory": "oom", "compile_error": "compile"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchExperiment:
+    """A validated search experiment file.
+
+    Attributes:
+        path: the YAML file.
+        overrides: the `--set` overrides applied.
+        training: how every candidate trains.
+        search: the `search:` section.
+    """
+
+    path: str
+    overrides: tuple[str, ...]
+    training: TrainConfig
+    search: SearchSettings
+
+    @property
+    def search_data(self) -> dict[str, Any]:
+        """The `search:` section as plain data."""
+        return to_dict(self.search)
+
+
+def load_experiment(path: str | Path, overrides: tuple[str, ...] = ()) -> SearchExperiment:
+    """Reads, overrides and validates a search experiment file.
+
+    Args:
+        path: the YAML file.
+        overrides: "key.path=value" strings, e.g. `search.budget.max_trials=10`.
+
+    Raises:
+        ConfigError: "<file>: <key.path>: <problem>", before any JAX work.
+    """
+    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        section = data.pop("search", None)
+        if not isinstance(section, dict):
+            raise ConfigError("search: required section is missing (space, requirements, ...)")
+        space = section.setdefault("space", {})
+        if isinstance(space, dict) and not space.get("prototype"):
+            model = data.get("model")
+            if isinstance(model, dict) and model.get("arch"):
+                space["prototype"] = model["arch"]
+        settings = from_dict(SearchSettings, section, path="search")
+        train = data.setdefault("train", {})
+        if isinstance(train, dict) and "steps" not in train and "epochs" not in train:
+            train["steps"] = settings.budget.full_fidelity_steps
+        training = from_dict(TrainConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return SearchExperiment(str(path), tuple(overrides), training, settings)
+
+
+def candidate_config(config: TrainConfig, spec: AnySpec, steps: int, workdir: Path) -> TrainConfig:
+    """The training config of one candidate: its resolution and the rung's step budget.
+
+    The compile cache is shared by the whole search (`<search workdir>/compile_cache`), so
+    a spec compiled once (in any trial or worker) is not compiled again.
+    """
+    cache = config.compile_cache_dir or str(workdir.parent.parent / "compile_cache")
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, resolution=spec.input_size),
+        train=dataclasses.replace(config.train, steps=steps, epochs=None),
+        compile_cache_dir=cache,
+    )
+
+
+class TrainingEvaluator:
+    """The `Evaluator` that trains candidates with the Training engine.
+
+    Data sets are loaded once per resolution and kept for the life of the worker.
+
+    Args:
+        config: the experiment's training sections.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self._data: dict[int, Data] = {}
+
+    @classmethod
+    def from_file(cls, path: str, overrides: tuple[str, ...] = ()) -> TrainingEvaluator:
+        """Builds the evaluator from an experiment file (in a worker process)."""
+        return cls(load_experiment(path, overrides).training)
+
+    def data(self, resolution: int) -> Data:
+        """The data set at `resolution` (loaded on first use)."""
+        if resolution not in self._data:
+            config = dataclasses.replace(self.config.data, resolution=resolution)
+            self._data[resolution] = load_data(config, seed=self.config.seed)
+        return self._data[resolution]
+
+    def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
+        """Trains (or resumes) the candidate to `request.steps`; validation metrics."""
+        config = candidate_config(self.config, request.spec, request.steps, request.workdir)
+        result = train_and_evaluate(
+            config,
+            request.workdir,
+            spec=request.spec,
+            init_from=request.init_from,
+            data=self.data(request.spec.input_size),
+            show_progress=False,
+        )
+        if isinstance(result, TrainFailure):
+            return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)
+        return EvalSuccess(
+            metrics=result.metrics,
+            compile_s=result.compile_s,
+            train_s=result.train_s + result.eval_s,
+            checkpoint=Path(result.checkpoint_dir),
+        )
+
+    def test(self, request: EvalRequest) -> EvalMetrics:
+        """Test-split metrics of the best checkpoint in `request.workdir`."""
+        data = self.data(request.spec.input_size)
+        return evaluate_workdir(request.workdir, split="test", data=data).metrics
