@@ -1,0 +1,173 @@
+"""The trial store: crash safety, dead workers, several worker processes, PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from search_support import PROTOTYPE, fast_tmp, read, settings
+
+from search import store
+from search.runner import run_worker
+from search.surrogate import SurrogateEvaluator, surrogate_job
+
+__all__ = ["fast_tmp"]
+
+POSTGRES_URL = os.environ.get("COVIDNET_TEST_POSTGRES_URL")
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def check_accounting(records, max_trials: int) -> None:
+    """Every proposal index has exactly one final outcome; nothing is left running."""
+    assert not [r.number for r in records if r.state in ("RUNNING", "WAITING")]
+    final = [r for r in records if r.status not in ("lost", "cancelled")]
+    indices = Counter(int(r.attrs["proposal"]) for r in final)
+    assert sorted(indices) == list(range(max_trials))
+    assert set(indices.values()) == {1}
+    for r in records:
+        if r.status == "lost":
+            retries = [x for x in records if x.retry_of == r.number]
+            assert len(retries) <= 1
+    trained = Counter(r.spec_hash for r in records if r.status == "trained")
+    assert set(trained.values()) <= {1}, "a spec was trained twice"
+
+
+def test_repair_journal_trims_a_torn_last_line(fast_tmp):
+    workdir = fast_tmp / "torn"
+    job = surrogate_job(settings(**{"budget.max_trials": 3}), workdir, prototype=PROTOTYPE)
+    run_worker(job, SurrogateEvaluator())
+    path = store.journal_path(workdir)
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 5, "worker_id": "x", "trial_id": 0, "user_')  # killed mid-write
+    assert store.repair_journal(path)
+    assert path.read_bytes().endswith(b"\n")
+    assert not store.repair_journal(path)
+    records = read(workdir)
+    assert len(records) == 3
+    # The repaired journal takes new writes: the search resumes.
+    job = surrogate_job(settings(**{"budget.max_trials": 5}), workdir, prototype=PROTOTYPE)
+    run_worker(job, SurrogateEvaluator())
+    assert len(read(workdir)) == 5
+
+
+def test_a_stale_heartbeat_marks_the_trial_lost_and_retries_it(fast_tmp):
+    storage = store.open_storage(fast_tmp / "stale")
+    study = store.open_study(storage, "stale", "min_macs")
+    trial = study.ask({"s0.depth": optuna.distributions.IntDistribution(0, 2)})
+    trial.set_user_attr("worker", "another-host:1")
+    trial.set_user_attr("proposal", 0)
+    storage.set_trial_system_attr(trial._trial_id, store.HEARTBEAT_ATTR, time.time() - 100)
+    fresh = study.ask()
+    fresh.set_user_attr("worker", "another-host:2")
+    storage.set_trial_system_attr(fresh._trial_id, store.HEARTBEAT_ATTR, time.time())
+
+    assert store.recover_lost_trials(study, grace_s=30, max_retries=1) == [0]
+    records = store.read_records(study)
+    assert records[0].status == "lost" and records[0].state == "FAIL"
+    assert records[1].state == "RUNNING"  # its heartbeat is fresh
+    retry = records[2]
+    assert retry.state == "WAITING" and retry.retry_of == 0
+    assert retry.attrs["proposal"] == 0 and retry.attrs["retries"] == 1
+    # A second look finds nothing new; a lost retry is not retried beyond max_retries.
+    assert store.recover_lost_trials(study, grace_s=30, max_retries=1) == []
+
+
+def _start_worker(job):
+    process = SPAWN.Process(target=run_worker, args=(job,))
+    process.start()
+    return process
+
+
+def _two_workers(workdir: Path, storage_url: str | None, study_name: str, max_trials: int):
+    data = settings(
+        **{
+            "strategy.name": "random",
+            "budget.max_trials": max_trials,
+            "budget.rungs": [60],
+            "heartbeat": {"interval_s": 0.5, "grace_s": 30},
+        }
+    )
+    job = surrogate_job(
+        data, workdir, prototype=PROTOTYPE, storage_url=storage_url, seconds_per_step=0.004
+    )
+    job = type(job)(**{**job.__dict__, "study_name": study_name})
+    store.open_study(store.open_storage(workdir, storage_url), study_name, "min_macs")
+    processes = [_start_worker(job), _start_worker(job)]
+    for process in processes:
+        process.join(timeout=240)
+        assert process.exitcode == 0
+    return read(workdir, storage_url, study_name)
+
+
+def test_two_worker_processes_share_one_journal(fast_tmp):
+    records = _two_workers(fast_tmp / "two", None, "two", 24)
+    check_accounting(records, 24)
+    workers = {r.attrs["worker"] for r in records if "worker" in r.attrs}
+    assert len(workers) == 2, "both workers ran trials"
+    assert len({r.number for r in records}) == len(records)
+
+
+@pytest.mark.skipif(
+    not POSTGRES_URL,
+    reason="COVIDNET_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)",
+)
+def test_two_worker_processes_share_one_postgresql_study(fast_tmp):
+    name = f"two-{uuid.uuid4().hex[:8]}"
+    records = _two_workers(fast_tmp / "pg", POSTGRES_URL, name, 16)
+    check_accounting(records, 16)
+    assert len({r.attrs["worker"] for r in records if "worker" in r.attrs}) == 2
+    assert not store.journal_path(fast_tmp / "pg").exists()
+
+
+def test_a_search_killed_mid_training_resumes_with_every_trial_accounted_once(fast_tmp):
+    workdir = fast_tmp / "killed"
+    data = settings(
+        **{
+            "strategy.name": "evolution",
+            "strategy.startup_trials": 2,
+            "budget.max_trials": 8,
+            "budget.rungs": [100],
+            "requirements.max_macs": 1.0e7,
+            "heartbeat": {"interval_s": 0.2, "grace_s": 60},
+        }
+    )
+    slow = surrogate_job(data, workdir, prototype=PROTOTYPE, seconds_per_step=0.02)
+    process = _start_worker(slow)
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not store.journal_path(workdir).exists():
+            continue
+        for r in read(workdir):
+            marker = workdir / "trials" / str(r.number) / "checkpoint" / "step"
+            running = r.number >= 2 and r.state == "RUNNING" and marker.exists()
+            if running and int(marker.read_text()) >= 20:
+                victim = r
+    assert victim is not None, "the worker never got to a third trial"
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
+    assert read(workdir)[victim.number].state == "RUNNING"
+
+    # The same command again: the dead worker's pid is gone, so its trial is lost at once.
+    evaluator = SurrogateEvaluator()
+    run_worker(surrogate_job(data, workdir, prototype=PROTOTYPE), evaluator)
+    records = read(workdir)
+    check_accounting(records, 8)
+    lost = [r for r in records if r.status == "lost"]
+    assert [r.number for r in lost] == [victim.number]
+    assert socket.gethostname() in lost[0].attrs["reason"]
+    (retry,) = [r for r in records if r.retry_of == victim.number]
+    assert retry.status == "trained" and retry.spec_hash == victim.spec_hash
+    # The retry continued from the killed trial's last checkpoint, not from step 0.
+    starts = [start for spec_hash, start, _, _ in evaluator.jobs if spec_hash == victim.spec_hash]
+    assert starts and starts[0] >= 20
