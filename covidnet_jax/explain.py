@@ -347,8 +347,11 @@ def load_lesion_set(
         The `LesionSet`.
 
     Raises:
-        DataError: if the folder has no masks or the split has no image with a lesion.
+        DataError: for a bad split name, a folder without masks, or a split without any
+            image with a lesion.
     """
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
     folder = open_covidx_folder(covidx_dir, classes=class_names)
     mask_dir = Path(covidx_dir) / "masks"
     if not mask_dir.is_dir():

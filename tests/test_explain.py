@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,27 @@ def test_overlay_png_has_the_input_size(tmp_path):
     np.testing.assert_array_equal(pixels[30, 40], [image[30, 40]] * 3)
     with pytest.raises(ValueError, match="differ in size"):
         explain.overlay_heatmap(image, heat[:10])
+
+
+def test_lesion_set_pairs_images_with_their_masks(tmp_path):
+    from covidnet_jax.data import write_synthetic_dataset
+    from covidnet_jax.errors import DataError
+
+    write_synthetic_dataset(tmp_path / "synth", per_class=6, image_size=48, seed=0)
+    names = ("normal", "pneumonia", "COVID-19")
+    lesions = explain.load_lesion_set(
+        tmp_path / "synth", resolution=32, channels=3, class_names=names, split="train"
+    )
+    count = len(lesions.paths)
+    assert count > 0 and lesions.images_BxHxWxC.shape == (count, 32, 32, 3)
+    assert lesions.masks_BxHxW.shape == (count, 32, 32)
+    assert lesions.masks_BxHxW.any(axis=(1, 2)).all()
+    assert set(lesions.labels_B.tolist()) <= {1, 2}  # normal images have no lesion
+    assert lesions.images_BxHxWxC.min() >= 0.0 and lesions.images_BxHxWxC.max() <= 1.0
+    shutil.copytree(tmp_path / "synth", tmp_path / "bare", ignore=shutil.ignore_patterns("masks"))
+    with pytest.raises(DataError, match="no masks/ folder"):
+        explain.load_lesion_set(tmp_path / "bare", resolution=32, channels=1, class_names=names)
+    with pytest.raises(DataError, match="split must be"):
+        explain.load_lesion_set(
+            tmp_path / "synth", resolution=32, channels=1, class_names=names, split="val"
+        )
