@@ -224,6 +224,10 @@ class BudgetConfig:
         final_steps: steps of the best design's full-fidelity retraining (0: the last rung).
         max_consecutive_infeasible: give up after this many infeasible proposals in a row.
         max_retries: times a trial whose worker died is retried.
+        stop_on_feasible: stop as soon as one design meets every requirement (to find any
+            acceptable design fast, and for the search-efficiency benchmark).
+        cost_prefilter: reject designs over a hard cost limit before training (false trains
+            them anyway and records them as infeasible after training; for ablations only).
     """
 
     max_trials: int = bounded(20, ge=1)
@@ -233,6 +237,8 @@ class BudgetConfig:
     final_steps: int = bounded(0, ge=0)
     max_consecutive_infeasible: int = bounded(200, ge=1)
     max_retries: int = bounded(1, ge=0)
+    stop_on_feasible: bool = False
+    cost_prefilter: bool = True
 
     def __post_init__(self) -> None:
         if not self.rungs:

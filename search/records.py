@@ -112,6 +112,8 @@ class TrialRecord:
         attrs: every user attribute.
         rungs: completed rungs, in order.
         heartbeat: epoch seconds of the last heartbeat (None when none).
+        started: epoch seconds the trial started (None while waiting).
+        completed: epoch seconds it finished (None while running).
     """
 
     number: int
@@ -121,6 +123,8 @@ class TrialRecord:
     attrs: dict[str, Any]
     rungs: tuple[RungResult, ...]
     heartbeat: float | None
+    started: float | None = None
+    completed: float | None = None
 
     @classmethod
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
@@ -139,6 +143,10 @@ class TrialRecord:
             attrs=attrs,
             rungs=tuple(RungResult.from_attr(r, v) for r, v in rungs),
             heartbeat=trial.system_attrs.get("search:heartbeat"),
+            started=None if trial.datetime_start is None else trial.datetime_start.timestamp(),
+            completed=(
+                None if trial.datetime_complete is None else trial.datetime_complete.timestamp()
+            ),
         )
 
     @property

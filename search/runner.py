@@ -165,7 +165,7 @@ class Worker:
             self.settings.strategy,
             self.settings.objective,
             self.settings.seed,
-            within_cost=self._within_cost,
+            within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
         )
         self.storage = store.open_storage(self.workdir, job.storage_url)
         self.study = store.open_study(
@@ -206,6 +206,8 @@ class Worker:
                 )
             if proposal_count(records) >= budget.max_trials and not waiting:
                 return WorkerSummary(handled, "trial budget spent")
+            if budget.stop_on_feasible and any(r.is_trained and r.feasible for r in records):
+                return WorkerSummary(handled, "a design met the requirements")
             trial = self.study.ask()
             self.run_trial(trial)
             handled += 1
@@ -251,7 +253,7 @@ class Worker:
         trial.set_user_attr("activation_bytes", cost.activation_bytes)
 
         over = cost_violations(self.settings.requirements, cost)
-        if not is_feasible(over):
+        if not is_feasible(over) and self.settings.budget.cost_prefilter:
             violations = {**over, **untrained_outcome_violations(self.settings.requirements)}
             self._complete(trial, "infeasible", cost, None, violations, describe_violations(over))
             return

@@ -1,0 +1,209 @@
+"""Search efficiency: how fast each strategy finds the first design that meets the requirements.
+
+For every strategy and seed, a search runs in a fresh workdir with `stop_on_feasible` and one
+worker, and we record, up to and including the first trial that meets every requirement:
+the number of training jobs (a candidate trained at one rung is one job), the training steps
+spent, and the wall time from the first trial's start. Seeds that find nothing within the
+trial budget count as "not found" (their medians are taken over the seeds that did, and the
+count is reported).
+
+Two modes:
+
+- `--mode train` (the real thing): the quickstart experiment (`--config`), trained with JAX.
+- `--mode surrogate`: the same loop with `search.surrogate.SurrogateEvaluator` on a fixed
+  task around the `tiny` prototype at 64 px, so many seeds and ablations take seconds. Its
+  "steps" are the surrogate's simulated training steps; its wall times mean nothing.
+
+Ablations (`--ablations`, with `evolution`): without the cost pre-filter (over-budget designs
+are trained too), without successive halving (every candidate trains to the last rung),
+without weight inheritance (children start from scratch).
+
+Examples:
+    python bench/search_efficiency.py --mode surrogate --seeds 10 --ablations
+    python bench/search_efficiency.py --mode train --config experiments/quickstart.yaml \\
+        --strategies random,shrink --seeds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from covidnet_jax import presets
+from search import store
+from search.records import TrialRecord
+
+SURROGATE_TASK = {
+    "space": {
+        "prototype": "tiny",
+        "stage_depths": [[1, 3], [1, 2]],
+        "stage_width": {"min": 0.5, "max": 2.0, "step": 0.25},
+        "module_width": {"min": 0.25, "max": 2.0, "step": 0.25},
+        "kernel_sizes": [3, 5],
+        "connectivity": ["dense", "residual"],
+    },
+    "requirements": {
+        "max_macs": 2.0e6,
+        "min_accuracy": 0.8,
+        "classes": {"COVID-19": {"min_sensitivity": 0.7}},
+    },
+    "objective": "min_macs",
+    "strategy": {"name": "random"},
+    "budget": {"max_trials": 60, "rungs": [100, 300], "reduction_factor": 3},
+}
+
+ABLATIONS = {
+    "evolution (all ingredients)": {},
+    "no cost pre-filter": {"budget.cost_prefilter": False},
+    "no successive halving": {"budget.rungs": "last"},
+    "no weight inheritance": {"strategy.inherit_weights": False},
+}
+
+
+def first_feasible(records: list[TrialRecord]) -> dict | None:
+    """Jobs, steps and seconds spent until the first design that met the requirements."""
+    jobs = steps = 0
+    start = min((r.started for r in records if r.started is not None), default=None)
+    for r in sorted(records, key=lambda r: (r.completed or float("inf"), r.number)):
+        previous = 0
+        for rung in r.rungs:
+            jobs += 1
+            steps += rung.steps - previous
+            previous = rung.steps
+        if r.is_trained and r.feasible:
+            return {
+                "trial": r.number,
+                "jobs": jobs,
+                "steps": steps,
+                "seconds": (r.completed or 0.0) - (start or 0.0),
+                "proposals": sum(1 for x in records if x.number <= r.number),
+            }
+    return None
+
+
+def _set(data: dict, key: str, value: object) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    if value == "last":
+        value = [data[leaf][-1]]
+    data[leaf] = value
+
+
+def run_surrogate(strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
+    """One surrogate search; its first-feasible figures."""
+    from search.runner import run_worker
+    from search.surrogate import SurrogateEvaluator, surrogate_job
+
+    data = copy.deepcopy(SURROGATE_TASK)
+    data["strategy"]["name"] = strategy
+    data["seed"] = seed
+    data["budget"]["stop_on_feasible"] = True
+    for key, value in changes.items():
+        _set(data, key, value)
+    workdir = Path(tempfile.mkdtemp(dir=root))
+    prototype = presets.get_preset("tiny").with_input_size(64)
+    run_worker(surrogate_job(data, workdir, prototype=prototype), SurrogateEvaluator())
+    study = store.open_study(store.open_storage(workdir), workdir.name, "min_macs")
+    return first_feasible(store.read_records(study))
+
+
+def run_training(config: str, strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
+    """One real search on an experiment file; its first-feasible figures."""
+    from search.commands.search import prepare_job
+    from search.runner import run_search
+    from search.training import load_experiment
+
+    overrides = [
+        f"search.strategy.name={strategy}",
+        f"search.seed={seed}",
+        "search.budget.stop_on_feasible=true",
+    ]
+    experiment = load_experiment(config, tuple(overrides))
+    for key, value in changes.items():
+        if value == "last":
+            value = [experiment.search.budget.rungs[-1]]
+        overrides.append(f"search.{key}={json.dumps(value)}")
+    experiment = load_experiment(config, tuple(overrides))
+    workdir = Path(tempfile.mkdtemp(dir=root))
+    job = prepare_job(experiment, workdir, None, time.time())
+    outcome = run_search(job, workers=1, console=None)
+    return first_feasible(outcome.records)
+
+
+def summarize(name: str, results: list[dict | None]) -> dict:
+    """Median and range of each figure over the seeds that found a design."""
+    found = [r for r in results if r is not None]
+    row = {"name": name, "seeds": len(results), "found": len(found)}
+    for key in ("jobs", "steps", "seconds", "proposals"):
+        values = [r[key] for r in found]
+        row[key] = (
+            (statistics.median(values), min(values), max(values)) if values else (None, None, None)
+        )
+    row["runs"] = results
+    return row
+
+
+def _cell(triple: tuple, digits: int = 0) -> str:
+    median, low, high = triple
+    if median is None:
+        return "-"
+    return f"{median:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def markdown(rows: list[dict], mode: str) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| strategy | found | trainings | training steps | wall time s | proposals |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seconds = "n/a (surrogate)" if mode == "surrogate" else _cell(row["seconds"])
+        lines.append(
+            f"| {row['name']} | {row['found']}/{row['seeds']} | {_cell(row['jobs'])} | "
+            f"{_cell(row['steps'])} | {seconds} | {_cell(row['proposals'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("surrogate", "train"), default="surrogate")
+    parser.add_argument("--config", default="experiments/quickstart.yaml")
+    parser.add_argument("--strategies", default="random,evolution,shrink,tpe")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--ablations", action="store_true", help="evolution without each ingredient")
+    parser.add_argument("--out", help="write the raw results as JSON here")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="search-efficiency-"))
+    variants = [(s, s, {}) for s in args.strategies.split(",")]
+    if args.ablations:
+        variants += [(name, "evolution", changes) for name, changes in ABLATIONS.items()]
+    rows = []
+    for name, strategy, changes in variants:
+        results = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            started = time.time()
+            if args.mode == "surrogate":
+                result = run_surrogate(strategy, seed, changes, root)
+            else:
+                result = run_training(args.config, strategy, seed, changes, root)
+            results.append(result)
+            print(f"{name} seed {seed}: {result} ({time.time() - started:.0f}s)", file=sys.stderr)
+        rows.append(summarize(name, results))
+    print(markdown(rows, args.mode))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
