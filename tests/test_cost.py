@@ -100,7 +100,7 @@ def test_prototype_follows_figure_2():
     ]
 
 
-@pytest.mark.parametrize("name", ["covidnet-b", "covidnet-c", "covidnet-prototype", "resnet50"])
+@pytest.mark.parametrize("name", ["covidnet-b", "resnet50"])
 def test_xla_flops_over_two_agree_with_analytic_macs(name):
     spec = presets.get_preset(name)
     report = count_cost(spec)

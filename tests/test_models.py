@@ -13,7 +13,7 @@ from flax import nnx
 
 from covidnet_jax import presets
 from covidnet_jax.arch import ArchSpec, HeadSpec, ModuleSpec, StageSpec
-from covidnet_jax.blocks import LayerConfig, PepxStage
+from covidnet_jax.blocks import LayerConfig, PepxStage, scaled_normal_init
 from covidnet_jax.cost import count_cost
 from covidnet_jax.errors import SpecError
 from covidnet_jax.models import build_model
@@ -176,3 +176,18 @@ def test_residual_and_plain_variants_give_finite_logits(plain_model):
         logits = forward(model, X)
         assert logits.shape == (2, 3)
         assert np.all(np.isfinite(logits))
+
+
+def test_scaled_normal_init_has_the_variance_and_is_the_same_traced_and_eager():
+    init = scaled_normal_init(2.0, "fan_out")
+    key = jax.random.key(5)
+    kernel = init(key, (3, 3, 64, 128))
+    assert kernel.shape == (3, 3, 64, 128) and kernel.dtype == jnp.float32
+    assert float(jnp.std(kernel)) == pytest.approx((2.0 / (3 * 3 * 128)) ** 0.5, rel=0.02)
+    assert abs(float(jnp.mean(kernel))) < 0.01
+    np.testing.assert_array_equal(jax.jit(init, static_argnums=1)(key, (3, 3, 64, 128)), kernel)
+    assert float(jnp.std(scaled_normal_init(1.0, "fan_in")(key, (512, 10)))) == pytest.approx(
+        (1.0 / 512) ** 0.5, rel=0.05
+    )
+    with pytest.raises(ValueError, match="mode: expected 'fan_in' or 'fan_out', got 'avg'"):
+        scaled_normal_init(1.0, "avg")
