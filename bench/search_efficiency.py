@@ -110,7 +110,7 @@ def run_surrogate(strategy: str, seed: int, changes: dict, root: Path) -> dict |
     workdir = Path(tempfile.mkdtemp(dir=root))
     prototype = presets.get_preset("tiny").with_input_size(64)
     run_worker(surrogate_job(data, workdir, prototype=prototype), SurrogateEvaluator())
-    study = store.open_study(store.open_storage(workdir), workdir.name, "min_macs")
+    study = store.load_study(store.open_storage(workdir), workdir.name)
     return first_feasible(store.read_records(study))
 
 
@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default="random,evolution,shrink,tpe")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--ablations", action="store_true", help="evolution without each ingredient")
+    parser.add_argument(
+        "--ablations", action="store_true", help="evolution without each ingredient"
+    )
     parser.add_argument("--out", help="write the raw results as JSON here")
     args = parser.parse_args(argv)
 

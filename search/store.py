@@ -150,6 +150,19 @@ def open_study(
     return study
 
 
+def load_study(storage: BaseStorage, name: str) -> optuna.Study:
+    """An existing study, for reading (any objective).
+
+    Raises:
+        ConfigError: if there is no study of that name.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise ConfigError(f"no search named {name!r} in this trial store") from None
+
+
 def read_records(study: optuna.Study) -> list[TrialRecord]:
     """Every trial's record, in trial-number order."""
     return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def settings(**changes: object) -> dict:
 def read(workdir: Path, storage_url: str | None = None, name: str | None = None):
     """Every record of the search in `workdir`."""
     storage = store.open_storage(workdir, storage_url)
-    return store.read_records(store.open_study(storage, name or workdir.name, "min_macs"))
+    return store.read_records(store.load_study(storage, name or workdir.name))
 
 
 def run(
@@ -65,16 +67,25 @@ def run(
     return read(workdir), summary.stop_reason
 
 
-@pytest.fixture
-def fast_tmp(tmp_path):
-    """A temporary directory on tmpfs when there is one.
+@contextlib.contextmanager
+def tmpfs_dir(fallback: Path) -> Iterator[Path]:
+    """A temporary directory on tmpfs when there is one (else `fallback`).
 
     The journal fsyncs every write (a few ms each on a disk); on tmpfs the same code runs
     without waiting for the disk, which keeps the many small searches of the tests fast.
     """
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
         root = Path(tempfile.mkdtemp(prefix="covidnet-search-", dir="/dev/shm"))
-        yield root
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
     else:
-        yield tmp_path
+        yield fallback
+
+
+@pytest.fixture
+def fast_tmp(tmp_path):
+    """`tmpfs_dir` for one test."""
+    with tmpfs_dir(tmp_path) as root:
+        yield root
