@@ -682,6 +682,10 @@ def card_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return rows
 
 
+def _percent(fraction: Any) -> str:
+    return f"{fraction:.0%}" if isinstance(fraction, float) else "part"
+
+
 def _describe_data(data: Mapping[str, Any], metrics: Mapping[str, Mapping[str, Any]]) -> str:
     source = data.get("covidx_dir") or data.get("tfds_data_dir") or "unknown"
     synthetic = bool(data.get("synth")) or (
@@ -699,7 +703,7 @@ def _describe_data(data: Mapping[str, Any], metrics: Mapping[str, Mapping[str, A
     text = (
         f"Trained on `{source}`, {kind}, at {data.get('resolution')} px with "
         f"{data.get('channels')} channel(s). Validation is a patient-disjoint "
-        f"{data.get('validation_fraction', 'part')} of the train split; the test split is "
+        f"{_percent(data.get('validation_fraction'))} of the train split; the test split is "
         "separate."
     )
     return text + (f" Evaluated on: {sizes}." if sizes else "")
