@@ -159,7 +159,7 @@ def leaderboard_table(
     table = Table(title=f"Leaderboard ({objective}, best first)", expand=False)
     for name in ("#", "trial", "feasible", "MACs", "params", "rung", "val acc", "netscore"):
         table.add_column(name, justify="right")
-    table.add_column("design")
+    table.add_column("design / why not feasible", no_wrap=True, overflow="ellipsis")
     for row in leaderboard_rows(records, objective)[:limit]:
         table.add_row(
             str(row["rank"]),

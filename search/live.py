@@ -80,7 +80,7 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
         ("val acc", "right"),
         ("design / reason", "left"),
     ):
-        table.add_column(name, justify=justify, no_wrap=name != "design / reason")
+        table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
     for r in list(records)[-rows:]:
         last = r.last
         note = (
@@ -109,6 +109,7 @@ class LiveView:
         console: where to draw.
         interval_s: polling interval.
         rows: recent trials shown.
+        lines: print one line per finished trial even on a terminal.
     """
 
     def __init__(
@@ -119,7 +120,9 @@ class LiveView:
         *,
         interval_s: float = 1.0,
         rows: int = 12,
+        lines: bool = False,
     ) -> None:
+        self._lines = lines
         self._read = read_records
         self._budget = budget
         self._console = console
@@ -148,7 +151,7 @@ class LiveView:
             return []
 
     def _loop(self) -> None:
-        if self._console.is_terminal:
+        if self._console.is_terminal and not self._lines:
             from rich.live import Live
 
             with Live(console=self._console, refresh_per_second=4, transient=False) as live:

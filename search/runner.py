@@ -487,6 +487,7 @@ def run_search(
     workers: int = 1,
     evaluator: Evaluator | None = None,
     console: Console | None = None,
+    lines: bool = False,
 ) -> SearchOutcome:
     """Runs (or resumes) a search: `workers` worker processes, or this process for one.
 
@@ -499,6 +500,7 @@ def run_search(
         workers: worker processes (1: run in this process).
         evaluator: the in-process worker's evaluator (default: `job.make_evaluator()`).
         console: where the live view draws (None: no live view).
+        lines: one line per finished trial instead of a redrawn panel.
 
     Returns:
         The records and the workers' stop reasons.
@@ -514,7 +516,7 @@ def run_search(
 
     reasons: list[str] = []
     view = (
-        LiveView(records, job.settings.budget, console)
+        LiveView(records, job.settings.budget, console, lines=lines)
         if console is not None
         else contextlib.nullcontext()
     )

@@ -115,16 +115,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]covidnet search[/] {args.config} -> {workdir} ({workers} worker(s))")
     job = prepare_job(experiment, workdir, args.storage, start)
-    outcome = run_search(
-        job,
-        workers=workers,
-        console=None if args.no_live else console,
-    )
-    if args.no_live:
-        from search.live import trial_line
-
-        for record in outcome.records:
-            console.print(trial_line(record), highlight=False)
+    outcome = run_search(job, workers=workers, console=console, lines=args.no_live)
     settings = experiment.search
     records = outcome.records
     console.print(f"stopped: {'; '.join(outcome.stop_reasons)}")
