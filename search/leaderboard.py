@@ -152,17 +152,21 @@ def write_leaderboard(
     return csv_path, json_path
 
 
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters (with an ellipsis when cut)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def leaderboard_table(
-    records: Sequence[TrialRecord], objective: Objective, *, limit: int = 10
+    records: Sequence[TrialRecord], objective: Objective, *, limit: int = 10, width: int = 30
 ) -> Table:
-    """The top of the leaderboard as a rich table."""
-    table = Table(title=f"Leaderboard ({objective}, best first)", expand=False)
-    for name in ("#", "trial", "feasible", "MACs", "params", "rung", "val acc", "netscore"):
-        table.add_column(name, justify="right")
-    table.add_column("design / why not feasible", no_wrap=True, overflow="ellipsis")
+    """The top of the leaderboard as a rich table (designs clipped to `width` characters)."""
+    table = Table(title=f"Leaderboard ({objective}, best first)", expand=False, padding=(0, 1))
+    for name in ("trial", "ok", "MACs", "params", "rung", "val acc", "NetScore"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 5))
+    table.add_column("design / why not feasible", no_wrap=True)
     for row in leaderboard_rows(records, objective)[:limit]:
         table.add_row(
-            str(row["rank"]),
             str(row["trial"]),
             "yes" if row["feasible"] else "no",
             format_count(row["macs"]),
@@ -170,7 +174,7 @@ def leaderboard_table(
             f"{row['rung']} ({row['steps']})",
             f"{row['val_accuracy']:.3f}",
             f"{row['netscore']:.1f}",
-            row["summary"] if row["feasible"] else row["reason"],
+            clip(row["summary"] if row["feasible"] else row["reason"], width),
         )
     return table
 

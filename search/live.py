@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from search.config import BudgetConfig
-from search.leaderboard import count_statuses, format_count
+from search.leaderboard import clip, count_statuses, format_count
 from search.records import TrialRecord
 
 _STATUS_STYLE = {
@@ -70,7 +70,7 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
         for name in ("trained", "feasible", "infeasible", "duplicate", "failed", "lost", "running")
         if counts.get(name)
     )
-    table = Table(expand=True)
+    table = Table()
     for name, justify in (
         ("trial", "right"),
         ("status", "left"),
@@ -80,7 +80,7 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
         ("val acc", "right"),
         ("design / reason", "left"),
     ):
-        table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
+        table.add_column(name, justify=justify, no_wrap=True, min_width=max(len(name), 5))
     for r in list(records)[-rows:]:
         last = r.last
         note = (
@@ -95,7 +95,7 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
             format_count(r.params_count),
             "-" if last is None else f"{last.rung} ({last.steps})",
             "-" if last is None else f"{last.metrics.accuracy:.3f}",
-            str(note),
+            clip(str(note), 40),
         )
     return Panel(Group(header, Text(tally), table), title="covidnet search")
 
