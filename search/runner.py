@@ -507,9 +507,9 @@ def run_search(
     """
     storage = store.open_storage(job.workdir, job.storage_url)
     study = store.open_study(storage, job.study_name, job.settings.objective)
-    if "search" not in study.user_attrs:
-        study.set_user_attr("search", dict(job.settings_data))
-        study.set_user_attr("prototype", job.prototype_json)
+    # The settings of the latest invocation (a resumed search may raise its budget).
+    study.set_user_attr("search", dict(job.settings_data))
+    study.set_user_attr("prototype", job.prototype_json)
 
     def records() -> list[TrialRecord]:
         return store.read_records(study)
