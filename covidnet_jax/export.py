@@ -420,7 +420,7 @@ def save_inference_state(directory: str | Path, model: nnx.Module, *, spec: Any)
     """
     from covidnet_jax.checkpointing import Checkpoints
 
-    state = jax.device_get(nnx.state(model, _inference_filter()).to_pure_dict())
+    state = jax.device_get(nnx.to_pure_dict(nnx.state(model, _inference_filter())))
     metadata = {"what": "inference state", "spec": spec.to_dict(), "spec_hash": spec.content_hash()}
     with Checkpoints(directory, keep_latest=1, keep_best=0, async_save=False) as checkpoints:
         # A selection value keeps Orbax's best-step bookkeeping quiet; there is one step.
@@ -444,16 +444,21 @@ def restore_inference_state(directory: str | Path, spec: Any) -> nnx.Module:
     from covidnet_jax.checkpointing import Checkpoints
     from covidnet_jax.models import build_model
 
-    model = build_model(spec, rngs=nnx.Rngs(0))
-    state = nnx.state(model, _inference_filter())
+    # Shapes only: initializing the weights eagerly costs seconds and they are overwritten.
+    abstract = nnx.eval_shape(lambda: build_model(spec, rngs=nnx.Rngs(0)))
+    graphdef, state, rest = nnx.split(abstract, _inference_filter(), ...)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state.to_pure_dict()
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(state)
     )
     with Checkpoints.open_existing(directory) as checkpoints:
-        restored, _ = checkpoints.restore(abstract)
+        restored, _ = checkpoints.restore(target)
     nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+    if jax.tree.leaves(rest):  # e.g. dropout's random streams: those need real values
+        model = build_model(spec, rngs=nnx.Rngs(0))
+        nnx.update(model, state)
+    else:
+        model = nnx.merge(graphdef, state, rest)
     model.eval()
     return model
 

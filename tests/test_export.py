@@ -17,6 +17,7 @@ from flax import nnx
 from PIL import Image
 
 from covidnet_jax import export
+from covidnet_jax.errors import CheckpointError
 from covidnet_jax.models import build_model
 from covidnet_jax.presets import get_preset
 
@@ -174,3 +175,22 @@ def test_refuses_to_overwrite_a_folder_that_is_not_an_export(tmp_path, exported_
     with pytest.raises(export.ExportError, match="not empty and holds no export"):
         export.write_export(model, spec, tmp_path, card=card)
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_inference_state_round_trip_with_a_dropout_head(tmp_path):
+    # A dropout head carries random-number streams besides weights: the restore path that
+    # builds a concrete model.
+    from covidnet_jax.arch import HeadSpec
+
+    spec = dataclasses.replace(
+        get_preset("tiny"), head=HeadSpec(pool="avg", hidden=(8,), dropout=0.3)
+    )
+    model = build_model(spec, rngs=nnx.Rngs(5))
+    _perturb_batch_stats(model, 1)
+    export.save_inference_state(tmp_path / "ckpt", model, spec=spec)
+    restored = export.restore_inference_state(tmp_path / "ckpt", spec)
+    x = jnp.asarray(np.random.default_rng(4).random((2, 32, 32, 3)), jnp.float32)
+    np.testing.assert_array_equal(restored(x), model(x))
+    other = dataclasses.replace(spec, head=HeadSpec(pool="avg", hidden=(16,), dropout=0.3))
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        export.restore_inference_state(tmp_path / "ckpt", other)
