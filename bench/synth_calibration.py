@@ -40,15 +40,18 @@ from covidnet_jax.data import DataConfig, load_data, write_synthetic_dataset
 
 
 class SmallCNN(nnx.Module):
-    """3 x [conv3x3 -> BatchNorm -> ReLU -> 2x2 max-pool] (16, 32, 64) -> GAP -> dense.
+    """3 x [conv3x3 -> GroupNorm -> ReLU -> 2x2 max-pool] (16, 32, 64) -> GAP -> dense.
 
-    About 24k parameters: the kind of small network the search starts from.
+    About 24k parameters. GroupNorm rather than BatchNorm: after a few hundred steps at this
+    learning rate BatchNorm's running averages lag the weights and eval-mode predictions
+    collapse to one class (measured: 0.34 eval-mode vs 0.80 train-mode accuracy), which would
+    calibrate the optimiser, not the data.
     """
 
     def __init__(self, channels: int, classes: int, *, rngs: nnx.Rngs) -> None:
         widths = ((channels, 16), (16, 32), (32, 64))
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3), rngs=rngs) for a, b in widths])
-        self.norms = nnx.List([nnx.BatchNorm(b, rngs=rngs) for _, b in widths])
+        self.norms = nnx.List([nnx.GroupNorm(b, num_groups=4, rngs=rngs) for _, b in widths])
         self.head = nnx.Linear(64, classes, rngs=rngs)
 
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -71,9 +74,11 @@ def _build_tiny(channels: int, classes: int, size: int, *, rngs: nnx.Rngs) -> nn
     return model
 
 
-def train_and_test(model: nnx.Module, data, *, steps: int, batch: int, seed: int) -> float:
+def train_and_test(
+    model: nnx.Module, data, *, steps: int, batch: int, seed: int, lr: float
+) -> float:
     """Trains `model` with Adam for `steps` and returns its test accuracy."""
-    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, optimizer, image, label):
@@ -131,6 +136,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-tiny", action="store_true", help="skip the tiny PEPX preset")
     args = parser.parse_args()
@@ -166,7 +172,7 @@ def main() -> int:
     for seed in args.seeds:
         started = time.perf_counter()
         model = SmallCNN(1, len(data.class_names), rngs=nnx.Rngs(seed))
-        acc = train_and_test(model, data, steps=args.steps, batch=args.batch, seed=seed)
+        acc = train_and_test(model, data, steps=args.steps, batch=args.batch, seed=seed, lr=args.lr)
         results["small CNN"].append(acc)
         print(
             f"small CNN seed {seed}: test accuracy {acc:.3f} "
@@ -178,7 +184,7 @@ def main() -> int:
         tiny = _build_tiny(1, len(data.class_names), args.resolution, rngs=nnx.Rngs(seed))
         if tiny is None:
             continue
-        acc = train_and_test(tiny, data, steps=args.steps, batch=args.batch, seed=seed)
+        acc = train_and_test(tiny, data, steps=args.steps, batch=args.batch, seed=seed, lr=args.lr)
         results["tiny PEPX"].append(acc)
         print(
             f"tiny PEPX seed {seed}: test accuracy {acc:.3f} "

@@ -13,7 +13,8 @@ out_dir/
 
 Images are drawn from an anatomical model rather than copied from anywhere: a thorax with
 soft tissue, two lung fields, ribs, clavicles, spine and heart shadow, with per-patient
-anatomy and per-image exposure, position and noise. Class evidence follows the radiology:
+anatomy and per-image exposure, position and noise, plus findings that are not disease and
+overlap the places where disease appears (breast shadows, scapulae, ECG electrodes). Class evidence follows the radiology:
 
 - pneumonia: focal lobar consolidation, dense and sharply bounded by a fissure, usually in
   one lung;
@@ -128,7 +129,9 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
         "rib_bend": rng.uniform(0.05, 0.10),
         "tissue": rng.uniform(0.38, 0.52),
         # disease severity: mostly clear, a tail of subtle cases
-        "severity": 1.0 - 0.7 * rng.beta(1.0, 3.0),
+        "severity": 1.0 - 0.6 * rng.beta(1.0, 3.0),
+        # breast / soft-tissue shadow over the lower lateral zones (any class)
+        "breast": rng.uniform(0.04, 0.10) if rng.random() < 0.45 else 0.0,
         "side": float(rng.integers(2)),  # pneumonia: which lung
         "lobe": float(rng.choice(3, p=[0.2, 0.3, 0.5])),  # pneumonia: upper/middle/lower
     }
@@ -159,34 +162,33 @@ def _draw_lesions(
         for k, side in enumerate(foci):
             cy_l, cx_l = centres[side]
             lobe = int(anat["lobe"]) if k == 0 else 2
-            cy = cy_l + ry * (-0.45, 0.05, 0.5)[lobe] + rng.normal(0, 0.03)
-            cx = cx_l + rng.normal(0, rx * 0.25)
-            size = rng.uniform(0.08, 0.13) * (1.0 if k == 0 else 0.6)
-            blob = _blob(yy, xx, cy, cx, size, size * rng.uniform(1.0, 1.4))
-            texture = 0.7 + 0.3 * _smooth_noise(rng, shape, 10)
-            # dense and homogeneous: a plateau with a short soft rim
-            dense = np.clip((blob * texture - 0.3) * 4.0, 0.0, 1.0)
-            # a lobar consolidation stops at a fissure: a sharp, slightly tilted boundary
-            fissure_y = cy - size * rng.uniform(0.2, 0.7)
-            tilt = rng.normal(0, 0.3)
-            dense *= np.clip((yy - fissure_y - tilt * (xx - cx)) / 0.006, 0.0, 1.0)
-            opacity += dense * rng.uniform(0.22, 0.34) * sev
+            # a lobe: the part of the lung beyond an oblique fissure
+            fissure = cy_l + ry * (-0.25, 0.1, 0.3)[lobe] + rng.normal(0, 0.03)
+            tilt = rng.normal(0.0, 0.35)
+            beyond = (yy - fissure - tilt * (xx - cx_l)) * (-1.0 if lobe == 0 else 1.0)
+            lobe_mask = np.clip(beyond / 0.006, 0.0, 1.0)
+            cy = fissure + (-1.0 if lobe == 0 else 1.0) * ry * 0.35
+            cx = cx_l + rng.normal(0, rx * 0.3)
+            size = rng.uniform(0.10, 0.16) * (1.0 if k == 0 else 0.6)
+            extent = _blob(yy, xx, cy, cx, size, size * rng.uniform(0.9, 1.3))
+            # dense, with dark branching air bronchograms (where a smooth field crosses 0.5)
+            bronchi = np.exp(-(((_smooth_noise(rng, shape, 12) - 0.5) / 0.06) ** 2))
+            dense = np.clip((extent - 0.25) * 3.0, 0.0, 1.0) * lobe_mask * (1.0 - 0.6 * bronchi)
+            opacity += dense * rng.uniform(0.32, 0.45) * sev
     elif label == "COVID-19":
         unilateral = rng.random() < 0.15  # unilateral-dominant: the overlap with pneumonia
         for side, (cy_l, cx_l) in enumerate(centres):
             lateral = -1.0 if side == 0 else 1.0  # towards the chest wall
-            n_patches = int(rng.integers(3, 6))
-            if unilateral and side == 1:
-                n_patches = 1
-            for _ in range(n_patches):
-                lower = rng.random() < 0.75
-                cy = cy_l + ry * (rng.uniform(0.1, 0.7) if lower else rng.uniform(-0.6, 0.1))
-                cx = cx_l + lateral * rx * rng.uniform(0.4, 0.85)
-                size = rng.uniform(0.045, 0.08)
-                blob = _blob(yy, xx, cy, cx, size * rng.uniform(1.0, 1.6), size)
-                # ground glass: hazy and mottled, vessels stay visible through it
-                haze = 0.3 + 0.7 * _smooth_noise(rng, shape, 16)
-                opacity += blob * haze * rng.uniform(0.09, 0.16) * sev
+            # peripheral band along the chest wall, weighted to the lower zone
+            depth = rx * rng.uniform(0.8, 1.2) * (0.4 if unilateral and side == 1 else 1.0)
+            # 0 just inside the lateral lung edge (the lung mask fades right at the edge)
+            from_wall = np.abs(0.8 * rx - (xx - cx_l) * lateral)
+            band = np.clip(1.0 - from_wall / depth, 0.0, 1.0)
+            lower = np.clip(0.35 + (yy - cy_l) / ry, 0.0, 1.0)
+            # ground glass: hazy, with a fine blotchy (reticulonodular) texture
+            haze = 0.4 * np.clip((_smooth_noise(rng, shape, 10) - 0.2) * 2.0, 0.0, 1.0)
+            blotches = np.clip((_smooth_noise(rng, shape, 28) - 0.45) * 4.0, 0.0, 1.0)
+            opacity += band * lower * (haze + blotches) * rng.uniform(0.32, 0.45) * sev
         if rng.random() < 0.15:  # a denser, consolidative patch
             cy_l, cx_l = centres[int(rng.integers(2))]
             opacity += _blob(yy, xx, cy_l + ry * 0.5, cx_l, 0.05, 0.05) * 0.15 * sev
@@ -272,13 +274,25 @@ def render_radiograph(
     )
     img = np.maximum(img, heart * (anat["tissue"] + 0.08))
 
+    # nuisance that overlaps where disease appears: breast shadows, scapulae, ECG leads
+    for side in (-1.0, 1.0):
+        if anat["breast"] > 0:
+            breast = _soft_ellipse(yy_s, xx_s, cy0 + 0.2, cx0 + side * 0.2, 0.15, 0.17, 0.5)
+            img += anat["breast"] * breast * body
+        if rng.random() < 0.5:
+            scapula = _soft_ellipse(yy_s, xx_s, cy0 - 0.12, cx0 + side * 0.3, 0.17, 0.06, 0.4)
+            img += rng.uniform(0.03, 0.07) * scapula * body
+    for _ in range(int(rng.integers(0, 3)) if rng.random() < 0.3 else 0):
+        cy, cx = cy0 + rng.uniform(-0.3, 0.3), cx0 + rng.uniform(-0.3, 0.3)
+        img = np.maximum(img, 0.75 * _soft_ellipse(yy_s, xx_s, cy, cx, 0.015, 0.015, 0.3))
+
     opacity = _draw_lesions(rng, label, anat, yy_s, xx_s, lungs, centres)
     mask = (opacity > 0.03).astype(np.uint8) * 255
     img += opacity + _draw_haze(rng, yy_s, xx_s, centres) * lungs
 
     # exposure: contrast, brightness and gamma of this acquisition; then quantum noise
-    img = img * rng.uniform(0.75, 1.25) + rng.uniform(-0.06, 0.06)
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.75, 1.3)
+    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)
+    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.85, 1.15)
     img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, mask
