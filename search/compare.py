@@ -164,8 +164,7 @@ def open_search_study(
         study_name = names[0]
     elif study_name not in names:
         raise CompareError(f"{workdir}: no study {study_name!r} in the storage")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return store.load_study(storage, study_name)
 
 
 def _class_names(records: Sequence[TrialRecord]) -> tuple[str, ...]:
