@@ -111,7 +111,11 @@ class TrainedModel:
         """Class probabilities, float32 BxK, for float32 images in [0, 1]."""
         devices = self.fns.mesh.devices.size
         count = len(images_BxHxWxC)
-        padded = -count % devices
+        # Pad to a power of two (and a multiple of the devices) so that calls with
+        # different numbers of images share a few compiled shapes.
+        target = max(devices, 1 << max(count - 1, 0).bit_length())
+        target += -target % devices
+        padded = target - count
         if padded:
             pad = np.zeros((padded, *images_BxHxWxC.shape[1:]), images_BxHxWxC.dtype)
             images_BxHxWxC = np.concatenate([images_BxHxWxC, pad])

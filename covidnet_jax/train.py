@@ -47,7 +47,7 @@ from covidnet_jax import checkpointing, parallel
 from covidnet_jax.arch import AnySpec
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import Data, load_data
-from covidnet_jax.errors import CheckpointError, ConfigError
+from covidnet_jax.errors import CheckpointError, ConfigError, UserError
 from covidnet_jax.evaluate import evaluate_batches
 from covidnet_jax.metrics import EvalMetrics, check_selection_metric
 from covidnet_jax.models import build_model
@@ -457,6 +457,8 @@ class _Run:
             _, eval_compile_s = fns.compile_eval(state.params, state.model_state, eval_batch)
         except jax.errors.JaxRuntimeError as err:
             raise _Failure(*_classify_runtime_error(err), int(jax.device_get(state.step))) from None
+        except UserError:
+            raise
         except (TypeError, ValueError, IndexError, ZeroDivisionError) as err:
             # Tracing the candidate failed (e.g. a spatial size that collapses to zero).
             message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -17,7 +17,7 @@ from flax import nnx
 from covidnet_jax import parallel
 from covidnet_jax.checkpointing import Checkpoints, find_checkpoint_dir
 from covidnet_jax.errors import CheckpointError
-from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+from covidnet_jax.steps import StepFunctions, StepSettings
 
 
 class Net(nnx.Module):
@@ -31,19 +31,23 @@ class Net(nnx.Module):
 
 
 def _trained_state():
+    # A state as after some training, without compiling a step: distinct non-zero Adam
+    # moments and step count, so a round trip that dropped them would show.
     model = Net(rngs=nnx.Rngs(0))
     mesh = parallel.make_mesh()
     fns = StepFunctions.for_model(model, key="ckpt-net", settings=StepSettings(), mesh=mesh)
     state = fns.init_state(model)
     rng = np.random.default_rng(0)
-    batch = parallel.shard_batch(
-        {"image": rng.random((4, 6, 6, 3), np.float32), "label": np.array([0, 1, 1, 0], np.int32)},
-        mesh,
+    moments = state.opt_state._replace(
+        count=jnp.int32(3),
+        mu=jax.tree.map(
+            lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), state.opt_state.mu
+        ),
+        nu=jax.tree.map(
+            lambda x: jnp.asarray(rng.random(size=x.shape), x.dtype), state.opt_state.nu
+        ),
     )
-    hyper = Hyper.create(learning_rate=0.01, weight_decay=0.0, class_weights=np.ones(2), seed=0)
-    for _ in range(3):
-        state, _ = fns.train_step(state, batch, hyper)
-    return model, fns, state
+    return model, fns, state.replace(step=jnp.int32(3), opt_state=moments)
 
 
 def test_round_trip_includes_optimizer_state_and_metadata(tmp_path):

@@ -13,14 +13,13 @@ import pytest
 from flax import nnx
 
 from covidnet_jax import parallel
-from covidnet_jax.arch import ModuleSpec
+from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, StemSpec
 from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import load_data, write_synthetic_dataset
 from covidnet_jax.evaluate import evaluate_workdir, write_evaluation
 from covidnet_jax.models import build_model
 from covidnet_jax.predict import predict_images
-from covidnet_jax.presets import get_preset
 from covidnet_jax.steps import StepFunctions, StepSettings
 from covidnet_jax.train import TrainFailure, TrainResult, _inherit, resolve_spec, train_and_evaluate
 from covidnet_jax.typed_yaml import from_dict
@@ -29,16 +28,25 @@ from search.cli import main
 pytestmark = pytest.mark.slow
 
 
+# A one-module PEPX design: every code path of the trainer, a fraction of tiny's compile time.
+SMALL = ArchSpec(
+    input_size=16,
+    stem=StemSpec(channels=4, kernel_size=3, stride=2, pool_size=0),
+    stages=(StageSpec(stride=1, modules=(ModuleSpec(4, 8, 4, 8),)),),
+)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "covidx"
     write_synthetic_dataset(out, per_class=16, image_size=32, seed=0)
+    (out.parent / "small.json").write_text(SMALL.to_json())
     return out
 
 
 def make_config(data_dir: Path, cache: Path, **overrides) -> TrainConfig:
     raw = {
-        "model": {"arch": "tiny"},
+        "model": {"arch": str(data_dir.parent / "small.json")},
         "data": {
             "covidx_dir": str(data_dir),
             "resolution": 16,
@@ -189,10 +197,8 @@ def test_init_from_copies_matching_weights(trained, tmp_path):
     assert child.ok and child.inherited == child.inheritable > 0
 
     data = load_data(config.data, seed=config.seed)
-    tiny = get_preset("tiny")
-    last = tiny.stages[-1]
-    wider = dataclasses.replace(last, modules=(ModuleSpec(8, 24, 8, 32, 5),))
-    spec = resolve_spec(config, data, dataclasses.replace(tiny, stages=(*tiny.stages[:-1], wider)))
+    wider = StageSpec(stride=1, modules=(ModuleSpec(4, 12, 4, 8),))  # expand 8 -> 12
+    spec = resolve_spec(config, data, dataclasses.replace(SMALL, stages=(wider,)))
     model = build_model(spec, rngs=nnx.Rngs(1))
     fns = StepFunctions.for_model(
         model, key=spec.content_hash(), settings=StepSettings(), mesh=parallel.make_mesh()
@@ -233,10 +239,10 @@ def test_cli_evaluate_predict_and_one_line_errors(trained, data_dir, tmp_path, c
     assert main(["evaluate", "--workdir", str(workdir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["split"] == "validation" and "netscore" in out and "confusion" in out
-    image = sorted((data_dir / "test").glob("*.png"))[0]
-    assert main(["predict", "--workdir", str(workdir), str(image), "--json"]) == 0
-    (prediction,) = json.loads(capsys.readouterr().out)["predictions"]
-    assert prediction["path"] == str(image)
+    images = [str(p) for p in sorted((data_dir / "test").glob("*.png"))[:3]]
+    assert main(["predict", "--workdir", str(workdir), *images, "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["path"] for p in predictions] == images
 
     assert main(["evaluate", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -248,3 +254,26 @@ def test_cli_evaluate_predict_and_one_line_errors(trained, data_dir, tmp_path, c
     assert err.count("\n") == 1 and "train.steps: expected a value >= 1, got 0" in err
     assert main(["predict", "--workdir", str(workdir), str(tmp_path / "missing.png")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (
+            jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9.9GiB"),
+            "out_of_memory",
+        ),
+        (TypeError("conv_general_dilated lhs feature dimension mismatch"), "compile_error"),
+    ],
+)
+def test_oom_and_compile_errors_become_failures(trained, tmp_path, monkeypatch, error, kind):
+    config, _, _ = trained
+
+    def broken_compile(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(StepFunctions, "compile_train", broken_compile)
+    failure = train_and_evaluate(config, tmp_path, show_progress=False)
+    assert isinstance(failure, TrainFailure) and failure.kind == kind
+    assert failure.step == 0 and failure.last_good_step is None
+    assert str(error).split(":")[0] in failure.reason
