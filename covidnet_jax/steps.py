@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -292,7 +293,7 @@ class StepFunctions:
     def for_model(
         cls, model: nnx.Module, *, key: Hashable, settings: StepSettings, mesh: Mesh
     ) -> StepFunctions:
-        """The step functions of `model`'s graph, memoised per (key, settings, mesh).
+        """The step functions of `model`'s graph, memoised per (key, settings, mesh) (LRU).
 
         Args:
             model: a model built from the spec whose hash is `key` (its values are
@@ -304,6 +305,7 @@ class StepFunctions:
         cache_key = (key, settings, tuple(mesh.devices.flat), mesh.axis_names)
         cached = _STEP_CACHE.get(cache_key)
         if cached is not None:
+            _STEP_CACHE.move_to_end(cache_key)
             return cached
         model.train()
         graphdef_train = nnx.graphdef(model)
@@ -334,6 +336,8 @@ class StepFunctions:
             ),
         )
         _STEP_CACHE[cache_key] = fns
+        while len(_STEP_CACHE) > STEP_CACHE_SIZE:  # a long search sees many designs
+            _STEP_CACHE.popitem(last=False)
         return fns
 
     def init_state(self, model: nnx.Module) -> TrainState:
@@ -385,4 +389,6 @@ class StepFunctions:
         return compiled, time.perf_counter() - start
 
 
-_STEP_CACHE: dict[Hashable, StepFunctions] = {}
+STEP_CACHE_SIZE = 32
+"""Designs whose compiled steps are kept per process (least recently used go first)."""
+_STEP_CACHE: collections.OrderedDict[Hashable, StepFunctions] = collections.OrderedDict()
