@@ -83,3 +83,16 @@ def test_set_overrides_and_file_name_in_errors(tmp_path):
         load_train_config(path, ["train.steps=0"])
     with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         load_train_config(path, ["train.steps"])
+
+
+def test_epoch_budget_rounds_up_to_whole_steps():
+    from covidnet_jax.train import _total_steps
+
+    class FakeData:
+        def num_examples(self, split):
+            assert split == "train"
+            return 100
+
+    config = from_dict(TrainConfig, _with(train={"steps": None, "epochs": 1.5, "batch_size": 8}))
+    assert _total_steps(config, FakeData()) == 19  # ceil(1.5 * 100 / 8)
+    assert _total_steps(from_dict(TrainConfig, BASE), FakeData()) == 10
