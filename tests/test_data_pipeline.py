@@ -284,3 +284,23 @@ def test_grain_workers_give_the_same_batches(synth_dir, tmp_path):
         got = next(it)
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
+
+
+def test_memory_mapped_cache_gives_the_same_batches(synth_dir, tmp_path, monkeypatch):
+    from covidnet_jax.data import cache as cache_lib
+
+    in_memory = load_data(_config(synth_dir, tmp_path), seed=0)
+    cache_lib._memory.clear()
+    monkeypatch.setattr(cache_lib, "_MMAP_BYTES", 0)  # treat every array as large
+    mapped = load_data(_config(synth_dir, tmp_path), seed=0)
+    maker = mapped.batch_maker(4, seed=1)
+    assert isinstance(maker.images, np.memmap)
+    import pickle
+
+    revived = pickle.loads(pickle.dumps(maker))  # how Grain workers receive it
+    assert isinstance(revived.images, np.memmap)
+    expected = in_memory.batch_maker(4, seed=1)(3)
+    for got in (maker(3), revived(3)):
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])
+    cache_lib._memory.clear()

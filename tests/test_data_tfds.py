@@ -88,3 +88,14 @@ def test_missing_resolution_and_cli(prepared, capsys):
     assert "not a COVIDx folder" in capsys.readouterr().err
     assert main(["data", "prepare", "--covidx-dir", str(root / "synth"), "--resolution", "3"]) == 2
     assert "resolution 3 is out of range" in capsys.readouterr().err
+
+
+def test_prepare_refuses_stale_data(prepared):
+    root, _, result = prepared
+    lines = (root / "synth" / "train.txt").read_text().splitlines()
+    (root / "synth" / "train.txt").write_text("\n".join(lines[:-1]) + "\n")
+    try:
+        with pytest.raises(DataError, match="already prepared from different data"):
+            prepare_covidx(root / "synth", resolution=24, channels=3, data_dir=result.data_dir)
+    finally:
+        (root / "synth" / "train.txt").write_text("\n".join(lines) + "\n")

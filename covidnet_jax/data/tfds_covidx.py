@@ -238,6 +238,14 @@ def prepare_covidx(
         source = builder.as_data_source(split=split)
         labels = [names[source[i]["label"]] for i in range(len(source))]
         counts[split] = {n: labels.count(n) for n in names}
+    expected = {"train": folder.train.class_counts(), "test": folder.test.class_counts()}
+    for split, wanted in expected.items():
+        if {k: v for k, v in counts[split].items() if v} != wanted:
+            raise DataError(
+                f"{builder.data_dir}: already prepared from different data ({split}: "
+                f"{counts[split]}, the folder now has {wanted}); delete that folder and run "
+                "prepare again"
+            )
     return PrepareResult(
         name=f"{DATASET_NAME}/{config.name}",
         data_dir=data_dir,
