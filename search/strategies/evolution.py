@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.records import TrialRecord, rank_key
+from search.records import TrialRecord, rung_rank_key
 from search.strategies.genome import GenomeSampler, Proposal, trained_records
 
 
@@ -28,6 +28,11 @@ class EvolutionSampler(GenomeSampler):
         population = trained[-self.strategy.population_size :]
         size = min(self.strategy.tournament_size, len(population))
         picks = rng.choice(len(population), size=size, replace=False)
-        parent = min((population[int(i)] for i in picks), key=lambda r: rank_key(r, self.objective))
+        # Every member has a rung-0 result; comparing there keeps the tournament fair when
+        # successive halving trained some members longer than others.
+        parent = min(
+            (population[int(i)] for i in picks),
+            key=lambda r: rung_rank_key(r, 0, self.objective),
+        )
         child, note = self.mutate(parent.params, records, rng, count=self.strategy.mutations)
         return Proposal(child, parent.number, note)
