@@ -76,13 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(lesions.paths)} {args.split} images with lesions, mean lesion share "
         f"{report.lesion_fraction:.3f}, model accuracy on them {report.accuracy:.3f}"
     )
-    print(f"{'map':24s} {'pointing game':>14s} {'mass in mask':>13s}")
-    for name, rates in (
-        ("Grad-CAM (last stage)", report.grad_cam),
-        ("integrated gradients", report.integrated_gradients),
-        ("random (baseline)", report.random),
-    ):
-        print(f"{name:24s} {rates.pointing:14.3f} {rates.mass:13.3f}")
+    print(f"{'images':16s} {'map':24s} {'pointing game':>14s} {'mass in mask':>13s}")
+    groups = [("all lesions", vars(report))]
+    groups += [
+        (f"{name} ({rates['random'].count})", rates) for name, rates in report.by_class.items()
+    ]
+    for group, rates in groups:
+        for key, name in (
+            ("grad_cam", "Grad-CAM (last stage)"),
+            ("integrated_gradients", "integrated gradients"),
+            ("random", "random (baseline)"),
+        ):
+            print(f"{group:16s} {name:24s} {rates[key].pointing:14.3f} {rates[key].mass:13.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {

@@ -313,14 +313,16 @@ class LesionSet:
     Attributes:
         images_BxHxWxC: float32 in [0, 1], as the model sees them.
         masks_BxHxW: bool, the lesion masks put through the same crop and resize.
-        labels_B: int32 class indices (into the class names the set was loaded with).
+        labels_B: int32 class indices into `class_names`.
         paths: the image files.
+        class_names: the model's classes, in label order.
     """
 
     images_BxHxWxC: np.ndarray
     masks_BxHxW: np.ndarray
     labels_B: np.ndarray
     paths: tuple[str, ...]
+    class_names: tuple[str, ...]
 
 
 def load_lesion_set(
@@ -381,6 +383,7 @@ def load_lesion_set(
         masks_BxHxW=np.stack(masks),
         labels_B=np.asarray(labels, np.int32),
         paths=tuple(paths),
+        class_names=tuple(class_names),
     )
 
 
@@ -394,6 +397,8 @@ class LocalizationReport:
         random: hit rates of uniform random maps.
         lesion_fraction: mean share of the image covered by the lesion.
         accuracy: the model's accuracy on these images.
+        by_class: class name -> {"grad_cam", "integrated_gradients", "random"} -> hit rates
+            over that class's images.
     """
 
     grad_cam: HitRates
@@ -401,6 +406,7 @@ class LocalizationReport:
     random: HitRates
     lesion_fraction: float
     accuracy: float
+    by_class: dict[str, dict[str, HitRates]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -447,13 +453,22 @@ def localization_report(
         cams.append(grad_cam(model, images, target=labels)[0])
         igs.append(integrated_gradients(model, images, target=labels, steps=ig_steps)[0])
         correct += int((_predicted_classes(model, images) == labels).sum())
-    masks = lesions.masks_BxHxW
+    masks, cam_maps, ig_maps = lesions.masks_BxHxW, np.concatenate(cams), np.concatenate(igs)
+    by_class = {}
+    for label in np.unique(lesions.labels_B):
+        pick = lesions.labels_B == label
+        by_class[lesions.class_names[label]] = {
+            "grad_cam": lesion_hit_rates(cam_maps[pick], masks[pick]),
+            "integrated_gradients": lesion_hit_rates(ig_maps[pick], masks[pick]),
+            "random": random_map_rates(masks[pick], seed=seed, draws=draws),
+        }
     return LocalizationReport(
-        grad_cam=lesion_hit_rates(np.concatenate(cams), masks),
-        integrated_gradients=lesion_hit_rates(np.concatenate(igs), masks),
+        grad_cam=lesion_hit_rates(cam_maps, masks),
+        integrated_gradients=lesion_hit_rates(ig_maps, masks),
         random=random_map_rates(masks, seed=seed, draws=draws),
         lesion_fraction=float(masks.mean()),
         accuracy=correct / len(lesions.paths),
+        by_class=by_class,
     )
 
 

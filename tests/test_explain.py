@@ -152,6 +152,7 @@ def test_lesion_set_pairs_images_with_their_masks(tmp_path):
     assert lesions.masks_BxHxW.shape == (count, 32, 32)
     assert lesions.masks_BxHxW.any(axis=(1, 2)).all()
     assert set(lesions.labels_B.tolist()) <= {1, 2}  # normal images have no lesion
+    assert lesions.class_names == names
     assert lesions.images_BxHxWxC.min() >= 0.0 and lesions.images_BxHxWxC.max() <= 1.0
     shutil.copytree(tmp_path / "synth", tmp_path / "bare", ignore=shutil.ignore_patterns("masks"))
     with pytest.raises(DataError, match="no masks/ folder"):

@@ -94,19 +94,27 @@ def trained(tmp_path_factory):
 def test_heatmaps_find_the_lesion_far_more_often_than_random_maps(trained):
     model, _ = trained
     images, labels, masks = _blob_images(64, seed=2)
+    lesion = labels == 1
+    lesions = explain.LesionSet(
+        images_BxHxWxC=images[lesion],
+        masks_BxHxW=masks[lesion],
+        labels_B=labels[lesion],
+        paths=tuple(f"blob{i}" for i in np.flatnonzero(lesion)),
+        class_names=("clear", "lesion"),
+    )
     accuracy = float(np.mean(np.argmax(model(jnp.asarray(images)), axis=-1) == labels))
     assert accuracy >= 0.9, "the model did not learn the task; the test would mean nothing"
-    lesion = labels == 1
-    cam, _ = explain.grad_cam(model, images[lesion], target=1)
-    ig, _ = explain.integrated_gradients(model, images[lesion], target=1, steps=16)
-    random = explain.random_map_rates(masks[lesion], seed=0, draws=200)
-    assert random.pointing < 0.15  # blobs cover under a tenth of the image
-    for rates in (
-        explain.lesion_hit_rates(cam, masks[lesion]),
-        explain.lesion_hit_rates(ig, masks[lesion]),
-    ):
-        assert rates.pointing >= 0.8 and rates.pointing >= random.pointing + 0.5
-        assert rates.mass >= 2 * random.mass
+    report = explain.localization_report(model, lesions, ig_steps=16, draws=200)
+    assert report.accuracy == pytest.approx(
+        np.mean(np.argmax(model(jnp.asarray(images[lesion])), axis=-1) == 1)
+    )
+    assert report.random.pointing < 0.15  # blobs cover under a tenth of the image
+    assert report.lesion_fraction == pytest.approx(masks[lesion].mean())
+    for rates in (report.grad_cam, report.integrated_gradients):
+        assert rates.count == lesion.sum()
+        assert rates.pointing >= 0.8 and rates.pointing >= report.random.pointing + 0.5
+        assert rates.mass >= 2 * report.random.mass
+    assert report.by_class["lesion"]["grad_cam"] == report.grad_cam
 
 
 def test_explain_command_writes_overlays_of_the_image_size(trained, tmp_path, capsys):
