@@ -83,7 +83,7 @@ def _run_explain(args: argparse.Namespace) -> int:
                 f"{', '.join(loaded.class_names)}"
             )
         target = loaded.class_names.index(args.class_name)
-    images_1xHxWxC = loaded.preprocess(image_path)[None]
+    images_1xHxWxC = loaded.preprocess(original_HxW)[None]
     probs = loaded.predict_batch(images_1xHxWxC)[0]
     model = loaded.restore_model()
     predicted = loaded.class_names[int(np.argmax(probs))]
