@@ -62,7 +62,13 @@ def test_export_of_the_best_design_predicts_like_its_run(search_workdir, capsys)
 
 
 def test_export_errors_are_one_line(search_workdir, tmp_path, capsys):
+    from search import store
+
+    empty = tmp_path / "empty"
+    store.open_study(store.open_storage(empty), "empty", "min_macs")  # a study, no trials
     cases = [
+        (["--workdir", str(empty)], "no finished best design yet"),
+        (["--workdir", str(empty), "--trial", "0"], "has no trials yet"),
         (["--workdir", str(tmp_path / "nowhere")], "no such folder"),
         (["--workdir", str(tmp_path)], "not a search workdir"),
         (["--workdir", str(search_workdir), "--trial", "5"], "no trial 5"),

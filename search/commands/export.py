@@ -164,11 +164,11 @@ def _export_trial(workdir: Path, number: int, storage: str | None, out: Path) ->
 
     study = open_search_study(workdir, storage, None)
     records = {r.number: r for r in store.read_records(study)}
+    if not records:
+        raise ExportCommandError(f"{workdir}: the search has no trials yet; run it first")
     record = records.get(number)
     if record is None:
-        raise ExportCommandError(
-            f"{workdir}: no trial {number}; trials are 0..{max(records, default=-1)}"
-        )
+        raise ExportCommandError(f"{workdir}: no trial {number}; trials are 0..{max(records)}")
     if not record.is_trained:
         why = record.attrs.get("reason") or record.status or record.state.lower()
         raise ExportCommandError(f"{workdir}: trial {number} was not trained ({why})")
