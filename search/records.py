@@ -64,7 +64,8 @@ class RungResult:
         compile_s: seconds spent compiling.
         train_s: seconds spent training and evaluating.
         checkpoint: checkpoint directory relative to the workdir ("" when none).
-        violations: outcome-requirement shortfalls at this rung.
+        violations: requirement shortfalls at this rung (outcome requirements, and cost
+            limits, which are all 0 unless the cost pre-filter is off).
     """
 
     rung: int
@@ -209,8 +210,9 @@ def outcome_shortfall(record: TrialRecord) -> float:
 def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
     """Sort key of a trained record, best first.
 
-    Feasible designs come first, then by how little the requirements are missed; within
-    that, by the objective: fewest MACs, highest NetScore, or (pareto) highest validation
+    Feasible designs come first, then by how little the cost limits are exceeded (only
+    designs trained without the cost pre-filter exceed them), then by how little the outcome
+    requirements are missed; within that, by the objective: fewest MACs, highest NetScore, or (pareto) highest validation
     accuracy then fewest MACs.
 
     Args:
@@ -221,7 +223,8 @@ def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
         A tuple; smaller is better.
     """
     assert record.last is not None
-    head = (0.0 if record.feasible else 1.0, outcome_shortfall(record))
+    over = sum(record.violations.get(k, 0.0) for k in ("macs", "params", "activation_bytes"))
+    head = (0.0 if record.feasible else 1.0, over, outcome_shortfall(record))
     accuracy = record.last.metrics.accuracy
     if objective == "min_macs":
         return (*head, float(record.macs or 0), -accuracy)

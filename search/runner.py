@@ -303,7 +303,10 @@ class Worker:
                 compile_s=outcome.compile_s,
                 train_s=outcome.train_s,
                 checkpoint=checkpoint,
-                violations=outcome_violations(settings.requirements, outcome.metrics),
+                violations={
+                    **cost_over,
+                    **outcome_violations(settings.requirements, outcome.metrics),
+                },
             )
             trial.set_user_attr(f"rung.{rung}", result.to_attr())
             totals[0] += outcome.compile_s
@@ -327,7 +330,7 @@ class Worker:
         trial.set_user_attr("checkpoint", last.checkpoint)
         trial.set_user_attr("compile_s", totals[0])
         trial.set_user_attr("train_s", totals[1])
-        violations = {**cost_over, **last.violations}
+        violations = dict(last.violations)
         reason = describe_violations(violations)
         self._complete(trial, "trained", cost, last.metrics.accuracy, violations, reason)
 
