@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from covidnet_jax.arch import HeadSpec, ModuleSpec, StageSpec
+from covidnet_jax.conv import Conv
 
 ACTIVATION_FNS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyType(
     {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "gelu": jax.nn.gelu}
@@ -98,18 +99,16 @@ class LayerConfig:
         groups: int = 1,
         use_bias: bool,
         rngs: nnx.Rngs,
-    ) -> nnx.Conv:
-        """The one conv constructor of the library (SAME padding, NHWC)."""
-        return nnx.Conv(
+    ) -> Conv:
+        """The one conv constructor of the library (SAME padding, NHWC; see `conv.Conv`)."""
+        return Conv(
             in_channels,
             out_channels,
-            kernel_size=(kernel_size, kernel_size),
-            strides=(stride, stride),
-            padding="SAME",
-            feature_group_count=groups,
+            kernel_size=kernel_size,
+            stride=stride,
+            groups=groups,
             use_bias=use_bias,
             dtype=self.dtype,
-            param_dtype=jnp.float32,
             kernel_init=_CONV_INIT,
             rngs=rngs,
         )

@@ -15,7 +15,10 @@ conv, pool and FC layer. Conventions (those of the paper and of torchvision-styl
   the elementwise work (bias 1, eval BatchNorm 3, ReLU 1, SiLU 4, GELU 8 per element,
   1 per merge addition, k*k - 1 per max-pool output, 1 per averaged input). XLA skips the
   taps that fall on SAME padding, so on small feature maps `flops / 2` is a few percent
-  below `macs` (VGG-19: 3.4%). Tests check `flops` against XLA on random specs.
+  below `macs` (VGG-19: 3.4%). Depthwise convs are the exception: the library computes them
+  as k*k shifted multiply-adds (`conv.depthwise_conv`), padding taps included, which XLA
+  counts as 2*k*k - 1 flops per output element. Tests check `flops` against XLA on random
+  specs.
 
 Example:
     >>> from covidnet_jax.presets import get_preset
@@ -126,7 +129,13 @@ class _Counter:
         macs = elements * fan_in
         taps = _valid_taps(h, kernel_size, stride) * _valid_taps(w, kernel_size, stride)
         per_element = (3 if self.norm else 1) + (self.act_flops if act else 0) + int(merge)
-        flops = 2 * taps * in_per_group * out_channels + per_element * elements
+        if depthwise:
+            # conv.depthwise_conv: k*k shifted multiplies and k*k - 1 adds per output element,
+            # padding taps included.
+            flops = (2 * kernel_size * kernel_size - 1) * elements
+        else:
+            flops = 2 * taps * in_per_group * out_channels
+        flops += per_element * elements
         flops += out_channels if self.norm else 0  # rsqrt(var + eps) * scale per channel
         copies = 1 + int(self.norm) + int(act)
         kind = "dwconv" if depthwise else "conv"

@@ -151,10 +151,10 @@ def test_pepx_matches_lax_reference_without_norm(plain_model):
             y = jax.lax.conv_general_dilated(
                 y,
                 conv.kernel[...],
-                window_strides=conv.strides,
+                window_strides=(conv.stride, conv.stride),
                 padding="SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=conv.feature_group_count,
+                feature_group_count=conv.groups,
             )
             y = jax.nn.relu(y + conv.bias[...])
         return y

@@ -1,0 +1,118 @@
+"""conv.Conv: the XLA-friendly lowerings equal nnx.Conv (same parameters, same outputs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from covidnet_jax.conv import Conv, same_padding
+
+
+def _init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "groups", "size"),
+    [
+        (6, 6, 3, 1, 6, 9),  # depthwise
+        (6, 6, 3, 2, 6, 9),  # depthwise, strided, odd size
+        (6, 6, 5, 2, 6, 8),  # depthwise, 5x5, even size
+        (5, 7, 1, 1, 1, 8),  # pointwise
+        (5, 7, 1, 2, 1, 9),  # pointwise, strided
+        (4, 6, 3, 2, 1, 9),  # general
+        (4, 6, 3, 1, 2, 8),  # grouped, not depthwise
+    ],
+)
+def test_matches_nnx_conv(cin, cout, kernel, stride, groups, size):
+    use_bias = stride == 2  # both paths, half the compiles
+    ours = Conv(
+        cin,
+        cout,
+        kernel_size=kernel,
+        stride=stride,
+        groups=groups,
+        use_bias=use_bias,
+        kernel_init=_init,
+        rngs=nnx.Rngs(0),
+    )
+    reference = nnx.Conv(
+        cin,
+        cout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",
+        feature_group_count=groups,
+        use_bias=use_bias,
+        kernel_init=_init,
+        rngs=nnx.Rngs(0),
+    )
+    assert ours.kernel[...].shape == reference.kernel[...].shape
+    np.testing.assert_array_equal(ours.kernel[...], reference.kernel[...])
+    if use_bias:
+        ours.bias[...] = reference.bias[...] = jnp.arange(cout, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (2, size, size, cin))
+    expected = reference(x)
+    assert ours(x).shape == expected.shape == (2, -(-size // stride), -(-size // stride), cout)
+    np.testing.assert_allclose(ours(x), expected, rtol=1e-5, atol=1e-5)
+    # Gradients (what the training step runs) agree too.
+    grad_ours = jax.grad(lambda k: jnp.sum(Conv.__call__(_with_kernel(ours, k), x) ** 2))(
+        ours.kernel[...]
+    )
+    grad_ref = jax.grad(lambda k: jnp.sum(_with_kernel(reference, k)(x) ** 2))(
+        reference.kernel[...]
+    )
+    np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-4, atol=1e-3)
+
+
+def _with_kernel(module, kernel):
+    graphdef, state = nnx.split(module)
+    clone = nnx.merge(graphdef, state)
+    clone.kernel = nnx.Param(kernel)
+    return clone
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    conv = Conv(
+        4,
+        4,
+        kernel_size=3,
+        groups=4,
+        use_bias=True,
+        dtype=jnp.bfloat16,
+        kernel_init=_init,
+        rngs=nnx.Rngs(0),
+    )
+    y = conv(jnp.ones((1, 5, 5, 4)))
+    assert y.dtype == jnp.bfloat16
+    assert conv.kernel[...].dtype == jnp.float32
+
+
+def test_groups_must_divide_channels():
+    with pytest.raises(ValueError, match="groups: 4 must divide in_channels 6"):
+        Conv(6, 8, kernel_size=3, groups=4, use_bias=False, kernel_init=_init, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride"), [(9, 3, 2), (8, 3, 2), (7, 5, 1), (1, 3, 1)])
+def test_same_padding_matches_xla(size, kernel, stride):
+    out, lo, hi = same_padding(size, kernel, stride)
+    x = jnp.ones((1, size, size, 1))
+    y = jax.lax.conv_general_dilated(
+        x,
+        jnp.ones((kernel, kernel, 1, 1)),
+        (stride, stride),
+        [(lo, hi), (lo, hi)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    z = jax.lax.conv_general_dilated(
+        x,
+        jnp.ones((kernel, kernel, 1, 1)),
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    assert y.shape[1] == out
+    np.testing.assert_array_equal(y, z)
