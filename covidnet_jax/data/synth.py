@@ -13,19 +13,25 @@ out_dir/
 
 Images are drawn from an anatomical model rather than copied from anywhere: a thorax with
 soft tissue, two lung fields, ribs, clavicles, spine and heart shadow, with per-patient
-anatomy and per-image exposure, position and noise, plus findings that are not disease and
-overlap the places where disease appears (breast shadows, scapulae, ECG electrodes). Class evidence follows the radiology:
+anatomy (including lung aeration) and per-image exposure, position, rotation, a smooth
+exposure non-uniformity and noise, plus findings that are not disease and overlap the places
+where disease appears (breast shadows, scapulae, faint vascular / soft-tissue densities,
+ECG electrodes and central lines on any class), so that brightness at fixed pixels is a poor
+cue. Class evidence follows the radiology and is placed per patient:
 
-- pneumonia: focal lobar consolidation, dense and sharply bounded by a fissure, usually in
-  one lung;
-- COVID-19: bilateral, peripheral ground-glass opacities (hazy, faint), weighted to the
-  lower zones;
+- pneumonia: focal lobar consolidation in a random lobe (upper, middle / lingula, lower) of
+  a random lung, placed and sized per patient; dense, lobulated, bounded by a fissure, with
+  air bronchograms; sometimes a second, smaller focus;
+- COVID-19: bilateral, peripheral ground-glass opacities, several patches along the chest
+  wall weighted to the lower zones, with per-patient upward reach; hazy, patchy, with
+  reticular (crazy-paving) texture;
 - normal: neither.
 
 Severity varies per patient, so there are subtle cases, and the classes overlap (multifocal
-pneumonia, unilateral-dominant COVID-19 with denser patches, faint vascular haze on
-any image), so the task is learnable but not trivial. Patients have several images each
-and every patient is in exactly one split. Output is a pure function of the arguments.
+pneumonia, unilateral COVID-19 with a denser patch, non-disease densities on any image), so
+the task is learnable but not trivial. Patients have several images each and every patient
+is in exactly one split. Output is a pure function of the arguments. Calibration (a linear
+model against a small CNN at 64 px): bench/README.md, "Synthetic data calibration".
 
 Example:
     >>> summary = write_synthetic_dataset("data/synth", per_class=300, image_size=128, seed=0)
@@ -48,7 +54,7 @@ from PIL import Image
 
 from covidnet_jax.errors import DataError
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 DEFAULT_PER_CLASS = 300
 DEFAULT_IMAGE_SIZE = 128
@@ -111,34 +117,66 @@ def _soft_ellipse(
     power: float = 2.0,
 ) -> np.ndarray:
     """1 inside the (super)ellipse, 0 outside, with a soft edge of relative width `edge`."""
-    r = (np.abs((yy - cy) / ry) ** power + np.abs((xx - cx) / rx) ** power) ** (1.0 / power)
-    return np.clip((1.0 - r) / edge, 0.0, 1.0)
+    a, b = (yy - cy) * (1.0 / ry), (xx - cx) * (1.0 / rx)
+    if power == 2.0:
+        r = np.sqrt(a * a + b * b)
+    else:
+        r = (np.abs(a) ** power + np.abs(b) ** power) ** (1.0 / power)
+    return np.clip((1.0 - r) * (1.0 / edge), 0.0, 1.0)
 
 
 def _anatomy(rng: np.random.Generator) -> dict[str, float]:
     """Per-patient anatomy and disease: sizes, tissue density, severity, lesion sites."""
     return {
-        "body_rx": rng.uniform(0.42, 0.48),
-        "body_ry": rng.uniform(0.50, 0.58),
-        "lung_rx": rng.uniform(0.13, 0.16),
-        "lung_ry": rng.uniform(0.27, 0.32),
-        "lung_dx": rng.uniform(0.17, 0.20),
-        "heart_rx": rng.uniform(0.10, 0.14),
-        "heart_ry": rng.uniform(0.09, 0.12),
+        "body_rx": rng.uniform(0.40, 0.50),
+        "body_ry": rng.uniform(0.50, 0.60),
+        "lung_rx": rng.uniform(0.13, 0.165),
+        "lung_ry": rng.uniform(0.26, 0.33),
+        "lung_dx": rng.uniform(0.165, 0.205),
+        "heart_rx": rng.uniform(0.09, 0.15),
+        "heart_ry": rng.uniform(0.085, 0.125),
         "rib_gap": rng.uniform(0.05, 0.065),
         "rib_bend": rng.uniform(0.05, 0.10),
-        "tissue": rng.uniform(0.38, 0.52),
+        "tissue": rng.uniform(0.34, 0.56),
+        # how dark the aerated lung is (inspiration, habitus): varies as much as a faint lesion
+        "aeration": rng.uniform(0.21, 0.33),
         # disease severity: mostly clear, a tail of subtle cases
-        "severity": 1.0 - 0.6 * rng.beta(1.0, 3.0),
+        "severity": 1.0 - 0.35 * rng.beta(1.0, 3.0),
         # breast / soft-tissue shadow over the lower lateral zones (any class)
-        "breast": rng.uniform(0.04, 0.10) if rng.random() < 0.45 else 0.0,
+        "breast": rng.uniform(0.04, 0.12) if rng.random() < 0.45 else 0.0,
         "side": float(rng.integers(2)),  # pneumonia: which lung
-        "lobe": float(rng.choice(3, p=[0.2, 0.3, 0.5])),  # pneumonia: upper/middle/lower
+        # pneumonia: lobe 0 upper, 1 middle lobe / lingula, 2 lower
+        "lobe": float(rng.choice(3, p=[0.3, 0.25, 0.45])),
+        "lobe_u": rng.uniform(-1.0, 1.0),  # pneumonia: placement across the lobe
+        "lobe_v": rng.uniform(-1.0, 1.0),  # pneumonia: placement down the lobe
+        "extent": rng.uniform(0.0, 1.0),  # consolidation size / upward reach of COVID-19 GGO
+        "devices": float(rng.random() < 0.35),  # central line (any class)
     }
 
 
-def _blob(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    return np.exp(-(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2))
+def _blobs(
+    u: np.ndarray, v: np.ndarray, cu: np.ndarray, cv: np.ndarray, ru: np.ndarray, rv: np.ndarray
+) -> np.ndarray:
+    """Sum of Gaussian blobs (centres cu, cv; radii ru, rv, all 1-D) on the grid (u, v)."""
+    f32 = np.float32
+    du = (u[None] - cu.astype(f32)[:, None, None]) * (1.0 / ru).astype(f32)[:, None, None]
+    dv = (v[None] - cv.astype(f32)[:, None, None]) * (1.0 / rv).astype(f32)[:, None, None]
+    return np.exp(-(du * du + dv * dv)).sum(axis=0)
+
+
+def _lung_coords(
+    yy: np.ndarray, xx: np.ndarray, centre: tuple[float, float], anat: dict[str, float], side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lung-relative coordinates: u towards the chest wall, v down; the lung is about |.| < 1."""
+    lateral = -1.0 if side == 0 else 1.0
+    u = (xx - centre[1]) * (lateral / anat["lung_rx"])
+    v = (yy - centre[0]) / anat["lung_ry"]
+    return u, v
+
+
+# pneumonia: lobe centre (u, v) and the fissure that bounds it (v of the fissure, +1 if the
+# lobe lies below it, -1 above)
+_LOBES = ((0.0, -0.5, -0.05, -1.0), (-0.35, 0.15, -0.05, 1.0), (0.1, 0.5, 0.05, 1.0))
 
 
 def _draw_lesions(
@@ -150,59 +188,89 @@ def _draw_lesions(
     lungs: np.ndarray,
     centres: Sequence[tuple[float, float]],
 ) -> np.ndarray:
-    """The opacity added by disease (0 for normal), confined to the lung fields."""
+    """The opacity added by disease (0 for normal), confined to the lung fields.
+
+    Placement, extent and texture vary per patient and image, so the evidence is a local
+    pattern (a dense, sharply bounded region with air bronchograms; or patchy, reticular
+    ground glass along the chest wall) rather than brightness at fixed pixels.
+    """
     opacity = np.zeros_like(yy)
     sev = anat["severity"]
-    ry, rx = anat["lung_ry"], anat["lung_rx"]
     shape = yy.shape
     if label == "pneumonia":
         foci = [int(anat["side"])]
-        if rng.random() < 0.2:  # multifocal: the overlap with COVID-19
+        if rng.random() < 0.15:  # multifocal: the overlap with COVID-19
             foci.append(1 - foci[0])
         for k, side in enumerate(foci):
-            cy_l, cx_l = centres[side]
-            lobe = int(anat["lobe"]) if k == 0 else 2
-            # a lobe: the part of the lung beyond an oblique fissure
-            fissure = cy_l + ry * (-0.25, 0.1, 0.3)[lobe] + rng.normal(0, 0.03)
-            tilt = rng.normal(0.0, 0.35)
-            beyond = (yy - fissure - tilt * (xx - cx_l)) * (-1.0 if lobe == 0 else 1.0)
-            lobe_mask = np.clip(beyond / 0.006, 0.0, 1.0)
-            cy = fissure + (-1.0 if lobe == 0 else 1.0) * ry * 0.35
-            cx = cx_l + rng.normal(0, rx * 0.3)
-            size = rng.uniform(0.10, 0.16) * (1.0 if k == 0 else 0.6)
-            extent = _blob(yy, xx, cy, cx, size, size * rng.uniform(0.9, 1.3))
+            u, v = _lung_coords(yy, xx, centres[side], anat, side)
+            lobe = int(anat["lobe"]) if k == 0 else int(rng.integers(3))
+            cu0, cv0, fissure, below = _LOBES[lobe]
+            cu = cu0 + 0.35 * anat["lobe_u"] + rng.normal(0, 0.05)
+            cv = cv0 + 0.2 * anat["lobe_v"] + rng.normal(0, 0.04)
+            size = (0.4 + 0.35 * anat["extent"]) * (1.0 if k == 0 else 0.6)
+            ru, rv = size * rng.uniform(0.8, 1.25), size * rng.uniform(0.8, 1.25)
+            # lobulated border: the radius is perturbed by a smooth field
+            wobble = _smooth_noise(rng, shape, 6) - 0.5
+            r = np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2) + 0.5 * wobble
+            region = np.clip((1.0 - r) / 0.2, 0.0, 1.0)
+            # a fissure bounds the lobe sharply (slightly oblique)
+            edge = (v - fissure - rng.normal(0, 0.08) - rng.normal(0, 0.2) * u) * below
+            region *= np.clip(edge / 0.04, 0.0, 1.0)
             # dense, with dark branching air bronchograms (where a smooth field crosses 0.5)
-            bronchi = np.exp(-(((_smooth_noise(rng, shape, 12) - 0.5) / 0.06) ** 2))
-            dense = np.clip((extent - 0.25) * 3.0, 0.0, 1.0) * lobe_mask * (1.0 - 0.6 * bronchi)
-            opacity += dense * rng.uniform(0.32, 0.45) * sev
+            bronchi = np.exp(-(((_smooth_noise(rng, shape, 10) - 0.5) / 0.05) ** 2))
+            texture = 1.0 - 0.55 * bronchi * (rng.random() < 0.8)
+            opacity += region * texture * rng.uniform(0.45, 0.6) * sev
     elif label == "COVID-19":
-        unilateral = rng.random() < 0.15  # unilateral-dominant: the overlap with pneumonia
-        for side, (cy_l, cx_l) in enumerate(centres):
-            lateral = -1.0 if side == 0 else 1.0  # towards the chest wall
-            # peripheral band along the chest wall, weighted to the lower zone
-            depth = rx * rng.uniform(0.8, 1.2) * (0.4 if unilateral and side == 1 else 1.0)
-            # 0 just inside the lateral lung edge (the lung mask fades right at the edge)
-            from_wall = np.abs(0.8 * rx - (xx - cx_l) * lateral)
-            band = np.clip(1.0 - from_wall / depth, 0.0, 1.0)
-            lower = np.clip(0.35 + (yy - cy_l) / ry, 0.0, 1.0)
-            # ground glass: hazy, with a fine blotchy (reticulonodular) texture
-            haze = 0.4 * np.clip((_smooth_noise(rng, shape, 10) - 0.2) * 2.0, 0.0, 1.0)
-            blotches = np.clip((_smooth_noise(rng, shape, 28) - 0.45) * 4.0, 0.0, 1.0)
-            opacity += band * lower * (haze + blotches) * rng.uniform(0.32, 0.45) * sev
+        unilateral = rng.random() < 0.12  # unilateral-dominant: the overlap with pneumonia
+        reach = 0.5 + 1.1 * anat["extent"]  # how far up from the bases the opacities go
+        fine = _smooth_noise(rng, shape, 22)
+        reticular = np.exp(-(((fine - 0.5) / 0.07) ** 2))  # crazy-paving lines
+        patchy = np.clip((_smooth_noise(rng, shape, 14) - 0.25) * 1.6, 0.0, 1.0)
+        for side in range(2):
+            if unilateral and side == 1:
+                continue
+            u, v = _lung_coords(yy, xx, centres[side], anat, side)
+            n = int(rng.integers(4, 9))
+            cu = rng.uniform(0.45, 0.95, n)  # peripheral
+            cv = 0.8 - reach * rng.beta(1.0, 1.8, n)  # weighted to the lower zone
+            rad = rng.uniform(0.2, 0.35, n)
+            ggo = np.clip(_blobs(u, v, cu, cv, rad, rad * rng.uniform(0.8, 1.6, n)), 0.0, 1.0)
+            strength = rng.uniform(0.3, 0.42) * sev
+            opacity += ggo * (0.3 + 0.6 * patchy + 0.8 * reticular) * strength
         if rng.random() < 0.15:  # a denser, consolidative patch
-            cy_l, cx_l = centres[int(rng.integers(2))]
-            opacity += _blob(yy, xx, cy_l + ry * 0.5, cx_l, 0.05, 0.05) * 0.15 * sev
+            side = int(rng.integers(2))
+            u, v = _lung_coords(yy, xx, centres[side], anat, side)
+            dense = _blobs(u, v, np.array([0.6]), np.array([0.5]), np.array([0.2]), np.array([0.2]))
+            opacity += dense * 0.15 * sev
     return opacity * lungs
 
 
-def _draw_haze(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, centres: Sequence[tuple[float, float]]
+def _draw_mimics(
+    rng: np.random.Generator,
+    anat: dict[str, float],
+    yy: np.ndarray,
+    xx: np.ndarray,
+    centres: Sequence[tuple[float, float]],
 ) -> np.ndarray:
-    """Faint perihilar vascular haze, not disease (drawn on any image; not in the mask)."""
+    """Densities in the lungs that are not disease (any class; not in the mask).
+
+    Perihilar vascular haze, and overlapping soft tissue / vessels that add faint, smooth
+    density anywhere in the lung fields, so a brighter lung zone alone is not a finding.
+    """
     haze = np.zeros_like(yy)
+    if rng.random() < 0.4:
+        for side, centre in enumerate(centres):
+            u, v = _lung_coords(yy, xx, centre, anat, side)
+            cu, cv = np.array([-0.6]), np.array([rng.uniform(-0.2, 0.2)])
+            haze += _blobs(u, v, cu, cv, np.array([0.5]), np.array([0.4])) * rng.uniform(0.03, 0.08)
     if rng.random() < 0.3:
-        for cy_l, cx_l in centres:
-            haze += _blob(yy, xx, cy_l, cx_l, 0.08, 0.06) * rng.uniform(0.03, 0.07)
+        side = int(rng.integers(2))
+        u, v = _lung_coords(yy, xx, centres[side], anat, side)
+        n = int(rng.integers(1, 3))
+        rad = rng.uniform(0.3, 0.6, n)
+        haze += _blobs(
+            u, v, rng.uniform(-0.6, 0.8, n), rng.uniform(-0.7, 0.8, n), rad, rad
+        ) * rng.uniform(0.03, 0.07)
     return haze
 
 
@@ -226,14 +294,15 @@ def render_radiograph(
         (uint8 HxW image, uint8 HxW mask with 255 where a lesion is visible).
     """
     yy, xx = _grid(height, width)
-    # position: off-centre, nearer or farther, slightly rotated (x scaled to physical units)
+    # position: off-centre, nearer or farther, rotated (x scaled to physical units)
     aspect = width / height
-    scale = rng.uniform(0.9, 1.1)
-    angle = np.deg2rad(rng.normal(0.0, 3.0))
-    cy0, cx0 = 0.56 + rng.normal(0.0, 0.03), 0.5 + rng.normal(0.0, 0.035)
+    scale = rng.uniform(0.88, 1.12)
+    angle = float(np.deg2rad(rng.normal(0.0, 4.0)))
+    cos, sin = float(np.cos(angle)), float(np.sin(angle))
+    cy0, cx0 = 0.56 + rng.normal(0.0, 0.035), 0.5 + rng.normal(0.0, 0.04)
     dy, dx = yy - cy0, (xx - cx0) * aspect
-    yy_s = cy0 + (np.cos(angle) * dy - np.sin(angle) * dx) / scale
-    xx_s = cx0 + (np.sin(angle) * dy + np.cos(angle) * dx) / scale
+    yy_s = cy0 + (cos * dy - sin * dx) * (1.0 / scale)
+    xx_s = cx0 + (sin * dy + cos * dx) * (1.0 / scale)
 
     # soft tissue: a boxy torso with shoulders, and the neck above it
     body = _soft_ellipse(
@@ -251,11 +320,11 @@ def render_radiograph(
     for k, (cy, cx) in enumerate(centres):
         rx = anat["lung_rx"] * (1.04 if k == 0 else 0.97)
         lung = _soft_ellipse(yy_s, xx_s, cy, cx, anat["lung_ry"], rx, 0.12)
-        # the diaphragm dome flattens the lung base
-        dome = cy + anat["lung_ry"] * 0.8 - 0.06 * ((xx_s - cx) / rx) ** 2
+        # the diaphragm dome flattens the lung base (the right hemidiaphragm sits higher)
+        dome = cy + anat["lung_ry"] * (0.78 if k == 0 else 0.84) - 0.06 * ((xx_s - cx) / rx) ** 2
         lung *= np.clip((dome - yy_s) / 0.02, 0.0, 1.0)
         lungs = np.maximum(lungs, lung)
-    img -= 0.27 * lungs * body
+    img -= anat["aeration"] * lungs * body
 
     # ribs: curved bright bands across each lung field
     bend = anat["rib_bend"] * ((xx_s - cx0) / 0.2) ** 2
@@ -274,7 +343,7 @@ def render_radiograph(
     )
     img = np.maximum(img, heart * (anat["tissue"] + 0.08))
 
-    # nuisance that overlaps where disease appears: breast shadows, scapulae, ECG leads
+    # nuisance that overlaps where disease appears: breast shadows, scapulae
     for side in (-1.0, 1.0):
         if anat["breast"] > 0:
             breast = _soft_ellipse(yy_s, xx_s, cy0 + 0.2, cx0 + side * 0.2, 0.15, 0.17, 0.5)
@@ -282,17 +351,32 @@ def render_radiograph(
         if rng.random() < 0.5:
             scapula = _soft_ellipse(yy_s, xx_s, cy0 - 0.12, cx0 + side * 0.3, 0.17, 0.06, 0.4)
             img += rng.uniform(0.03, 0.07) * scapula * body
-    for _ in range(int(rng.integers(0, 3)) if rng.random() < 0.3 else 0):
-        cy, cx = cy0 + rng.uniform(-0.3, 0.3), cx0 + rng.uniform(-0.3, 0.3)
-        img = np.maximum(img, 0.75 * _soft_ellipse(yy_s, xx_s, cy, cx, 0.015, 0.015, 0.3))
 
     opacity = _draw_lesions(rng, label, anat, yy_s, xx_s, lungs, centres)
     mask = (opacity > 0.03).astype(np.uint8) * 255
-    img += opacity + _draw_haze(rng, yy_s, xx_s, centres) * lungs
+    img += opacity + _draw_mimics(rng, anat, yy_s, xx_s, centres) * lungs
 
-    # exposure: contrast, brightness and gamma of this acquisition; then quantum noise
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.85, 1.15)
+    # devices on any class: a central venous line from the shoulder to the mediastinum,
+    # ECG electrodes (bright discs) anywhere on the chest
+    if anat["devices"]:
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        t = np.clip((xx_s - cx0) * side / 0.3, 0.0, 1.0)
+        path = cy0 - 0.3 + 0.25 * (1.0 - t) ** 2 + rng.normal(0, 0.01)
+        line = np.exp(-(((yy_s - path) / 0.006) ** 2)) * (t > 0.05) * (t < 0.95)
+        img = np.maximum(img, 0.8 * line)
+    if rng.random() < 0.4:
+        n = int(rng.integers(1, 5))
+        for cy, cx in zip(rng.uniform(-0.3, 0.35, n), rng.uniform(-0.35, 0.35, n), strict=True):
+            disc = _soft_ellipse(yy_s, xx_s, cy0 + cy, cx0 + cx, 0.014, 0.014, 0.3)
+            img = np.maximum(img, 0.8 * disc)
+
+    # acquisition: a smooth non-uniformity (heel effect, scatter), contrast, brightness and
+    # gamma; then quantum noise
+    tilt = rng.normal(0.0, 0.03, 2)
+    img += tilt[0] * (yy - 0.5) + tilt[1] * (xx - 0.5)
+    img += rng.uniform(0.0, 0.08) * (_smooth_noise(rng, img.shape, 3) - 0.5)
+    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
+    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, mask
