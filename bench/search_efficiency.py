@@ -139,6 +139,48 @@ def run_training(config: str, strategy: str, seed: int, changes: dict, root: Pat
     return first_feasible(outcome.records)
 
 
+def inheritance_check(config: str, workdir: str, children: int, root: Path) -> list[dict]:
+    """Trains children of a finished search's best trained design for one rung, from scratch
+    and from the parent's checkpoint (weight inheritance), and compares validation metrics."""
+    import dataclasses
+
+    from covidnet_jax.arch import spec_from_json
+    from covidnet_jax.train import train_and_evaluate
+    from search.leaderboard import ranked
+    from search.space import SearchSpace
+    from search.training import candidate_config, load_experiment
+
+    experiment = load_experiment(config)
+    storage = store.open_storage(workdir)
+    study = store.load_study(storage, Path(workdir).resolve().name)
+    records = store.read_records(study)
+    parent = ranked(records, experiment.search.objective)[0]
+    prototype = spec_from_json(study.user_attrs["prototype"])
+    space = SearchSpace(experiment.search.space, prototype, prototype.class_names)
+    steps = experiment.search.budget.rungs[0]
+    results = []
+    for note, genome in space.mutation_options(parent.params)[:children]:
+        spec = space.decode(genome)
+        row = {"parent": parent.number, "mutation": note, "steps": steps}
+        for label, init_from in (
+            ("scratch", None),
+            ("inherited", Path(workdir) / "trials" / str(parent.number)),
+        ):
+            run_dir = Path(tempfile.mkdtemp(dir=root))
+            cfg = candidate_config(experiment.training, spec, steps, run_dir / "trials" / "x")
+            cfg = dataclasses.replace(cfg, compile_cache_dir=str(root / "compile_cache"))
+            result = train_and_evaluate(
+                cfg, run_dir, spec=spec, init_from=init_from, show_progress=False
+            )
+            row[label] = {
+                "val_accuracy": result.metrics.accuracy,
+                "inherited": f"{result.inherited}/{result.inheritable}",
+            }
+        results.append(row)
+        print(row, file=sys.stderr)
+    return results
+
+
 def summarize(name: str, results: list[dict | None]) -> dict:
     """Median and range of each figure over all seeds (a seed that found nothing counts as
     infinite, so a median over mostly failed seeds is infinite too)."""
@@ -183,11 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-trials", type=int, help="proposals per search (default: the task's)")
     parser.add_argument("--out", help="write the raw results as JSON here")
+    parser.add_argument(
+        "--inheritance-check",
+        metavar="WORKDIR",
+        help="instead: train children of this finished search's best design from scratch and "
+        "with inherited weights (--mode train only)",
+    )
+    parser.add_argument("--children", type=int, default=2)
     args = parser.parse_args(argv)
 
     # The journal fsyncs every write; surrogate searches are all writes, so use tmpfs if any.
     shm = "/dev/shm" if args.mode == "surrogate" and os.access("/dev/shm", os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="search-efficiency-", dir=shm))
+    if args.inheritance_check:
+        rows = inheritance_check(args.config, args.inheritance_check, args.children, root)
+        print(json.dumps(rows, indent=2))
+        return 0
     common = {} if args.max_trials is None else {"budget.max_trials": args.max_trials}
     variants = [(s, s, {}) for s in args.strategies.split(",")]
     if args.ablations:

@@ -31,7 +31,9 @@ class ShrinkSampler(GenomeSampler):
         proposed = [r for r in records if r.params and r.retry_of is None]
         if not proposed:
             return Proposal(self.space.prototype_genome(), None, "prototype")
-        trained = trained_records(records)
+        # Designs over a cost limit are trained only when the pre-filter is off (ablations);
+        # for shrinking they are over budget like the untrained ones.
+        trained = [r for r in trained_records(records) if not _over_cost(r)]
         feasible = [r for r in trained if r.feasible]
         if feasible:
             anchor = min(feasible, key=lambda r: rank_key(r, self.objective))
@@ -40,7 +42,11 @@ class ShrinkSampler(GenomeSampler):
             closest = min(trained, key=lambda r: rank_key(r, self.objective))
             child, note = self.mutate(closest.params, records, rng, count=1, growing=True)
             return Proposal(child, closest.number, note)
-        over_budget = [r for r in proposed if r.status == "infeasible" and r.macs is not None]
+        over_budget = [
+            r
+            for r in proposed
+            if r.macs is not None and (r.status == "infeasible" or _over_cost(r))
+        ]
         if not over_budget:
             return Proposal(self.fresh_genome(records, rng), None, "random")
         cheapest = min(over_budget, key=lambda r: (r.macs, r.number))
@@ -79,3 +85,7 @@ class ShrinkSampler(GenomeSampler):
                 return Proposal(child, anchor.number, note)
         child, note = self.mutate(anchor.params, records, rng, count=1)
         return Proposal(child, anchor.number, note)
+
+
+def _over_cost(record: TrialRecord) -> bool:
+    return any(record.violations.get(k, 0.0) > 0 for k in ("macs", "params", "activation_bytes"))
