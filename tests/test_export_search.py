@@ -61,6 +61,27 @@ def test_export_of_the_best_design_predicts_like_its_run(search_workdir, capsys)
     assert list(from_export[0].probabilities) == list(reference[0].probabilities)
 
 
+def test_predict_command_reads_exports_like_workdirs(search_workdir, capsys):
+    out = search_workdir / "export"
+    if not (out / "export.json").is_file():
+        assert main(["export", "--workdir", str(search_workdir)]) == 0
+    images = [str(p) for p in sorted((search_workdir.parent / "synth" / "test").glob("*.png"))[:2]]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out), *images, "--json"]) == 0
+    from_export = json.loads(capsys.readouterr().out)["predictions"]
+    run = search_workdir / "best" / "train"
+    assert main(["predict", "--workdir", str(run), *images, "--json"]) == 0
+    from_run = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["path"] for p in from_export] == images
+    assert [p["predicted"] for p in from_export] == [p["predicted"] for p in from_run]
+    for a, b in zip(from_export, from_run, strict=True):
+        np.testing.assert_allclose(
+            list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-6
+        )
+    assert main(["predict", "--model", str(out), "--step", "3", *images]) == 2
+    assert "not of an export" in capsys.readouterr().err
+
+
 def test_export_errors_are_one_line(search_workdir, tmp_path, capsys):
     from search import store
 

@@ -62,10 +62,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser(
         "predict",
         help="class probabilities of image files",
-        description="Class probabilities per image from a run's best checkpoint, with the "
-        "training preprocessing.",
+        description="Class probabilities per image from a run's best checkpoint (--workdir) "
+        "or from an export (--model, see covidnet export), with the training preprocessing.",
     )
-    predict.add_argument("--workdir", required=True, metavar="DIR", help="a training run")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", metavar="DIR", help="a training run")
+    source.add_argument("--model", metavar="EXPORT", help="an export folder (covidnet export)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--step", type=int, help="a checkpoint step instead of the best")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
@@ -144,7 +146,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from covidnet_jax.predict import format_predictions, predict_images
 
-    predictions = predict_images(args.workdir, args.images, step=args.step)
+    if args.model is not None:
+        from covidnet_jax.errors import ConfigError
+        from covidnet_jax.export import predict_files
+
+        if args.step is not None:
+            raise ConfigError("--step selects a checkpoint of a --workdir run, not of an export")
+        predictions = predict_files(args.model, args.images)
+    else:
+        predictions = predict_images(args.workdir, args.images, step=args.step)
     if args.json:
         print(json.dumps({"predictions": [p.to_dict() for p in predictions]}))
     else:
