@@ -139,7 +139,7 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
         "rib_bend": rng.uniform(0.05, 0.10),
         "tissue": rng.uniform(0.34, 0.56),
         # how dark the aerated lung is (inspiration, habitus): varies as much as a faint lesion
-        "aeration": rng.uniform(0.21, 0.33),
+        "aeration": rng.uniform(0.17, 0.37),
         # disease severity: mostly clear, a tail of subtle cases
         "severity": 1.0 - 0.35 * rng.beta(1.0, 3.0),
         # breast / soft-tissue shadow over the lower lateral zones (any class)
@@ -355,6 +355,8 @@ def render_radiograph(
     opacity = _draw_lesions(rng, label, anat, yy_s, xx_s, lungs, centres)
     mask = (opacity > 0.03).astype(np.uint8) * 255
     img += opacity + _draw_mimics(rng, anat, yy_s, xx_s, centres) * lungs
+    # smooth, featureless lung density (any class): mean density is not a finding
+    img += rng.uniform(0.0, 0.2) * _smooth_noise(rng, img.shape, 3) * lungs
 
     # devices on any class: a central venous line from the shoulder to the mediastinum,
     # ECG electrodes (bright discs) anywhere on the chest
