@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -74,6 +75,21 @@ def _type_name(tp: Any) -> str:
     if origin in (dict, Mapping):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml11_number(value: Any) -> Any:
+    """`6.0e5` and `1e6` as numbers: YAML 1.1 (PyYAML) reads them as strings."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return (
+            int(number)
+            if number.is_integer() and "." not in value and "e" not in value.lower()
+            else number
+        )
+    return value
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -134,6 +150,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise wrong
+    if tp in (int, float):
+        value = _yaml11_number(value)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

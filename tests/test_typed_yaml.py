@@ -73,3 +73,13 @@ def test_file_overrides_and_file_errors(tmp_path):
         load_yaml_config(path, Exp)
     with pytest.raises(ConfigError, match="config file not found"):
         load_yaml_config(tmp_path / "missing.yaml", Exp)
+
+
+def test_scientific_notation_that_yaml_reads_as_text():
+    # PyYAML (YAML 1.1) reads 6.0e5 and 1e6 as strings; number fields take them anyway.
+    exp = from_dict(Exp, {"name": "a", "steps": "1e3", "optim": {"lr": "6.0e-4"}})
+    assert exp.steps == 1000 and exp.optim.lr == 6.0e-4
+    with pytest.raises(ConfigError, match="steps: expected int, got '1e3x'"):
+        from_dict(Exp, {"name": "a", "steps": "1e3x"})
+    with pytest.raises(ConfigError, match=r"steps: expected int, got '2\.5'"):
+        from_dict(Exp, {"name": "a", "steps": "2.5"})
