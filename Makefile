@@ -1,5 +1,6 @@
 # Two commands set up a fresh machine: `make search` and `make test`.
-PY ?= python3.11
+# Python 3.11 when present, else the default python3 (the project needs >= 3.11).
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -83,12 +83,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _yaml11_number(value: Any) -> Any:
     """`6.0e5` and `1e6` as numbers: YAML 1.1 (PyYAML) reads them as strings."""
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        number = float(value)
-        return (
-            int(number)
-            if number.is_integer() and "." not in value and "e" not in value.lower()
-            else number
-        )
+        return float(value)  # an int field still takes it when it is a whole number
     return value
 
 
