@@ -99,6 +99,11 @@ class LoopConfig:
         keep_best: best checkpoints (by selection_metric) kept besides.
         selection_metric: validation metric that picks the best checkpoint:
             "accuracy", "sensitivity:<class>" or "ppv:<class>".
+        bn_calibration_batches: before every validation, re-estimate BatchNorm statistics
+            from this many training batches with the current weights ("precise BN"), and
+            keep them in the checkpoint; 0 keeps the running averages. Short, fast-moving
+            runs (search rungs, inherited weights) need it: their running averages lag the
+            weights and eval-mode predictions can collapse to one class.
     """
 
     steps: int | None = bounded(None, ge=1)
@@ -111,6 +116,7 @@ class LoopConfig:
     keep_checkpoints: int = bounded(2, ge=1)
     keep_best: int = bounded(1, ge=0)
     selection_metric: str = "accuracy"
+    bn_calibration_batches: int = bounded(0, ge=0, le=1024)
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):

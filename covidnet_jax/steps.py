@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal
 
 import jax
@@ -253,6 +253,26 @@ def _predict(
     return jax.nn.softmax(logits, axis=-1)
 
 
+def _batch_norms(model: nnx.Module) -> list[nnx.BatchNorm]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def _batch_moments(
+    params: nnx.State,
+    model_state: nnx.State,
+    images_BxHxWxC: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    settings: StepSettings,
+) -> list[tuple[jax.Array, jax.Array]]:
+    # `graphdef` is in train mode with BatchNorm momentum 0, so after one forward pass every
+    # BatchNorm's statistics are exactly this batch's mean and (biased) variance.
+    model_state = jax.tree.map(lambda x: x, model_state)
+    model = nnx.merge(graphdef, params, model_state)
+    model(images_BxHxWxC.astype(settings.compute_dtype))
+    return [(bn.mean[...], bn.var[...] + jnp.square(bn.mean[...])) for bn in _batch_norms(model)]
+
+
 def _adam() -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS)
 
@@ -278,6 +298,8 @@ class StepFunctions:
         eval_step: jitted `(params, model_state, batch) -> {"confusion": int32 KxK,
             "loss_sum": float32}`; `batch` also carries "mask": bool B.
         predict: jitted `(params, model_state, images_BxHxWxC) -> probabilities_BxK`.
+        batch_moments: jitted `(params, model_state, images_BxHxWxC) -> [(mean, mean of
+            squares)]`, one pair per BatchNorm in module order (see `calibrate_batch_norm`).
     """
 
     graphdef_train: nnx.GraphDef
@@ -287,6 +309,7 @@ class StepFunctions:
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
     predict: Callable[..., Any]
+    batch_moments: Callable[..., Any]
     _compiled: dict[Hashable, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -309,6 +332,12 @@ class StepFunctions:
             return cached
         model.train()
         graphdef_train = nnx.graphdef(model)
+        momenta = [bn.momentum for bn in _batch_norms(model)]
+        for bn in _batch_norms(model):
+            bn.momentum = 0.0
+        graphdef_moments = nnx.graphdef(model)
+        for bn, momentum in zip(_batch_norms(model), momenta, strict=True):
+            bn.momentum = momentum
         model.eval()
         graphdef_eval = nnx.graphdef(model)
         replicated = parallel.replicated(mesh)
@@ -334,6 +363,11 @@ class StepFunctions:
                 in_shardings=(replicated, replicated, batch),
                 out_shardings=replicated,
             ),
+            batch_moments=jax.jit(
+                functools.partial(_batch_moments, graphdef=graphdef_moments, settings=settings),
+                in_shardings=(replicated, replicated, batch),
+                out_shardings=replicated,
+            ),
         )
         _STEP_CACHE[cache_key] = fns
         while len(_STEP_CACHE) > STEP_CACHE_SIZE:  # a long search sees many designs
@@ -353,6 +387,41 @@ class StepFunctions:
         )
         # A copy, so donating the state never invalidates the live `model`.
         return jax.device_put(state, parallel.replicated(self.mesh), may_alias=False)
+
+    def calibrate_batch_norm(
+        self, params: nnx.State, model_state: nnx.State, images: Iterable[jax.Array]
+    ) -> nnx.State:
+        """`model_state` with BatchNorm statistics re-estimated under `params` ("precise BN").
+
+        The running averages of a short run lag its weights; this replaces them with the
+        mean and variance over all of `images` (batches of equal size), computed in train
+        mode with the current weights, layer after layer as the forward pass sees them.
+
+        Args:
+            params: the weights.
+            model_state: the state whose BatchNorm statistics are replaced (not modified).
+            images: batches, BxHxWxC each, sharded over the mesh's batch axis.
+
+        Returns:
+            The new model state; a model without BatchNorm gets `model_state` back.
+        """
+        model = nnx.merge(self.graphdef_eval, params, jax.tree.map(lambda x: x, model_state))
+        norms = _batch_norms(model)
+        if not norms:
+            return model_state
+        sums, count = None, 0
+        for batch_images in images:
+            moments_fn, _ = self.compile_moments(params, model_state, batch_images)
+            moments = moments_fn(params, model_state, batch_images)
+            sums = moments if sums is None else jax.tree.map(jnp.add, sums, moments)
+            count += 1
+        if sums is None:
+            raise ValueError("calibrate_batch_norm: no batches given")
+        for bn, (total, total_sq) in zip(norms, sums, strict=True):
+            mean = total / count
+            bn.mean[...] = mean
+            bn.var[...] = jnp.maximum(total_sq / count - jnp.square(mean), 0.0)
+        return jax.device_put(nnx.state(model, nnx.Not(nnx.Param)), parallel.replicated(self.mesh))
 
     def abstract_state(self, model: nnx.Module) -> TrainState:
         """The train state's shapes, dtypes and shardings (an Orbax restore target)."""
@@ -377,6 +446,12 @@ class StepFunctions:
     ) -> tuple[Callable[..., Any], float]:
         """The compiled eval step for these argument signatures (see `compile_train`)."""
         return self._compile("eval", self.eval_step, params, model_state, batch)
+
+    def compile_moments(
+        self, params: nnx.State, model_state: nnx.State, images: jax.Array
+    ) -> tuple[Callable[..., Any], float]:
+        """The compiled `batch_moments` for these argument signatures (see `compile_train`)."""
+        return self._compile("moments", self.batch_moments, params, model_state, images)
 
     def _compile(self, kind: str, fn: Any, *args: Any) -> tuple[Callable[..., Any], float]:
         key = (kind, _signature(*args))

@@ -455,6 +455,11 @@ class _Run:
         try:
             train_step, train_compile_s = fns.compile_train(state, batch, hyper)
             _, eval_compile_s = fns.compile_eval(state.params, state.model_state, eval_batch)
+            if self.config.train.bn_calibration_batches:
+                _, moments_compile_s = fns.compile_moments(
+                    state.params, state.model_state, batch["image"]
+                )
+                eval_compile_s += moments_compile_s
         except jax.errors.JaxRuntimeError as err:
             raise _Failure(*_classify_runtime_error(err), int(jax.device_get(state.step))) from None
         except UserError:
@@ -506,6 +511,20 @@ class _Run:
 
     def _validate_and_save(self, fns: StepFunctions, state: TrainState, step: int) -> TrainState:
         start = time.perf_counter()
+        calibration = self.config.train.bn_calibration_batches
+        if calibration:
+            # Batches of a stream of their own: the same for a resumed run, and not the
+            # batches the next training steps will see.
+            make = self.data.batch_maker(
+                self.config.train.batch_size, seed=self.config.seed + _CALIBRATION_SEED
+            )
+            images = (
+                parallel.shard_batch(make(step * calibration + i), self.mesh)["image"]
+                for i in range(calibration)
+            )
+            state = state.replace(
+                model_state=fns.calibrate_batch_norm(state.params, state.model_state, images)
+            )
         metrics = evaluate_batches(
             fns,
             state.params,
@@ -546,6 +565,10 @@ class _Run:
 
     def _lr_scale_array(self) -> jax.Array:
         return jax.device_put(jnp.float32(self.plateau.lr_scale), parallel.replicated(self.mesh))
+
+
+_CALIBRATION_SEED = 0x5EED
+"""Offset of the BatchNorm-calibration batch stream's seed from the run's seed."""
 
 
 def _wait(state: TrainState) -> float:

@@ -176,3 +176,24 @@ def test_init_state_does_not_alias_the_model():
     batch = parallel.shard_batch(_batch(), mesh)
     fns.train_step(state, batch, _hyper())  # donates `state`
     np.testing.assert_array_equal(np.asarray(model.conv.kernel[...]), kernel_before)
+
+
+def test_calibrate_batch_norm_sets_population_statistics_of_the_current_weights():
+    model, fns, _ = _setup("tiny-calibrate")
+    state = fns.init_state(model)
+    batches = [_batch(seed)["image"] for seed in (1, 2, 3)]
+    calibrated = fns.calibrate_batch_norm(state.params, state.model_state, iter(batches))
+    conv_out = np.concatenate([np.asarray(model.conv(jnp.asarray(b))) for b in batches])
+    np.testing.assert_allclose(
+        calibrated["norm"]["mean"][...], conv_out.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        calibrated["norm"]["var"][...], conv_out.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+    # The input state is untouched (it may still be donated to the next train step).
+    np.testing.assert_array_equal(state.model_state["norm"]["mean"][...], np.zeros(6))
+    # Eval mode with calibrated statistics normalises the same images to mean 0, var 1.
+    eval_model = nnx.merge(fns.graphdef_eval, state.params, calibrated)
+    normed = np.concatenate([np.asarray(eval_model.norm(eval_model.conv(b))) for b in batches])
+    np.testing.assert_allclose(normed.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(normed.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
