@@ -54,7 +54,7 @@ from PIL import Image
 
 from covidnet_jax.errors import DataError
 
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3
 CLASS_NAMES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 DEFAULT_PER_CLASS = 300
 DEFAULT_IMAGE_SIZE = 128
@@ -88,22 +88,92 @@ class _Patient:
     seed: int
 
 
-def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised pixel-centre coordinates: x in [0, 1] across, y in [0, 1] down."""
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    """Patient coordinates of every pixel and the way back to pixels.
+
+    `yy`, `xx` (HxW, float32) are in image heights, isotropic, after the image's shift,
+    rotation and magnification; `window` gives the pixel box around a patient-space disc, so
+    that small structures are computed on their bounding box only.
+    """
+
+    yy: np.ndarray
+    xx: np.ndarray
+    cy: float
+    cx: float
+    cos: float
+    sin: float
+    scale: float
+
+    def window(self, cy: float, cx: float, radius: float) -> tuple[slice, slice]:
+        height, width = self.yy.shape
+        dy, dx = cy - self.cy, cx - self.cx
+        py = (self.cy + self.scale * (self.cos * dy + self.sin * dx)) * height
+        px = self.cx * width + self.scale * (self.cos * dx - self.sin * dy) * height
+        r = radius * self.scale * height + 2.0
+        rows = slice(min(max(int(py - r), 0), height), min(max(int(py + r) + 1, 0), height))
+        cols = slice(min(max(int(px - r), 0), width), min(max(int(px + r) + 1, 0), width))
+        return rows, cols
+
+    def ellipse(
+        self,
+        cy: float,
+        cx: float,
+        ry: float,
+        rx: float,
+        edge: float,
+        power: float = 2.0,
+    ) -> tuple[tuple[slice, slice], np.ndarray]:
+        """A soft (super)ellipse on its bounding box: (box, values in [0, 1])."""
+        box = self.window(cy, cx, float(np.hypot(ry, rx)))
+        return box, _soft_ellipse(self.yy[box], self.xx[box], cy, cx, ry, rx, edge, power)
+
+
+def _make_frame(rng: np.random.Generator, height: int, width: int) -> _Frame:
+    """Position: off-centre, nearer or farther, rotated (x scaled to physical units)."""
     y = (np.arange(height, dtype=np.float32) + 0.5) / height
     x = (np.arange(width, dtype=np.float32) + 0.5) / width
-    return np.meshgrid(y, x, indexing="ij")
+    scale = rng.uniform(0.88, 1.12)
+    angle = float(np.deg2rad(rng.normal(0.0, 4.0)))
+    cos, sin = float(np.cos(angle)), float(np.sin(angle))
+    cy0, cx0 = 0.56 + rng.normal(0.0, 0.035), 0.5 + rng.normal(0.0, 0.04)
+    dy = (y - np.float32(cy0))[:, None]
+    dx = ((x - np.float32(cx0)) * np.float32(width / height))[None, :]
+    inv = np.float32(1.0 / scale)
+    yy = np.float32(cy0) + (np.float32(cos) * dy - np.float32(sin) * dx) * inv
+    xx = np.float32(cx0) + (np.float32(sin) * dy + np.float32(cos) * dx) * inv
+    return _Frame(yy, xx, float(cy0), float(cx0), cos, sin, float(scale))
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, int]
+) -> np.ndarray:
     """A smooth random field in [0, 1]: coarse uniform noise upsampled bicubically."""
-    coarse = rng.random((cells, cells), dtype=np.float32)
+    coarse = rng.random((max(cells[0], 2), max(cells[1], 2)), dtype=np.float32)
     img = Image.fromarray(coarse, mode="F").resize(
         (shape[1], shape[0]), resample=Image.Resampling.BICUBIC
     )
     field = np.asarray(img, dtype=np.float32)
     lo, hi = float(field.min()), float(field.max())
-    return (field - lo) / max(hi - lo, 1e-6)
+    return (field - lo) * np.float32(1.0 / max(hi - lo, 1e-6))
+
+
+def _cells(shape: tuple[int, int], height: int, per_height: float) -> tuple[int, int]:
+    """Noise cells over a box of `shape` pixels for `per_height` cells per image height."""
+    return (
+        round(shape[0] * per_height / height) + 1,
+        round(shape[1] * per_height / height) + 1,
+    )
+
+
+def _lowpass(field: np.ndarray, cell: float) -> np.ndarray:
+    """`field` without detail finer than about `cell` pixels (box down, bicubic up)."""
+    h, w = field.shape
+    small = Image.fromarray(field, mode="F").resize(
+        (max(round(w / cell), 1), max(round(h / cell), 1)), resample=Image.Resampling.BOX
+    )
+    smooth = small.resize((w, h), resample=Image.Resampling.BICUBIC)
+    return np.maximum(np.asarray(smooth, dtype=np.float32), 0.0)
 
 
 def _soft_ellipse(
@@ -117,12 +187,14 @@ def _soft_ellipse(
     power: float = 2.0,
 ) -> np.ndarray:
     """1 inside the (super)ellipse, 0 outside, with a soft edge of relative width `edge`."""
-    a, b = (yy - cy) * (1.0 / ry), (xx - cx) * (1.0 / rx)
+    f32 = np.float32
+    a, b = (yy - f32(cy)) * f32(1.0 / ry), (xx - f32(cx)) * f32(1.0 / rx)
     if power == 2.0:
         r = np.sqrt(a * a + b * b)
     else:
-        r = (np.abs(a) ** power + np.abs(b) ** power) ** (1.0 / power)
-    return np.clip((1.0 - r) * (1.0 / edge), 0.0, 1.0)
+        a, b = np.abs(a), np.abs(b)
+        r = np.cbrt(a * a * a + b * b * b) if power == 3.0 else (a**power + b**power) ** (1 / power)
+    return np.clip((1.0 - r) * f32(1.0 / edge), 0.0, 1.0)
 
 
 def _anatomy(rng: np.random.Generator) -> dict[str, float]:
@@ -140,16 +212,17 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
         "tissue": rng.uniform(0.34, 0.56),
         # how dark the aerated lung is (inspiration, habitus): varies as much as a faint lesion
         "aeration": rng.uniform(0.17, 0.37),
-        # disease severity: mostly clear, a tail of subtle cases
-        "severity": 1.0 - 0.35 * rng.beta(1.0, 3.0),
+        # how conspicuous disease texture is: mostly clear, a tail of subtle cases
+        "severity": 1.0 - 0.5 * rng.beta(1.0, 3.0),
         # breast / soft-tissue shadow over the lower lateral zones (any class)
         "breast": rng.uniform(0.04, 0.12) if rng.random() < 0.45 else 0.0,
-        "side": float(rng.integers(2)),  # pneumonia: which lung
-        # pneumonia: lobe 0 upper, 1 middle lobe / lingula, 2 lower
+        # lobar density (consolidation, or non-disease density of the same layout): which lung
+        "side": float(rng.integers(2)),
+        # lobe 0 upper, 1 middle lobe / lingula, 2 lower
         "lobe": float(rng.choice(3, p=[0.3, 0.25, 0.45])),
-        "lobe_u": rng.uniform(-1.0, 1.0),  # pneumonia: placement across the lobe
-        "lobe_v": rng.uniform(-1.0, 1.0),  # pneumonia: placement down the lobe
-        "extent": rng.uniform(0.0, 1.0),  # consolidation size / upward reach of COVID-19 GGO
+        "lobe_u": rng.uniform(-1.0, 1.0),  # placement across the lobe
+        "lobe_v": rng.uniform(-1.0, 1.0),  # placement down the lobe
+        "extent": rng.uniform(0.0, 1.0),  # lobar density size / upward reach of peripheral
         "devices": float(rng.random() < 0.35),  # central line (any class)
     }
 
@@ -169,109 +242,107 @@ def _lung_coords(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lung-relative coordinates: u towards the chest wall, v down; the lung is about |.| < 1."""
     lateral = -1.0 if side == 0 else 1.0
-    u = (xx - centre[1]) * (lateral / anat["lung_rx"])
-    v = (yy - centre[0]) / anat["lung_ry"]
+    u = (xx - np.float32(centre[1])) * np.float32(lateral / anat["lung_rx"])
+    v = (yy - np.float32(centre[0])) * np.float32(1.0 / anat["lung_ry"])
     return u, v
 
 
-# pneumonia: lobe centre (u, v) and the fissure that bounds it (v of the fissure, +1 if the
-# lobe lies below it, -1 above)
+# lobar density: lobe centre (u, v) and the fissure that bounds it (v of the fissure, +1 if
+# the lobe lies below it, -1 above)
 _LOBES = ((0.0, -0.5, -0.05, -1.0), (-0.35, 0.15, -0.05, 1.0), (0.1, 0.5, 0.05, 1.0))
+# lesion detail finer than this (in image heights) is what tells disease from other density
+_DETAIL = 1.0 / 6.0
 
 
-def _draw_lesions(
+def _consolidation(
+    rng: np.random.Generator, anat: dict[str, float], u: np.ndarray, v: np.ndarray, height: int
+) -> np.ndarray:
+    """Lobar consolidation (values about 0..1): dense, lobulated, sharply bounded by a fissure,
+    with dark branching air bronchograms."""
+    cu0, cv0, fissure, below = _LOBES[int(anat["lobe"])]
+    cu = cu0 + 0.35 * anat["lobe_u"] + rng.normal(0, 0.05)
+    cv = cv0 + 0.2 * anat["lobe_v"] + rng.normal(0, 0.04)
+    size = 0.4 + 0.35 * anat["extent"]
+    ru, rv = size * rng.uniform(0.8, 1.25), size * rng.uniform(0.8, 1.25)
+    wobble = _smooth_noise(rng, u.shape, _cells(u.shape, height, 8)) - 0.5
+    du, dv = (u - np.float32(cu)) * np.float32(1 / ru), (v - np.float32(cv)) * np.float32(1 / rv)
+    r = np.sqrt(du * du + dv * dv) + 0.5 * wobble
+    region = np.clip((1.0 - r) * np.float32(1 / 0.08), 0.0, 1.0)
+    edge = (v - np.float32(fissure + rng.normal(0, 0.08)) - np.float32(rng.normal(0, 0.2)) * u) * (
+        np.float32(below / 0.03)
+    )
+    region *= np.clip(edge, 0.0, 1.0)
+    bronchi = _smooth_noise(rng, u.shape, _cells(u.shape, height, 14)) - 0.5
+    bronchi = np.exp(-(bronchi * bronchi) * np.float32(1 / 0.06**2))
+    return region * (1.0 - 0.8 * bronchi)
+
+
+def _ground_glass(
+    rng: np.random.Generator,
+    anat: dict[str, float],
+    u: np.ndarray,
+    v: np.ndarray,
+    height: int,
+) -> np.ndarray:
+    """Peripheral ground-glass patches weighted to the lower zone (values about 0..1), hazy,
+    patchy and reticular (crazy paving)."""
+    reach = 0.5 + 1.1 * anat["extent"]
+    n = int(rng.integers(4, 9))
+    cu = rng.uniform(0.45, 0.95, n)
+    cv = 0.8 - reach * rng.beta(1.0, 1.8, n)
+    rad = rng.uniform(0.2, 0.35, n)
+    ggo = np.clip(_blobs(u, v, cu, cv, rad, rad * rng.uniform(0.8, 1.6, n)), 0.0, 1.0)
+    patchy = _smooth_noise(rng, u.shape, _cells(u.shape, height, 18))
+    patchy = np.clip((patchy - 0.5) * 3.0 + 0.5, 0.0, 1.0)
+    reticular = _smooth_noise(rng, u.shape, _cells(u.shape, height, 22)) - 0.5
+    reticular = np.exp(-(reticular * reticular) * np.float32(1 / 0.07**2))
+    return ggo * (0.1 + 1.0 * patchy + 1.0 * reticular)
+
+
+def _lung_densities(
     rng: np.random.Generator,
     label: str,
     anat: dict[str, float],
-    yy: np.ndarray,
-    xx: np.ndarray,
+    frame: _Frame,
     lungs: np.ndarray,
     centres: Sequence[tuple[float, float]],
-) -> np.ndarray:
-    """The opacity added by disease (0 for normal), confined to the lung fields.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Density in the lung fields: (all of it, the part that is disease).
 
-    Placement, extent and texture vary per patient and image, so the evidence is a local
-    pattern (a dense, sharply bounded region with air bronchograms; or patchy, reticular
-    ground glass along the chest wall) rather than brightness at fixed pixels.
+    Every image, whatever its class, gets a lobar density in one lung and peripheral,
+    lower-zone density in both, with the same distribution of place and amount. Disease is
+    how that density looks: pneumonia turns the lobar density into consolidation (dense,
+    sharply bounded, air bronchograms), COVID-19 turns the peripheral density into ground
+    glass (patchy, reticular); otherwise the density is smooth (overlapping soft tissue,
+    vessels, poor inspiration), the same density with the detail finer than `_DETAIL`
+    removed. So mean density at any pixel is not a finding; texture and edges are.
     """
-    opacity = np.zeros_like(yy)
+    height = lungs.shape[0]
+    total = np.zeros_like(lungs)
+    disease = np.zeros_like(lungs)
+    cell = _DETAIL * frame.scale * height
     sev = anat["severity"]
-    shape = yy.shape
-    if label == "pneumonia":
-        foci = [int(anat["side"])]
-        if rng.random() < 0.15:  # multifocal: the overlap with COVID-19
-            foci.append(1 - foci[0])
-        for k, side in enumerate(foci):
-            u, v = _lung_coords(yy, xx, centres[side], anat, side)
-            lobe = int(anat["lobe"]) if k == 0 else int(rng.integers(3))
-            cu0, cv0, fissure, below = _LOBES[lobe]
-            cu = cu0 + 0.35 * anat["lobe_u"] + rng.normal(0, 0.05)
-            cv = cv0 + 0.2 * anat["lobe_v"] + rng.normal(0, 0.04)
-            size = (0.4 + 0.35 * anat["extent"]) * (1.0 if k == 0 else 0.6)
-            ru, rv = size * rng.uniform(0.8, 1.25), size * rng.uniform(0.8, 1.25)
-            # lobulated border: the radius is perturbed by a smooth field
-            wobble = _smooth_noise(rng, shape, 6) - 0.5
-            r = np.sqrt(((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2) + 0.5 * wobble
-            region = np.clip((1.0 - r) / 0.2, 0.0, 1.0)
-            # a fissure bounds the lobe sharply (slightly oblique)
-            edge = (v - fissure - rng.normal(0, 0.08) - rng.normal(0, 0.2) * u) * below
-            region *= np.clip(edge / 0.04, 0.0, 1.0)
-            # dense, with dark branching air bronchograms (where a smooth field crosses 0.5)
-            bronchi = np.exp(-(((_smooth_noise(rng, shape, 10) - 0.5) / 0.05) ** 2))
-            texture = 1.0 - 0.55 * bronchi * (rng.random() < 0.8)
-            opacity += region * texture * rng.uniform(0.45, 0.6) * sev
-    elif label == "COVID-19":
-        unilateral = rng.random() < 0.12  # unilateral-dominant: the overlap with pneumonia
-        reach = 0.5 + 1.1 * anat["extent"]  # how far up from the bases the opacities go
-        fine = _smooth_noise(rng, shape, 22)
-        reticular = np.exp(-(((fine - 0.5) / 0.07) ** 2))  # crazy-paving lines
-        patchy = np.clip((_smooth_noise(rng, shape, 14) - 0.25) * 1.6, 0.0, 1.0)
-        for side in range(2):
-            if unilateral and side == 1:
-                continue
-            u, v = _lung_coords(yy, xx, centres[side], anat, side)
-            n = int(rng.integers(4, 9))
-            cu = rng.uniform(0.45, 0.95, n)  # peripheral
-            cv = 0.8 - reach * rng.beta(1.0, 1.8, n)  # weighted to the lower zone
-            rad = rng.uniform(0.2, 0.35, n)
-            ggo = np.clip(_blobs(u, v, cu, cv, rad, rad * rng.uniform(0.8, 1.6, n)), 0.0, 1.0)
-            strength = rng.uniform(0.3, 0.42) * sev
-            opacity += ggo * (0.3 + 0.6 * patchy + 0.8 * reticular) * strength
-        if rng.random() < 0.15:  # a denser, consolidative patch
-            side = int(rng.integers(2))
-            u, v = _lung_coords(yy, xx, centres[side], anat, side)
-            dense = _blobs(u, v, np.array([0.6]), np.array([0.5]), np.array([0.2]), np.array([0.2]))
-            opacity += dense * 0.15 * sev
-    return opacity * lungs
-
-
-def _draw_mimics(
-    rng: np.random.Generator,
-    anat: dict[str, float],
-    yy: np.ndarray,
-    xx: np.ndarray,
-    centres: Sequence[tuple[float, float]],
-) -> np.ndarray:
-    """Densities in the lungs that are not disease (any class; not in the mask).
-
-    Perihilar vascular haze, and overlapping soft tissue / vessels that add faint, smooth
-    density anywhere in the lung fields, so a brighter lung zone alone is not a finding.
-    """
-    haze = np.zeros_like(yy)
-    if rng.random() < 0.4:
-        for side, centre in enumerate(centres):
-            u, v = _lung_coords(yy, xx, centre, anat, side)
-            cu, cv = np.array([-0.6]), np.array([rng.uniform(-0.2, 0.2)])
-            haze += _blobs(u, v, cu, cv, np.array([0.5]), np.array([0.4])) * rng.uniform(0.03, 0.08)
-    if rng.random() < 0.3:
-        side = int(rng.integers(2))
-        u, v = _lung_coords(yy, xx, centres[side], anat, side)
-        n = int(rng.integers(1, 3))
-        rad = rng.uniform(0.3, 0.6, n)
-        haze += _blobs(
-            u, v, rng.uniform(-0.6, 0.8, n), rng.uniform(-0.7, 0.8, n), rad, rad
-        ) * rng.uniform(0.03, 0.07)
-    return haze
+    unilateral = rng.random() < 0.12
+    for side in range(2):
+        cy, cx = centres[side]
+        box = frame.window(cy, cx, float(np.hypot(anat["lung_ry"], anat["lung_rx"])))
+        u, v = _lung_coords(frame.yy[box], frame.xx[box], centres[side], anat, side)
+        parts = []
+        if side == int(anat["side"]):
+            lobar = _consolidation(rng, anat, u, v, height) * rng.uniform(0.35, 0.55)
+            parts.append((lobar, label == "pneumonia"))
+        if not (unilateral and side == 1):
+            ggo = _ground_glass(rng, anat, u, v, height) * rng.uniform(0.3, 0.42)
+            parts.append((ggo, label == "COVID-19"))
+        for density, is_disease in parts:
+            smooth = _lowpass(density, cell)
+            if is_disease:  # severity: how much of the detail shows
+                density = smooth + sev * (density - smooth)
+                disease[box] += density * lungs[box]
+            else:
+                density = smooth
+            total[box] += density * lungs[box]
+    return total, disease
 
 
 def render_radiograph(
@@ -293,93 +364,93 @@ def render_radiograph(
     Returns:
         (uint8 HxW image, uint8 HxW mask with 255 where a lesion is visible).
     """
-    yy, xx = _grid(height, width)
-    # position: off-centre, nearer or farther, rotated (x scaled to physical units)
-    aspect = width / height
-    scale = rng.uniform(0.88, 1.12)
-    angle = float(np.deg2rad(rng.normal(0.0, 4.0)))
-    cos, sin = float(np.cos(angle)), float(np.sin(angle))
-    cy0, cx0 = 0.56 + rng.normal(0.0, 0.035), 0.5 + rng.normal(0.0, 0.04)
-    dy, dx = yy - cy0, (xx - cx0) * aspect
-    yy_s = cy0 + (cos * dy - sin * dx) * (1.0 / scale)
-    xx_s = cx0 + (sin * dy + cos * dx) * (1.0 / scale)
+    f32 = np.float32
+    frame = _make_frame(rng, height, width)
+    yy_s, xx_s, cy0, cx0 = frame.yy, frame.xx, frame.cy, frame.cx
 
     # soft tissue: a boxy torso with shoulders, and the neck above it
     body = _soft_ellipse(
         yy_s, xx_s, cy0 + 0.12, cx0, anat["body_ry"], anat["body_rx"], 0.06, power=3.0
     )
-    neck = _soft_ellipse(yy_s, xx_s, cy0 - 0.45, cx0, 0.2, 0.09, 0.2)
-    body = np.maximum(body, neck)
-    img = 0.04 + anat["tissue"] * body
+    box, neck = frame.ellipse(cy0 - 0.45, cx0, 0.2, 0.09, 0.2)
+    body[box] = np.maximum(body[box], neck)
+    img = f32(0.04) + f32(anat["tissue"]) * body
 
     centres = [
         (cy0 - 0.02, cx0 - anat["lung_dx"] - 0.005),  # patient's right lung (image left)
         (cy0 - 0.03, cx0 + anat["lung_dx"]),
     ]
-    lungs = np.zeros_like(yy)
+    lungs = np.zeros_like(img)
     for k, (cy, cx) in enumerate(centres):
         rx = anat["lung_rx"] * (1.04 if k == 0 else 0.97)
-        lung = _soft_ellipse(yy_s, xx_s, cy, cx, anat["lung_ry"], rx, 0.12)
+        box, lung = frame.ellipse(cy, cx, anat["lung_ry"], rx, 0.12)
         # the diaphragm dome flattens the lung base (the right hemidiaphragm sits higher)
-        dome = cy + anat["lung_ry"] * (0.78 if k == 0 else 0.84) - 0.06 * ((xx_s - cx) / rx) ** 2
-        lung *= np.clip((dome - yy_s) / 0.02, 0.0, 1.0)
-        lungs = np.maximum(lungs, lung)
-    img -= anat["aeration"] * lungs * body
+        xr = (xx_s[box] - f32(cx)) * f32(1.0 / rx)
+        dome = f32(cy + anat["lung_ry"] * (0.78 if k == 0 else 0.84)) - 0.06 * xr * xr
+        lung *= np.clip((dome - yy_s[box]) * f32(1 / 0.02), 0.0, 1.0)
+        lungs[box] = np.maximum(lungs[box], lung)
+    lungs *= body
+    img -= f32(anat["aeration"]) * lungs
 
     # ribs: curved bright bands across each lung field
-    bend = anat["rib_bend"] * ((xx_s - cx0) / 0.2) ** 2
-    rib_phase = (yy_s - cy0 + 0.35 - bend) / anat["rib_gap"]
-    ribs = np.clip(np.cos(2 * np.pi * rib_phase) * 2.0 - 1.0, 0.0, 1.0)
+    xr = (xx_s - f32(cx0)) * f32(1 / 0.2)
+    rib_phase = (yy_s - f32(cy0 - 0.35) - f32(anat["rib_bend"]) * xr * xr) * f32(
+        2 * np.pi / anat["rib_gap"]
+    )
+    ribs = np.clip(np.cos(rib_phase) * 2.0 - 1.0, 0.0, 1.0)
     img += 0.07 * ribs * lungs
     # clavicles: two oblique bands at the lung apices
     for side in (-1.0, 1.0):
-        line = (yy_s - (cy0 - 0.33) - 0.25 * side * (xx_s - cx0)) / 0.012
-        reach = np.clip(1.0 - np.abs(xx_s - cx0 - side * 0.15) / 0.16, 0.0, 1.0)
-        img += 0.12 * np.exp(-(line**2)) * reach * body
+        box = frame.window(cy0 - 0.33, cx0 + side * 0.15, 0.2)
+        ys, xs = yy_s[box], xx_s[box] - f32(cx0)
+        line = (ys - f32(cy0 - 0.33) - f32(0.25 * side) * xs) * f32(1 / 0.012)
+        reach = np.clip(1.0 - np.abs(xs - f32(side * 0.15)) * f32(1 / 0.16), 0.0, 1.0)
+        img[box] += 0.12 * np.exp(-(line * line)) * reach * body[box]
     # spine and mediastinum, then the heart shadow (to the patient's left)
-    img += 0.12 * np.exp(-(((xx_s - cx0) / 0.035) ** 2)) * body
-    heart = _soft_ellipse(
-        yy_s, xx_s, cy0 + 0.12, cx0 + 0.05, anat["heart_ry"], anat["heart_rx"], 0.15
-    )
-    img = np.maximum(img, heart * (anat["tissue"] + 0.08))
+    spine = (xx_s - f32(cx0)) * f32(1 / 0.035)
+    img += 0.12 * np.exp(-(spine * spine)) * body
+    box, heart = frame.ellipse(cy0 + 0.12, cx0 + 0.05, anat["heart_ry"], anat["heart_rx"], 0.15)
+    img[box] = np.maximum(img[box], heart * f32(anat["tissue"] + 0.08))
 
     # nuisance that overlaps where disease appears: breast shadows, scapulae
     for side in (-1.0, 1.0):
         if anat["breast"] > 0:
-            breast = _soft_ellipse(yy_s, xx_s, cy0 + 0.2, cx0 + side * 0.2, 0.15, 0.17, 0.5)
-            img += anat["breast"] * breast * body
+            box, breast = frame.ellipse(cy0 + 0.2, cx0 + side * 0.2, 0.15, 0.17, 0.5)
+            img[box] += f32(anat["breast"]) * breast * body[box]
         if rng.random() < 0.5:
-            scapula = _soft_ellipse(yy_s, xx_s, cy0 - 0.12, cx0 + side * 0.3, 0.17, 0.06, 0.4)
-            img += rng.uniform(0.03, 0.07) * scapula * body
+            box, scapula = frame.ellipse(cy0 - 0.12, cx0 + side * 0.3, 0.17, 0.06, 0.4)
+            img[box] += f32(rng.uniform(0.03, 0.07)) * scapula * body[box]
 
-    opacity = _draw_lesions(rng, label, anat, yy_s, xx_s, lungs, centres)
-    mask = (opacity > 0.03).astype(np.uint8) * 255
-    img += opacity + _draw_mimics(rng, anat, yy_s, xx_s, centres) * lungs
-    # smooth, featureless lung density (any class): mean density is not a finding
-    img += rng.uniform(0.0, 0.2) * _smooth_noise(rng, img.shape, 3) * lungs
+    density, disease = _lung_densities(rng, label, anat, frame, lungs, centres)
+    mask = (disease > 0.03).astype(np.uint8) * 255
+    img += density
 
     # devices on any class: a central venous line from the shoulder to the mediastinum,
     # ECG electrodes (bright discs) anywhere on the chest
     if anat["devices"]:
         side = 1.0 if rng.random() < 0.5 else -1.0
-        t = np.clip((xx_s - cx0) * side / 0.3, 0.0, 1.0)
-        path = cy0 - 0.3 + 0.25 * (1.0 - t) ** 2 + rng.normal(0, 0.01)
-        line = np.exp(-(((yy_s - path) / 0.006) ** 2)) * (t > 0.05) * (t < 0.95)
-        img = np.maximum(img, 0.8 * line)
+        t = np.clip((xx_s - f32(cx0)) * f32(side / 0.3), 0.0, 1.0)
+        path = (yy_s - f32(cy0 - 0.3 + rng.normal(0, 0.01)) - 0.25 * (1.0 - t) ** 2) * f32(
+            1 / 0.006
+        )
+        line = np.exp(-(path * path)) * ((t > 0.05) & (t < 0.95))
+        np.maximum(img, 0.8 * line, out=img)
     if rng.random() < 0.4:
         n = int(rng.integers(1, 5))
         for cy, cx in zip(rng.uniform(-0.3, 0.35, n), rng.uniform(-0.35, 0.35, n), strict=True):
-            disc = _soft_ellipse(yy_s, xx_s, cy0 + cy, cx0 + cx, 0.014, 0.014, 0.3)
-            img = np.maximum(img, 0.8 * disc)
+            box, disc = frame.ellipse(cy0 + cy, cx0 + cx, 0.014, 0.014, 0.3)
+            img[box] = np.maximum(img[box], 0.8 * disc)
 
     # acquisition: a smooth non-uniformity (heel effect, scatter), contrast, brightness and
     # gamma; then quantum noise
     tilt = rng.normal(0.0, 0.03, 2)
-    img += tilt[0] * (yy - 0.5) + tilt[1] * (xx - 0.5)
-    img += rng.uniform(0.0, 0.08) * (_smooth_noise(rng, img.shape, 3) - 0.5)
-    img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
-    img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
-    img += rng.normal(0.0, rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
+    y = (np.arange(height, dtype=f32) + 0.5) / height - 0.5
+    x = (np.arange(width, dtype=f32) + 0.5) / width - 0.5
+    img += f32(tilt[0]) * y[:, None] + f32(tilt[1]) * x[None, :]
+    img += f32(rng.uniform(0.0, 0.08)) * (_smooth_noise(rng, img.shape, (3, 3)) - 0.5)
+    img = img * f32(rng.uniform(0.85, 1.15)) + f32(rng.uniform(-0.05, 0.05))
+    img = np.clip(img, 0.0, 1.0) ** f32(rng.uniform(0.8, 1.25))
+    img += rng.standard_normal(img.shape, dtype=f32) * f32(rng.uniform(0.01, 0.03))
     img = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return img, mask
 
