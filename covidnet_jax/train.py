@@ -576,9 +576,10 @@ def _wait(state: TrainState) -> float:
     return time.perf_counter()
 
 
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _all_finite(tree: Any) -> bool:
+    # On the host: a jitted check would compile once per design (seconds in a search), and
+    # the checkpoint copies the parameters to the host anyway.
+    return all(bool(np.isfinite(leaf).all()) for leaf in jax.tree.leaves(jax.device_get(tree)))
 
 
 def _classify_runtime_error(err: Exception) -> tuple[FailureKind, str]:
