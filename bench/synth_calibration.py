@@ -13,7 +13,7 @@ trainer. Every number in bench/README.md "Synthetic data calibration" comes from
 
 Usage:
     python bench/synth_calibration.py                       # default synthetic set, 3 seeds
-    python bench/synth_calibration.py --steps 300 --seeds 0 1 2
+    python bench/synth_calibration.py --data-seeds 0 1 --seeds 0 1 --no-tiny
 """
 
 from __future__ import annotations
@@ -141,26 +141,20 @@ def logistic_regression(data) -> tuple[float, float]:
     return clf.score(x_te, y_te), best[1]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--covidx-dir", default=None, help="default: write the synthetic set")
-    parser.add_argument("--per-class", type=int, default=None)
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny PEPX preset")
-    args = parser.parse_args()
+def calibrate(args: argparse.Namespace, data_seed: int) -> None:
+    """Logistic regression and the CNNs on one synthetic set (or --covidx-dir)."""
+    with tempfile.TemporaryDirectory(prefix="synth-calib-") as tmp:
+        _calibrate_in(args, data_seed, Path(tmp))
 
-    tmp = Path(tempfile.mkdtemp(prefix="synth-calib-"))
+
+def _calibrate_in(args: argparse.Namespace, data_seed: int, tmp: Path) -> None:
+    print(f"== data seed {data_seed}" if args.covidx_dir is None else f"== {args.covidx_dir}")
     covidx_dir = args.covidx_dir
     if covidx_dir is None:
         covidx_dir = tmp / "synth"
         started = time.perf_counter()
         kwargs = {"per_class": args.per_class} if args.per_class else {}
-        summary = write_synthetic_dataset(covidx_dir, seed=args.data_seed, **kwargs)
+        summary = write_synthetic_dataset(covidx_dir, seed=data_seed, **kwargs)
         print(
             f"synth: {summary.settings} written in {time.perf_counter() - started:.1f} s; "
             f"train {summary.class_counts['train']}, test {summary.class_counts['test']}"
@@ -207,8 +201,29 @@ def main() -> int:
         if accs:
             print(
                 f"{name}: mean {np.mean(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f} "
-                f"over seeds {args.seeds}"
+                f"over init seeds {args.seeds}"
             )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--covidx-dir", default=None, help="default: write the synthetic set")
+    parser.add_argument("--per-class", type=int, default=None)
+    parser.add_argument(
+        "--data-seeds", type=int, nargs="+", default=[0], help="seeds of the synthetic sets"
+    )
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-tiny", action="store_true", help="skip the tiny PEPX preset")
+    args = parser.parse_args()
+
+    if args.covidx_dir is not None and len(args.data_seeds) > 1:
+        parser.error("--covidx-dir is one data set; give one --data-seeds value with it")
+    for data_seed in args.data_seeds:
+        calibrate(args, data_seed)
     return 0
 
 

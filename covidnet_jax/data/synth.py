@@ -14,29 +14,31 @@ out_dir/
 Images are drawn from an anatomical model rather than copied from anywhere: a thorax with
 soft tissue, two lung fields, ribs, clavicles, spine and heart shadow, with per-patient
 anatomy (including lung aeration) and per-image exposure, position, rotation, a smooth
-exposure non-uniformity and noise, plus findings that are not disease and overlap the places
-where disease appears (breast shadows, scapulae, faint vascular / soft-tissue densities,
-ECG electrodes and central lines on any class), so that brightness at fixed pixels is a poor
-cue. Class evidence follows the radiology and is placed per patient:
+exposure non-uniformity and noise, plus findings that are not disease (breast shadows,
+scapulae, ECG electrodes and central lines on any class). Every image, whatever its class,
+also carries density in the lung fields with the same distribution of place and amount: a
+lobar density in one lung and peripheral, lower-zone density in both. Disease is what that
+density looks like, following the radiology, so that brightness at fixed pixels (or the total
+density in the lungs) is not a finding and texture and edges are:
 
-- pneumonia: focal lobar consolidation in a random lobe (upper, middle / lingula, lower) of
-  a random lung, placed and sized per patient; dense, lobulated, bounded by a fissure, with
-  air bronchograms; sometimes a second, smaller focus;
-- COVID-19: bilateral, peripheral ground-glass opacities, several patches along the chest
-  wall weighted to the lower zones, with per-patient upward reach; hazy, patchy, with
-  reticular (crazy-paving) texture;
-- normal: neither.
+- pneumonia: the lobar density is a focal consolidation in a random lobe (upper, middle /
+  lingula, lower) of a random lung, placed and sized per patient; dense, lobulated, sharply
+  bounded by a fissure, with dark branching air bronchograms;
+- COVID-19: the peripheral density is bilateral (sometimes unilateral) ground glass, several
+  patches along the chest wall weighted to the lower zones, with per-patient upward reach;
+  patchy, with reticular (crazy-paving) texture;
+- any other density is smooth (overlapping soft tissue and vessels, poor inspiration): the
+  same density with its fine detail removed. Normal images have only smooth density.
 
-Severity varies per patient, so there are subtle cases, and the classes overlap (multifocal
-pneumonia, unilateral COVID-19 with a denser patch, non-disease densities on any image), so
-the task is learnable but not trivial. Patients have several images each and every patient
-is in exactly one split. Output is a pure function of the arguments. Calibration (a linear
-model against a small CNN at 64 px): bench/README.md, "Synthetic data calibration".
+Severity (how much of the disease texture shows) varies per patient, so there are subtle
+cases and the task is learnable but not trivial. Patients have several images each and every
+patient is in exactly one split. Output is a pure function of the arguments. Calibration (a
+linear model against a small CNN at 64 px): bench/README.md, "Synthetic data calibration".
 
 Example:
     >>> summary = write_synthetic_dataset("data/synth", per_class=300, image_size=128, seed=0)
     >>> summary.class_counts["train"]
-    {'normal': 240, 'pneumonia': 240, 'COVID-19': 240}
+    {'normal': 239, 'pneumonia': 239, 'COVID-19': 240}
 """
 
 from __future__ import annotations
@@ -213,7 +215,7 @@ def _anatomy(rng: np.random.Generator) -> dict[str, float]:
         # how dark the aerated lung is (inspiration, habitus): varies as much as a faint lesion
         "aeration": rng.uniform(0.17, 0.37),
         # how conspicuous disease texture is: mostly clear, a tail of subtle cases
-        "severity": 1.0 - 0.5 * rng.beta(1.0, 3.0),
+        "severity": 1.0 - 0.45 * rng.beta(1.0, 3.5),
         # breast / soft-tissue shadow over the lower lateral zones (any class)
         "breast": rng.uniform(0.04, 0.12) if rng.random() < 0.45 else 0.0,
         # lobar density (consolidation, or non-disease density of the same layout): which lung
@@ -250,8 +252,10 @@ def _lung_coords(
 # lobar density: lobe centre (u, v) and the fissure that bounds it (v of the fissure, +1 if
 # the lobe lies below it, -1 above)
 _LOBES = ((0.0, -0.5, -0.05, -1.0), (-0.35, 0.15, -0.05, 1.0), (0.1, 0.5, 0.05, 1.0))
-# lesion detail finer than this (in image heights) is what tells disease from other density
-_DETAIL = 1.0 / 6.0
+# detail finer than this (in image heights) is what tells disease from other density: lobar
+# density is smoothed more, so that the lung's own border does not give it a sharp edge
+_DETAIL_LOBAR = 1.0 / 4.0
+_DETAIL_PERIPHERAL = 1.0 / 5.0
 
 
 def _consolidation(
@@ -293,10 +297,10 @@ def _ground_glass(
     rad = rng.uniform(0.2, 0.35, n)
     ggo = np.clip(_blobs(u, v, cu, cv, rad, rad * rng.uniform(0.8, 1.6, n)), 0.0, 1.0)
     patchy = _smooth_noise(rng, u.shape, _cells(u.shape, height, 18))
-    patchy = np.clip((patchy - 0.5) * 3.0 + 0.5, 0.0, 1.0)
-    reticular = _smooth_noise(rng, u.shape, _cells(u.shape, height, 22)) - 0.5
+    patchy = np.clip((patchy - 0.5) * 2.0 + 0.5, 0.0, 1.0)
+    reticular = _smooth_noise(rng, u.shape, _cells(u.shape, height, 18)) - 0.5
     reticular = np.exp(-(reticular * reticular) * np.float32(1 / 0.07**2))
-    return ggo * (0.1 + 1.0 * patchy + 1.0 * reticular)
+    return ggo * (0.2 + 0.6 * patchy + 1.4 * reticular)
 
 
 def _lung_densities(
@@ -314,13 +318,12 @@ def _lung_densities(
     how that density looks: pneumonia turns the lobar density into consolidation (dense,
     sharply bounded, air bronchograms), COVID-19 turns the peripheral density into ground
     glass (patchy, reticular); otherwise the density is smooth (overlapping soft tissue,
-    vessels, poor inspiration), the same density with the detail finer than `_DETAIL`
-    removed. So mean density at any pixel is not a finding; texture and edges are.
+    vessels, poor inspiration), the same density with the detail finer than
+    `_DETAIL_LOBAR` / `_DETAIL_PERIPHERAL` removed. So mean density at any pixel is not a finding; texture and edges are.
     """
     height = lungs.shape[0]
     total = np.zeros_like(lungs)
     disease = np.zeros_like(lungs)
-    cell = _DETAIL * frame.scale * height
     sev = anat["severity"]
     unilateral = rng.random() < 0.12
     for side in range(2):
@@ -330,18 +333,23 @@ def _lung_densities(
         parts = []
         if side == int(anat["side"]):
             lobar = _consolidation(rng, anat, u, v, height) * rng.uniform(0.35, 0.55)
-            parts.append((lobar, label == "pneumonia"))
+            parts.append((lobar, _DETAIL_LOBAR, label == "pneumonia"))
         if not (unilateral and side == 1):
             ggo = _ground_glass(rng, anat, u, v, height) * rng.uniform(0.3, 0.42)
-            parts.append((ggo, label == "COVID-19"))
-        for density, is_disease in parts:
-            smooth = _lowpass(density, cell)
+            parts.append((ggo, _DETAIL_PERIPHERAL, label == "COVID-19"))
+        lung = lungs[box]
+        # smoothing normalised by the smoothed lung field keeps the density inside the lung
+        # where it was (plain smoothing would move density from the chest wall out of it)
+        for density, detail, is_disease in parts:
+            cell = detail * frame.scale * height
+            density *= lung
+            smooth = _lowpass(density, cell) / np.maximum(_lowpass(lung, cell), 0.05) * lung
             if is_disease:  # severity: how much of the detail shows
                 density = smooth + sev * (density - smooth)
-                disease[box] += density * lungs[box]
+                disease[box] += density
             else:
                 density = smooth
-            total[box] += density * lungs[box]
+            total[box] += density
     return total, disease
 
 
@@ -381,9 +389,11 @@ def render_radiograph(
         (cy0 - 0.03, cx0 + anat["lung_dx"]),
     ]
     lungs = np.zeros_like(img)
+    boxes = []
     for k, (cy, cx) in enumerate(centres):
         rx = anat["lung_rx"] * (1.04 if k == 0 else 0.97)
         box, lung = frame.ellipse(cy, cx, anat["lung_ry"], rx, 0.12)
+        boxes.append(box)
         # the diaphragm dome flattens the lung base (the right hemidiaphragm sits higher)
         xr = (xx_s[box] - f32(cx)) * f32(1.0 / rx)
         dome = f32(cy + anat["lung_ry"] * (0.78 if k == 0 else 0.84)) - 0.06 * xr * xr
@@ -392,13 +402,17 @@ def render_radiograph(
     lungs *= body
     img -= f32(anat["aeration"]) * lungs
 
-    # ribs: curved bright bands across each lung field
-    xr = (xx_s - f32(cx0)) * f32(1 / 0.2)
-    rib_phase = (yy_s - f32(cy0 - 0.35) - f32(anat["rib_bend"]) * xr * xr) * f32(
+    # ribs: curved bright bands across each lung field (computed on the lungs' box)
+    box = (
+        slice(min(b[0].start for b in boxes), max(b[0].stop for b in boxes)),
+        slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
+    )
+    xr = (xx_s[box] - f32(cx0)) * f32(1 / 0.2)
+    rib_phase = (yy_s[box] - f32(cy0 - 0.35) - f32(anat["rib_bend"]) * xr * xr) * f32(
         2 * np.pi / anat["rib_gap"]
     )
     ribs = np.clip(np.cos(rib_phase) * 2.0 - 1.0, 0.0, 1.0)
-    img += 0.07 * ribs * lungs
+    img[box] += 0.07 * ribs * lungs[box]
     # clavicles: two oblique bands at the lung apices
     for side in (-1.0, 1.0):
         box = frame.window(cy0 - 0.33, cx0 + side * 0.15, 0.2)
