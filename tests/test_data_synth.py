@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from covidnet_jax.data import open_covidx_folder, parse_split_file, write_synthetic_dataset
+from covidnet_jax.data import synth as synth_module
 from covidnet_jax.errors import DataError
 from search.cli import main
 
@@ -78,6 +79,37 @@ def test_masks_mark_lesions_only_in_disease(synth):
     assert max(lesion_area["normal"]) == 0.0
     assert np.mean([a > 0 for a in lesion_area["pneumonia"]]) > 0.8
     assert np.mean([a > 0 for a in lesion_area["COVID-19"]]) > 0.8
+
+
+def _lung_density(label: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_lung_densities` for one label, with the same random draws for every label."""
+    rng = np.random.default_rng(seed)
+    anat = synth_module._anatomy(rng)
+    frame = synth_module._make_frame(rng, 64, 70)
+    centres = [
+        (frame.cy - 0.02, frame.cx - anat["lung_dx"]),
+        (frame.cy - 0.03, frame.cx + anat["lung_dx"]),
+    ]
+    lungs = np.zeros_like(frame.yy)
+    for cy, cx in centres:
+        box, lung = frame.ellipse(cy, cx, anat["lung_ry"], anat["lung_rx"], 0.12)
+        lungs[box] = np.maximum(lungs[box], lung)
+    return synth_module._lung_densities(rng, label, anat, frame, lungs, centres)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_disease_changes_texture_not_amount_of_lung_density(seed):
+    # the calibration's premise: a linear model on pixels must not find the disease by
+    # the amount of density; the finer detail (edges, texture) is what differs
+    total, disease = {}, {}
+    for label in synth_module.CLASS_NAMES:
+        total[label], disease[label] = _lung_density(label, seed)
+    amount = {label: float(t.sum()) for label, t in total.items()}
+    detail = {label: float(np.abs(np.diff(t, axis=1)).sum()) for label, t in total.items()}
+    assert max(amount.values()) / min(amount.values()) < 1.01
+    assert detail["pneumonia"] > 1.2 * detail["normal"]
+    assert detail["COVID-19"] > 1.2 * detail["normal"]
+    assert disease["normal"].sum() == 0.0 and disease["COVID-19"].sum() > 0.0
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

@@ -318,8 +318,9 @@ def _lung_densities(
     how that density looks: pneumonia turns the lobar density into consolidation (dense,
     sharply bounded, air bronchograms), COVID-19 turns the peripheral density into ground
     glass (patchy, reticular); otherwise the density is smooth (overlapping soft tissue,
-    vessels, poor inspiration), the same density with the detail finer than
-    `_DETAIL_LOBAR` / `_DETAIL_PERIPHERAL` removed. So mean density at any pixel is not a finding; texture and edges are.
+    vessels, poor inspiration), the same amount of density with the detail finer than
+    `_DETAIL_LOBAR` / `_DETAIL_PERIPHERAL` removed. So the amount of density is not a
+    finding; texture and edges are.
     """
     height = lungs.shape[0]
     total = np.zeros_like(lungs)
@@ -332,10 +333,10 @@ def _lung_densities(
         u, v = _lung_coords(frame.yy[box], frame.xx[box], centres[side], anat, side)
         parts = []
         if side == int(anat["side"]):
-            lobar = _consolidation(rng, anat, u, v, height) * rng.uniform(0.35, 0.55)
+            lobar = _consolidation(rng, anat, u, v, height) * rng.uniform(0.4, 0.62)
             parts.append((lobar, _DETAIL_LOBAR, label == "pneumonia"))
         if not (unilateral and side == 1):
-            ggo = _ground_glass(rng, anat, u, v, height) * rng.uniform(0.3, 0.42)
+            ggo = _ground_glass(rng, anat, u, v, height) * rng.uniform(0.35, 0.48)
             parts.append((ggo, _DETAIL_PERIPHERAL, label == "COVID-19"))
         lung = lungs[box]
         # smoothing normalised by the smoothed lung field keeps the density inside the lung
@@ -344,6 +345,7 @@ def _lung_densities(
             cell = detail * frame.scale * height
             density *= lung
             smooth = _lowpass(density, cell) / np.maximum(_lowpass(lung, cell), 0.05) * lung
+            smooth *= float(density.sum()) / max(float(smooth.sum()), 1e-6)  # same amount
             if is_disease:  # severity: how much of the detail shows
                 density = smooth + sev * (density - smooth)
                 disease[box] += density
