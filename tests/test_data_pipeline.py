@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -253,6 +254,15 @@ def test_synth_section_writes_the_folder_once(tmp_path):
     other = dataclasses.replace(config, synth=SynthConfig(per_class=6, image_size=32, seed=2))
     with pytest.raises(DataError, match=r"match data\.synth"):
         load_data(other, seed=0)
+    # A folder from an older generator version is rewritten, not silently reused.
+    settings_file = tmp_path / "auto" / "synth.json"
+    settings = json.loads(settings_file.read_text())
+    stale = tmp_path / "auto" / "train" / "stale.png"
+    stale.write_bytes(b"")
+    settings_file.write_text(json.dumps({**settings, "version": settings["version"] - 1}))
+    load_data(config, seed=0)
+    assert json.loads(settings_file.read_text())["version"] == settings["version"]
+    assert not stale.exists()
 
 
 def test_preprocess_image_drops_top_rows_and_crops_centre(tmp_path):

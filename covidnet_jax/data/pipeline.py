@@ -51,7 +51,11 @@ from covidnet_jax.data.preprocess import (
     crop_and_resize,
     decode_image,
 )
-from covidnet_jax.data.synth import read_synth_settings, write_synthetic_dataset
+from covidnet_jax.data.synth import (
+    SYNTH_VERSION,
+    read_synth_settings,
+    write_synthetic_dataset,
+)
 from covidnet_jax.errors import ConfigError, DataError
 from covidnet_jax.typed_yaml import bounded
 
@@ -570,7 +574,16 @@ def _ensure_synthetic(config: DataConfig) -> None:
                 f"{folder}: holds a synthetic data set written with {found}, but data.synth "
                 f"asks for {wanted}; delete the folder or match data.synth"
             )
-        return
+        if found is None or found.get("version") == SYNTH_VERSION:
+            return
+        # Our own output from an older generator: rewrite it, or results would silently
+        # depend on which version happened to write the folder first.
+        log.warning(
+            "%s: synthetic data of generator version %s; rewriting it with version %d",
+            folder,
+            found.get("version"),
+            SYNTH_VERSION,
+        )
     log.info("writing the synthetic data set to %s", folder)
     write_synthetic_dataset(folder, overwrite=True, **wanted)
 
