@@ -15,6 +15,7 @@ import optuna
 import pytest
 from search_support import PROTOTYPE, fast_tmp, read, settings
 
+from covidnet_jax.cost import count_cost
 from search import store
 from search.runner import run_worker
 from search.surrogate import SurrogateEvaluator, surrogate_job
@@ -86,13 +87,20 @@ def _start_worker(job):
     return process
 
 
-def _two_workers(workdir: Path, storage_url: str | None, study_name: str, max_trials: int):
+def _two_workers(
+    workdir: Path,
+    storage_url: str | None,
+    study_name: str,
+    max_trials: int,
+    **changes: object,
+):
     data = settings(
         **{
             "strategy.name": "random",
             "budget.max_trials": max_trials,
             "budget.rungs": [60],
             "heartbeat": {"interval_s": 0.5, "grace_s": 30},
+            **changes,
         }
     )
     job = surrogate_job(
@@ -113,6 +121,23 @@ def test_two_worker_processes_share_one_journal(fast_tmp):
     workers = {r.attrs["worker"] for r in records if "worker" in r.attrs}
     assert len(workers) == 2, "both workers ran trials"
     assert len({r.number for r in records}) == len(records)
+
+
+def test_two_shrink_workers_descend_side_by_side_instead_of_duplicating(fast_tmp):
+    # The prototype is over the MAC budget, so both workers start with the cost-driven
+    # descent; while one trains its step, the other must propose a different one.
+    budget = 0.6 * count_cost(PROTOTYPE).macs
+    records = _two_workers(
+        fast_tmp / "shrink2",
+        None,
+        "shrink2",
+        16,
+        **{"strategy.name": "shrink", "requirements.max_macs": budget},
+    )
+    check_accounting(records, 16)
+    duplicates = [r.number for r in records if r.status == "duplicate"]
+    assert len(duplicates) <= 2, f"duplicate proposals: {duplicates}"
+    assert sum(1 for r in records if r.is_trained) >= 3
 
 
 @pytest.mark.skipif(

@@ -50,13 +50,26 @@ class ShrinkSampler(GenomeSampler):
         if not over_budget:
             return Proposal(self.fresh_genome(records, rng), None, "random")
         cheapest = min(over_budget, key=lambda r: (r.macs, r.number))
+        seen = seen_hashes(records)
         child = dict(cheapest.params)
         for name, _ in self.space.shrink_options(child):
             if name.endswith("width"):
                 child[name] -= 1
-        if child == cheapest.params:
-            return Proposal(self.fresh_genome(records, rng), None, "random")
-        return Proposal(child, cheapest.number, "narrow every width")
+        if child != cheapest.params and self.space.decode(child).content_hash() not in seen:
+            return Proposal(child, cheapest.number, "narrow every width")
+        # That step is taken already (another worker may still be training it): descend
+        # beside it, narrowing a random part of the widths, rather than propose it twice.
+        widths = [name for name, _ in self.space.shrink_options(cheapest.params)]
+        widths = [name for name in widths if name.endswith("width")]
+        for _ in range(self.strategy.max_resample if widths else 0):
+            count = int(rng.integers(1, len(widths) + 1))
+            picks = sorted(str(n) for n in rng.choice(widths, size=count, replace=False))
+            child = dict(cheapest.params)
+            for name in picks:
+                child[name] -= 1
+            if self.space.decode(child).content_hash() not in seen:
+                return Proposal(child, cheapest.number, "narrow " + "+".join(picks))
+        return Proposal(self.fresh_genome(records, rng), None, "random")
 
     def _shrink_anchor(
         self, anchor: TrialRecord, records: Sequence[TrialRecord], rng: np.random.Generator
