@@ -13,6 +13,7 @@ in eval mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping
@@ -137,6 +138,87 @@ class LayerConfig:
         )
 
 
+def batch_norm(norm: nnx.BatchNorm, x_BxHxWxC: jax.Array) -> jax.Array:
+    """`norm(x)` with `nnx.BatchNorm` semantics, and a cheaper gradient in train mode.
+
+    Eval mode calls `norm` itself. In train mode the statistics (mean and the biased
+    variance as E[x^2] - E[x]^2 clipped at 0, in float32, as `nnx.BatchNorm` computes them)
+    and the running-average update (`momentum * old + (1 - momentum) * batch`) are the
+    same, but the normalization has a hand-written VJP (`_normalize_batch`): autodiff of the
+    textbook formula keeps the centred input x - mean from the forward pass and reduces
+    over it in the backward pass; on the CPU that extra memory pass per layer made BatchNorm
+    a large share of a training step (bench/README.md, "Training throughput").
+
+    Args:
+        norm: the layer (its parameters, statistics, momentum, epsilon and mode are used).
+        x_BxHxWxC: input; statistics are per channel over B, H and W.
+
+    Returns:
+        The normalized input, in `norm.dtype` (or `x`'s dtype when that is None).
+    """
+    if norm.use_running_average:
+        return norm(x_BxHxWxC)
+    dtype = norm.dtype or x_BxHxWxC.dtype
+    y, mean, var = _normalize_batch(
+        x_BxHxWxC.astype(dtype), norm.scale[...], norm.bias[...], norm.epsilon
+    )
+    momentum = norm.momentum
+    norm.mean[...] = jax.lax.stop_gradient(momentum * norm.mean[...] + (1 - momentum) * mean)
+    norm.var[...] = jax.lax.stop_gradient(momentum * norm.var[...] + (1 - momentum) * var)
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize_batch(
+    x_BxHxWxC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(normalized x in x's dtype, batch mean C, batch variance C), statistics in float32."""
+    y, mean, var, _ = _normalize_batch_forward(x_BxHxWxC, scale_C, bias_C, epsilon)
+    return y, mean, var
+
+
+def _normalize_batch_forward(x_BxHxWxC, scale_C, bias_C, epsilon):
+    x = x_BxHxWxC.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.maximum(0.0, jnp.mean(x * x, axes) - mean * mean)
+    inv = jax.lax.rsqrt(var + epsilon)
+    mul = inv * scale_C.astype(jnp.float32)
+    y = (x - mean) * mul + bias_C.astype(jnp.float32)
+    return y.astype(x_BxHxWxC.dtype), mean, var, inv
+
+
+def _normalize_batch_fwd(x_BxHxWxC, scale_C, bias_C, epsilon):
+    y, mean, var, inv = _normalize_batch_forward(x_BxHxWxC, scale_C, bias_C, epsilon)
+    return (y, mean, var), (x_BxHxWxC, mean, inv, scale_C, bias_C)
+
+
+def _normalize_batch_bwd(epsilon, residuals, cotangents):
+    del epsilon
+    x_BxHxWxC, mean, inv, scale_C, bias_C = residuals
+    dy, dmean, dvar = cotangents
+    x = x_BxHxWxC.astype(jnp.float32)
+    dy = dy.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = x.size // x.shape[-1]
+    sum_dy = jnp.sum(dy, axes)
+    # sum(dy * xhat) with xhat = (x - mean) * inv, from sum(dy * x): no centred copy of x.
+    sum_dy_xhat = inv * (jnp.sum(dy * x, axes) - mean * sum_dy)
+    gain = scale_C.astype(jnp.float32) * inv
+    # dx = gain * (dy - mean(dy) - xhat * mean(dy * xhat)), plus the statistics' cotangents
+    # (d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n).
+    centred_coef = (2.0 * dvar - gain * inv * sum_dy_xhat) / count
+    dx = gain * dy + centred_coef * (x - mean) + (dmean - gain * sum_dy) / count
+    return (
+        dx.astype(x_BxHxWxC.dtype),
+        sum_dy_xhat.astype(scale_C.dtype),
+        sum_dy.astype(bias_C.dtype),
+    )
+
+
+_normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+
+
 class ConvNormAct(nnx.Module):
     """Conv -> optional BatchNorm -> optional activation.
 
@@ -198,7 +280,7 @@ class ConvNormAct(nnx.Module):
         """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x C'."""
         y = self.conv(x_BxHxWxC)
         if self.norm is not None:
-            y = self.norm(y)
+            y = batch_norm(self.norm, y)
         if self.activation is not None:
             y = ACTIVATION_FNS[self.activation](y)
         return y

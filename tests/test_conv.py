@@ -116,3 +116,107 @@ def test_same_padding_matches_xla(size, kernel, stride):
     )
     assert y.shape[1] == out
     np.testing.assert_array_equal(y, z)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "size"),
+    [(3, 1, 9), (3, 1, 8), (3, 2, 9), (3, 2, 8), (5, 1, 7), (5, 2, 8), (5, 2, 7)],
+)
+def test_depthwise_gradients_match_nnx_conv(kernel, stride, size):
+    """The hand-written VJP of the depthwise conv equals autodiff of nnx.Conv (input and kernel)."""
+    channels = 3
+    ours = Conv(
+        channels,
+        channels,
+        kernel_size=kernel,
+        stride=stride,
+        groups=channels,
+        use_bias=False,
+        kernel_init=_init,
+        rngs=nnx.Rngs(0),
+    )
+    reference = nnx.Conv(
+        channels,
+        channels,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding="SAME",
+        feature_group_count=channels,
+        use_bias=False,
+        kernel_init=_init,
+        rngs=nnx.Rngs(0),
+    )
+    x = jax.random.normal(jax.random.key(1), (2, size, size + 1, channels))
+    out = -(-size // stride), -(-(size + 1) // stride)
+    cotangent = jax.random.normal(jax.random.key(2), (2, *out, channels))
+
+    def loss(module, kernel_, x_):
+        return jnp.sum(_with_kernel(module, kernel_)(x_) * cotangent)
+
+    grads_ours = jax.jit(jax.grad(lambda k, x_: loss(ours, k, x_), argnums=(0, 1)))(
+        ours.kernel[...], x
+    )
+    grads_ref = jax.grad(lambda k, x_: loss(reference, k, x_), argnums=(0, 1))(
+        reference.kernel[...], x
+    )
+    for got, want in zip(grads_ours, grads_ref, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_matches_nnx_batch_norm(dtype):
+    """blocks.batch_norm (hand-written VJP) equals nnx.BatchNorm: output, statistics, grads.
+
+    Kept beside the conv tests because both are the training-step lowerings of blocks.py.
+    """
+    from covidnet_jax.blocks import batch_norm
+
+    def make():
+        norm = nnx.BatchNorm(
+            5, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
+        norm.scale[...] = jnp.linspace(0.5, 2.0, 5)
+        norm.bias[...] = jnp.linspace(-1.0, 1.0, 5)
+        norm.mean[...] = jnp.full((5,), 0.3)
+        norm.var[...] = jnp.full((5,), 2.0)
+        return norm
+
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(1), (3, 7, 6, 5))).astype(dtype)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+
+    def loss(apply, params, x_):
+        graphdef, state = nnx.split(make())
+        norm = nnx.merge(graphdef, state)
+        norm.scale[...], norm.bias[...] = params
+        y = apply(norm, x_)
+        stats = (norm.mean[...], norm.var[...])
+        return jnp.sum(y.astype(jnp.float32) * cotangent), (y, stats)
+
+    params = (jnp.linspace(0.5, 2.0, 5), jnp.linspace(-1.0, 1.0, 5))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for train in (True, False):
+
+        def ours(norm, x_, train=train):
+            norm.use_running_average = not train
+            return batch_norm(norm, x_)
+
+        def reference(norm, x_, train=train):
+            return norm(x_, use_running_average=not train)
+
+        (got, got_aux), got_grads = jax.jit(
+            jax.value_and_grad(lambda p, x_: loss(ours, p, x_), argnums=(0, 1), has_aux=True)
+        )(params, x)
+        (want, want_aux), want_grads = jax.value_and_grad(
+            lambda p, x_: loss(reference, p, x_), argnums=(0, 1), has_aux=True
+        )(params, x)
+        assert got_aux[0].dtype == want_aux[0].dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        for a, b in zip(
+            jax.tree.leaves((got_aux, got_grads)),
+            jax.tree.leaves((want_aux, want_grads)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol * 10
+            )
