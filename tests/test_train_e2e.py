@@ -18,6 +18,7 @@ from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import load_data, write_synthetic_dataset
 from covidnet_jax.evaluate import evaluate_workdir, write_evaluation
+from covidnet_jax.metrics import netscore
 from covidnet_jax.models import build_model
 from covidnet_jax.predict import predict_images
 from covidnet_jax.steps import StepFunctions, StepSettings
@@ -227,7 +228,10 @@ def test_evaluate_and_predict(trained, data_dir):
     evaluation = evaluate_workdir(workdir, split="test")
     assert evaluation.step == result.best_step
     assert evaluation.metrics.count == load_data(config.data, seed=0).num_examples("test")
-    assert evaluation.params > 0 and evaluation.macs > 0 and np.isfinite(evaluation.netscore)
+    assert evaluation.params > 0 and evaluation.macs > 0
+    assert evaluation.netscore == netscore(
+        evaluation.metrics.accuracy, evaluation.params, evaluation.macs
+    )
     json_path, png = write_evaluation(evaluation, workdir)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(json_path.read_text())["split"] == "test"
