@@ -117,7 +117,22 @@ def run_surrogate(strategy: str, seed: int, changes: dict, root: Path) -> dict |
 
 
 def run_training(config: str, strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
-    """One real search on an experiment file; its first-feasible figures."""
+    """One real search in a fresh process; its first-feasible figures.
+
+    A fresh process per search, so that no search starts with another's compiled steps:
+    the in-process step cache and JAX's process-wide persistent compilation cache would
+    otherwise hand a strategy that proposes the same design for every seed (shrink) its
+    compiles for free after the first seed.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_run_training, config, strategy, seed, changes, root).result()
+
+
+def _run_training(config: str, strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
     from search.commands.search import prepare_job
     from search.runner import run_search
     from search.training import load_experiment
