@@ -36,8 +36,16 @@ class ShrinkSampler(GenomeSampler):
         trained = [r for r in trained_records(records) if not _over_cost(r)]
         feasible = [r for r in trained if r.feasible]
         if feasible:
-            anchor = min(feasible, key=lambda r: rank_key(r, self.objective))
-            return self._shrink_anchor(anchor, records, rng)
+            # The best design first; when every shrink of it was tried, the next best.
+            anchors = sorted(feasible, key=lambda r: rank_key(r, self.objective))
+            for anchor in anchors:
+                proposal = self._shrink_anchor(anchor, records, rng)
+                if proposal is not None:
+                    return proposal
+            child, note = self.mutate(anchors[0].params, records, rng, count=1)
+            if self.acceptable(child, seen_hashes(records)):
+                return Proposal(child, anchors[0].number, note)
+            return Proposal(self.fresh_genome(records, rng), None, "random")
         if trained:
             closest = min(trained, key=lambda r: rank_key(r, self.objective))
             child, note = self.mutate(closest.params, records, rng, count=1, growing=True)
@@ -73,7 +81,8 @@ class ShrinkSampler(GenomeSampler):
 
     def _shrink_anchor(
         self, anchor: TrialRecord, records: Sequence[TrialRecord], rng: np.random.Generator
-    ) -> Proposal:
+    ) -> Proposal | None:
+        """A new shrink of `anchor` not yet known to break a requirement (None: none left)."""
         blocked: set[str] = set()
         for r in records:
             if r.attrs.get("parent") != anchor.number:
@@ -96,8 +105,7 @@ class ShrinkSampler(GenomeSampler):
             if self.acceptable(child, seen):
                 note = "shrink " + "+".join(options[i][0] for i in picks)
                 return Proposal(child, anchor.number, note)
-        child, note = self.mutate(anchor.params, records, rng, count=1)
-        return Proposal(child, anchor.number, note)
+        return None
 
 
 def _over_cost(record: TrialRecord) -> bool:
