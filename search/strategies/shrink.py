@@ -3,12 +3,15 @@
 Start from the prototype; then repeatedly take the best design that meets every requirement
 (the anchor) and propose a child with the widths of a few of its modules or stages lowered by
 one step (or one module fewer). A shrink of the anchor that broke a requirement (or failed) is
-not tried again from that anchor; the other genes are. The result is the heterogeneous
+not tried again from that anchor; the other genes are. When no untried shrink of the best
+design is left, the next best design becomes the anchor. The result is the heterogeneous
 per-module widths GenSynth produced: modules that matter keep their width, the rest shrink.
 
 Before any design meets the requirements: when no candidate was trained yet because the
 designs so far exceed the cost limits, the cheapest of them shrinks in every width gene at
-once (cost-driven descent); when designs were trained but none meets the requirements, the
+once (cost-driven descent; with several workers, a step another worker is still training is
+not proposed again: a random part of the widths is lowered instead); when designs were
+trained but none meets the requirements, the
 closest one grows by one step (a wider module or stage, or one more module) within the cost
 limits, the way a designer would give a too-weak prototype more capacity.
 """
