@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.device != "cpu":
         print("device gpu: JAX only (the PyTorch twin is a CPU baseline)")
 
+    # Before the matmul peak below, whose own threads would raise it.
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     peak_jax = matmul_peak_jax(device)
     peak = peak_jax
     peak_torch = matmul_peak_torch() if torch_ok else None
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {
         "device": str(device),
         "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average": load,
         "platform": platform.platform(),
         "jax": jax.__version__,
         "torch": __import__("torch").__version__ if torch_ok else None,
@@ -360,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops_torch": peak_torch / 1e9 if peak_torch else None,
     }
     print(json.dumps(header))
+    if torch_ok and load is not None and load[0] > 1.0:
+        # Measured: at load 2-8 PyTorch's eager step slowed 5-11x, JAX's under 2x, which
+        # turned parity on an idle machine into "3-5x faster" (bench/README.md).
+        print(
+            f"WARNING: load average {load[0]:.1f} at the start: other processes skew the "
+            "JAX / PyTorch ratio (PyTorch suffers far more); measure on an idle machine",
+            file=sys.stderr,
+        )
     rows = []
     for res, batch in parse_sizes(args.sizes):
         spec = load_spec(args.arch).with_input_size(res)
