@@ -15,20 +15,8 @@ def _init(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype)
 
 
-@pytest.mark.parametrize(
-    ("cin", "cout", "kernel", "stride", "groups", "size"),
-    [
-        (6, 6, 3, 1, 6, 9),  # depthwise
-        (6, 6, 3, 2, 6, 9),  # depthwise, strided, odd size
-        (6, 6, 5, 2, 6, 8),  # depthwise, 5x5, even size
-        (5, 7, 1, 1, 1, 8),  # pointwise
-        (5, 7, 1, 2, 1, 9),  # pointwise, strided
-        (4, 6, 3, 2, 1, 9),  # general
-        (4, 6, 3, 1, 2, 8),  # grouped, not depthwise
-    ],
-)
-def test_matches_nnx_conv(cin, cout, kernel, stride, groups, size):
-    use_bias = stride == 2  # both paths, half the compiles
+def _conv_pair(cin, cout, kernel, stride, groups, use_bias):
+    """(conv.Conv, nnx.Conv) with the same arguments and initial weights."""
     ours = Conv(
         cin,
         cout,
@@ -50,6 +38,24 @@ def test_matches_nnx_conv(cin, cout, kernel, stride, groups, size):
         kernel_init=_init,
         rngs=nnx.Rngs(0),
     )
+    return ours, reference
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "groups", "size"),
+    [
+        (6, 6, 3, 1, 6, 9),  # depthwise
+        (6, 6, 3, 2, 6, 9),  # depthwise, strided, odd size
+        (6, 6, 5, 2, 6, 8),  # depthwise, 5x5, even size
+        (5, 7, 1, 1, 1, 8),  # pointwise
+        (5, 7, 1, 2, 1, 9),  # pointwise, strided
+        (4, 6, 3, 2, 1, 9),  # general
+        (4, 6, 3, 1, 2, 8),  # grouped, not depthwise
+    ],
+)
+def test_matches_nnx_conv(cin, cout, kernel, stride, groups, size):
+    use_bias = stride == 2  # both paths, half the compiles
+    ours, reference = _conv_pair(cin, cout, kernel, stride, groups, use_bias)
     assert ours.kernel[...].shape == reference.kernel[...].shape
     np.testing.assert_array_equal(ours.kernel[...], reference.kernel[...])
     if use_bias:
@@ -125,27 +131,7 @@ def test_same_padding_matches_xla(size, kernel, stride):
 def test_depthwise_gradients_match_nnx_conv(kernel, stride, size):
     """The hand-written VJP of the depthwise conv equals autodiff of nnx.Conv (input and kernel)."""
     channels = 3
-    ours = Conv(
-        channels,
-        channels,
-        kernel_size=kernel,
-        stride=stride,
-        groups=channels,
-        use_bias=False,
-        kernel_init=_init,
-        rngs=nnx.Rngs(0),
-    )
-    reference = nnx.Conv(
-        channels,
-        channels,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding="SAME",
-        feature_group_count=channels,
-        use_bias=False,
-        kernel_init=_init,
-        rngs=nnx.Rngs(0),
-    )
+    ours, reference = _conv_pair(channels, channels, kernel, stride, channels, False)
     x = jax.random.normal(jax.random.key(1), (2, size, size + 1, channels))
     out = -(-size // stride), -(-(size + 1) // stride)
     cotangent = jax.random.normal(jax.random.key(2), (2, *out, channels))
