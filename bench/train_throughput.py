@@ -6,6 +6,9 @@ optimizer (Adam, lr 2e-4) and softmax cross-entropy on the same random batch, in
 the CPU, PyTorch in channels-last. For each (resolution, batch) it reports images/s of a full
 training step (forward, backward, optimizer update), the JAX/PyTorch ratio, JAX's compile
 time, and the fraction of the CPU's fp32 peak, measured in the same run with a large matmul.
+Each framework runs alone in a fresh process per size (JAX first, then PyTorch), under the
+malloc setting the `covidnet` command uses (`covidnet_jax.hostmem`: transparent huge pages
+for large buffers; `COVIDNET_MALLOC_TUNING=0` to measure without it).
 
 PyTorch is an optional extra (`pip install torch==2.13.0`, the CPU build); without it, or
 with `--no-torch`, only JAX runs. `--device gpu` runs JAX on a GPU (the twin is skipped).
@@ -20,6 +23,7 @@ Results and what was tried are recorded in bench/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,6 +37,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from covidnet_jax import hostmem
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -290,6 +296,67 @@ def matmul_peak_torch(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+# -- one framework per process ----------------------------------------------------------------
+
+
+def measure_jax(arch: str, res: int, batch: int, steps: int, repeats: int, opts: dict) -> dict:
+    """In a child process: JAX's matmul peak, compile time and timed repeats."""
+    if opts["device"] == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    from covidnet_jax.presets import load_spec
+
+    device = jax.devices(opts["device"])[0]
+    if opts["convs"] == "native":
+        use_native_convs()
+    peak = matmul_peak_jax(device)
+    jb = JaxBench(load_spec(arch).with_input_size(res), batch, device, opts["dtype"])
+    jb.run(2)  # warm-up (first executions, allocator)
+    return {
+        "device": str(device),
+        "jax": jax.__version__,
+        "peak": peak,
+        "params": jb.params,
+        "compile_s": jb.compile_s,
+        "xla_flops": jb.xla_flops,
+        "step_s": [jb.run(steps) for _ in range(repeats)],
+    }
+
+
+def measure_torch(arch: str, res: int, batch: int, steps: int, repeats: int, opts: dict) -> dict:
+    """In a child process: PyTorch's matmul peak and timed repeats of the twin."""
+    import torch
+
+    from covidnet_jax.presets import load_spec
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = matmul_peak_torch()
+    tb = TorchBench(load_spec(arch).with_input_size(res), batch)
+    tb.run(2)
+    return {
+        "torch": torch.__version__,
+        "peak": peak,
+        "params": tb.params,
+        "step_s": [tb.run(steps) for _ in range(repeats)],
+    }
+
+
+def in_child(fn: Callable[..., dict], *args: Any) -> dict:
+    """Runs `fn(*args)` in a fresh spawned process and returns its result.
+
+    Each framework runs alone in its process: in one process, PyTorch's OpenMP threads and
+    XLA's thread pool were both resident, and JAX's step measured 15% slower at 64 px
+    (62.0 against 72.6 images/s) than with PyTorch not loaded.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -317,49 +384,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
-
-    if args.device == "cpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
+    if argv is None:
+        # The malloc setting `covidnet` runs under (huge pages for XLA's per-step buffers),
+        # for both frameworks alike; COVIDNET_MALLOC_TUNING=0 measures without it.
+        hostmem.reexec_with_huge_pages([str(Path(__file__).resolve()), *sys.argv[1:]])
 
     from covidnet_jax.cost import count_cost
     from covidnet_jax.presets import load_spec
 
-    device = jax.devices(args.device)[0]
-    if args.convs == "native":
-        use_native_convs()
-    torch_ok = False
-    if not args.no_torch and args.device == "cpu":
-        try:
-            import torch
-
-            torch.set_num_threads(os.cpu_count() or 1)
-            torch_ok = True
-        except ImportError:
-            print("PyTorch is not installed: the twin is skipped (pip install torch==2.13.0)")
+    torch_ok = not args.no_torch and args.device == "cpu"
+    if torch_ok and importlib.util.find_spec("torch") is None:
+        print("PyTorch is not installed: the twin is skipped (pip install torch==2.13.0)")
+        torch_ok = False
     elif args.device != "cpu":
         print("device gpu: JAX only (the PyTorch twin is a CPU baseline)")
 
-    # Before the matmul peak below, whose own threads would raise it.
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    peak_jax = matmul_peak_jax(device)
-    peak = peak_jax
-    peak_torch = matmul_peak_torch() if torch_ok else None
-    if peak_torch:
-        peak = max(peak, peak_torch)
     header = {
-        "device": str(device),
         "cpu_count": os.cpu_count(),
         "load_average": load,
         "platform": platform.platform(),
-        "jax": jax.__version__,
-        "torch": __import__("torch").__version__ if torch_ok else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "arch": args.arch,
         "dtype": args.dtype,
         "convs": args.convs,
-        "matmul_peak_gflops_jax": peak_jax / 1e9,
-        "matmul_peak_gflops_torch": peak_torch / 1e9 if peak_torch else None,
     }
     print(json.dumps(header))
     if torch_ok and load is not None and load[0] > 1.0:
@@ -370,52 +419,51 @@ def main(argv: list[str] | None = None) -> int:
             "JAX / PyTorch ratio (PyTorch suffers far more); measure on an idle machine",
             file=sys.stderr,
         )
+    opts = {"device": args.device, "convs": args.convs, "dtype": args.dtype}
     rows = []
+    peak = 0.0
     for res, batch in parse_sizes(args.sizes):
-        spec = load_spec(args.arch).with_input_size(res)
-        macs = count_cost(spec).macs
+        macs = count_cost(load_spec(args.arch).with_input_size(res)).macs
         train_flops = 6.0 * macs * batch  # forward 2 MACs, backward twice the forward
         steps = args.steps or max(2, min(20, int(2e11 / train_flops)))
-        jb = JaxBench(spec, batch, device, args.dtype)
-        tb = TorchBench(spec, batch) if torch_ok else None
-        if tb is not None and tb.params != jb.params:
-            raise SystemExit(f"twin mismatch: torch {tb.params} vs jax {jb.params} parameters")
-        jb.run(2)  # warm-up (first executions, allocator)
-        if tb:
-            tb.run(2)
-        jax_s, torch_s = [], []
-        for _ in range(args.repeats):  # interleaved, so background load hits both alike
-            jax_s.append(jb.run(steps))
-            if tb:
-                torch_s.append(tb.run(steps))
-        jax_ips = steps * batch / statistics.median(jax_s)
-        torch_ips = steps * batch / statistics.median(torch_s) if tb else None
+        size = (args.arch, res, batch, steps, args.repeats, opts)
+        jx = in_child(measure_jax, *size)
+        tr = in_child(measure_torch, *size) if torch_ok else None
+        if tr is not None and tr["params"] != jx["params"]:
+            raise SystemExit(
+                f"twin mismatch: torch {tr['params']} vs jax {jx['params']} parameters"
+            )
+        peak = max(peak, jx["peak"], tr["peak"] if tr else 0.0)
+        jax_ips = steps * batch / statistics.median(jx["step_s"])
+        torch_ips = steps * batch / statistics.median(tr["step_s"]) if tr else None
         row = {
             "resolution": res,
             "batch": batch,
             "steps": steps,
-            "params": jb.params,
+            "device": jx["device"],
+            "params": jx["params"],
             "gmacs_per_image": macs / 1e9,
             "jax_images_per_s": jax_ips,
             "torch_images_per_s": torch_ips,
             "ratio": jax_ips / torch_ips if torch_ips else None,
-            # Best-of-repeats ratio: on a shared machine the fastest repeat of each side is
-            # the one least disturbed by other processes.
-            "ratio_best": min(torch_s) / min(jax_s) if tb else None,
-            "jax_compile_s": jb.compile_s,
+            "ratio_best": min(tr["step_s"]) / min(jx["step_s"]) if tr else None,
+            "jax_compile_s": jx["compile_s"],
             "jax_fraction_of_peak": jax_ips / batch * train_flops / peak,
             "torch_fraction_of_peak": torch_ips / batch * train_flops / peak if torch_ips else None,
-            "xla_flops_per_step": jb.xla_flops,
-            "jax_step_s": sorted(jax_s),
-            "torch_step_s": sorted(torch_s),
+            "matmul_peak_gflops_jax": jx["peak"] / 1e9,
+            "matmul_peak_gflops_torch": tr["peak"] / 1e9 if tr else None,
+            "xla_flops_per_step": jx["xla_flops"],
+            "jax_step_s": sorted(jx["step_s"]),
+            "torch_step_s": sorted(tr["step_s"]) if tr else [],
+            "versions": {"jax": jx["jax"], "torch": tr["torch"] if tr else None},
         }
         rows.append(row)
         print(json.dumps(row))
-        del jb, tb
 
     print()
     print(
-        f"{args.arch}, {args.dtype}, {args.convs} convs, {device}; matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"{args.arch}, {args.dtype}, {args.convs} convs, {rows[0]['device'] if rows else '-'}; "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s; GLIBC_TUNABLES={header['glibc_tunables'] or '-'}"
     )
     print(
         f"{'res':>4} {'batch':>5} {'JAX img/s':>10} {'torch img/s':>12} {'ratio':>6} "

@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from covidnet_jax import hostmem
 from covidnet_jax.errors import UserError
 
 # Modules exposing `register(subparsers)`, in the order they appear in `--help`.
@@ -63,6 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"covidnet {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> int:
+    """The `covidnet` console script: `main` in a process whose malloc backs XLA's large
+    per-step buffers with transparent huge pages (re-executes once; see hostmem)."""
+    hostmem.reexec_with_huge_pages(["-m", "search.cli", *sys.argv[1:]])
+    return main()
 
 
 if __name__ == "__main__":
