@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import statistics
 
 import pytest
@@ -64,3 +65,23 @@ def test_evolution_and_shrink_meet_tight_requirements_more_often_than_random(fas
     random = feasible_designs(fast_tmp / "random", "random")
     assert feasible_designs(fast_tmp / "evolution", "evolution") > 2 * random
     assert feasible_designs(fast_tmp / "shrink", "shrink") > 2 * random
+
+
+def test_shrink_keeps_proposing_new_designs_while_none_meets_the_requirements(fast_tmp):
+    # Unreachable accuracy: shrink grows the closest design. Once every growth of it is known
+    # or over the MAC budget, it must move on instead of proposing those again (it once
+    # stalled: 90 proposals in a row, each a duplicate or rejected for MACs).
+    data = settings(
+        **{
+            "strategy.name": "shrink",
+            "requirements.min_accuracy": 0.999,
+            "requirements.max_macs": 1.5e6,
+            "budget.max_trials": 30,
+            "budget.rungs": [100],
+        }
+    )
+    records, _ = run(fast_tmp, "shrink-unreachable", data)
+    assert not any(r.feasible for r in records)
+    statuses = collections.Counter(r.status for r in records)
+    assert statuses["duplicate"] == 0, statuses
+    assert statuses["trained"] >= 24, statuses

@@ -13,7 +13,8 @@ once (cost-driven descent; with several workers, a step another worker is still 
 not proposed again: a random part of the widths is lowered instead); when designs were
 trained but none meets the requirements, the
 closest one grows by one step (a wider module or stage, or one more module) within the cost
-limits, the way a designer would give a too-weak prototype more capacity.
+limits, the way a designer would give a too-weak prototype more capacity; when all its
+growths are known or over budget, the next closest grows instead.
 """
 
 from __future__ import annotations
@@ -50,9 +51,7 @@ class ShrinkSampler(GenomeSampler):
                 return Proposal(child, anchors[0].number, note)
             return Proposal(self.fresh_genome(records, rng), None, "random")
         if trained:
-            closest = min(trained, key=lambda r: rank_key(r, self.objective))
-            child, note = self.mutate(closest.params, records, rng, count=1, growing=True)
-            return Proposal(child, closest.number, note)
+            return self._grow(trained, records, rng)
         over_budget = [
             r
             for r in proposed
@@ -80,6 +79,30 @@ class ShrinkSampler(GenomeSampler):
                 child[name] -= 1
             if self.space.decode(child).content_hash() not in seen:
                 return Proposal(child, cheapest.number, "narrow " + "+".join(picks))
+        return Proposal(self.fresh_genome(records, rng), None, "random")
+
+    def _grow(
+        self,
+        trained: Sequence[TrialRecord],
+        records: Sequence[TrialRecord],
+        rng: np.random.Generator,
+    ) -> Proposal:
+        """No design meets the requirements yet: grow the closest one by one step.
+
+        A design whose every growth is known or over a cost limit hands over to the next
+        closest (re-proposing known or over-budget growths stalled a search: 90 proposals in
+        a row, all duplicates or rejected for MACs); when none can grow, the closest changes
+        in any direction, and failing that a random design is proposed.
+        """
+        seen = seen_hashes(records)
+        ranked = sorted(trained, key=lambda r: rank_key(r, self.objective))
+        for record in ranked:
+            child, note = self.mutate(record.params, records, rng, count=1, growing=True)
+            if self.acceptable(child, seen):
+                return Proposal(child, record.number, note)
+        child, note = self.mutate(ranked[0].params, records, rng, count=1)
+        if self.acceptable(child, seen):
+            return Proposal(child, ranked[0].number, note)
         return Proposal(self.fresh_genome(records, rng), None, "random")
 
     def _shrink_anchor(
