@@ -15,8 +15,9 @@ faults").
 
 glibc reads tunables once, when the process starts, so the `covidnet` command re-executes
 itself once with the tunable added to `GLIBC_TUNABLES` (child processes such as search
-workers inherit it). `COVIDNET_MALLOC_TUNING=0` turns this off. Off Linux, or where the
-kernel has transparent huge pages disabled, the tunable is absent or has no effect.
+workers inherit it). `COVIDNET_MALLOC_TUNING=0` turns this off. It matters where the
+kernel's transparent huge pages are in `madvise` mode (as on this machine); with `always`
+large mappings are huge already, and with `never`, or off Linux, it changes nothing.
 
 Tried and not kept: `mallopt` to keep freed memory in the heap (one arena, no mmap, no
 trim) removes the faults altogether, but the single arena's lock made XLA's compiles and
