@@ -362,8 +362,10 @@ class Worker:
         give_up = time.monotonic() + 10.0
         while True:
             earlier = [r for r in store.read_records(self.study) if r.number < number]
+            # A trial asked but not yet marked "running" (its worker is between `ask` and
+            # the status write) is pending too: it let two workers train one spec.
             pending = any(
-                r.state == "RUNNING" and r.spec_hash is None and r.status == "running"
+                r.state == "RUNNING" and r.spec_hash is None and r.status in ("", "running")
                 for r in earlier
             )
             for r in earlier:

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -17,7 +18,7 @@ from search_support import PROTOTYPE, fast_tmp, read, settings
 
 from covidnet_jax.cost import count_cost
 from search import store
-from search.runner import run_worker
+from search.runner import Worker, run_worker
 from search.surrogate import SurrogateEvaluator, surrogate_job
 
 __all__ = ["fast_tmp"]
@@ -138,6 +139,26 @@ def test_two_shrink_workers_descend_side_by_side_instead_of_duplicating(fast_tmp
     duplicates = [r.number for r in records if r.status == "duplicate"]
     assert len(duplicates) <= 2, f"duplicate proposals: {duplicates}"
     assert sum(1 for r in records if r.is_trained) >= 3
+
+
+def test_a_spec_proposed_while_an_earlier_trial_is_still_unmarked_waits_for_it(fast_tmp):
+    # Worker A has asked trial 0 but not yet written its status or spec; worker B proposes
+    # the same spec as trial 1. B must wait for trial 0's spec and record a duplicate rather
+    # than train the spec a second time (this window once let two workers train one spec).
+    job = surrogate_job(settings(), fast_tmp / "unmarked", prototype=PROTOTYPE)
+    worker = Worker(job, SurrogateEvaluator())
+    first, second = worker.study.ask(), worker.study.ask()
+
+    def mark_first() -> None:
+        time.sleep(0.5)
+        first.set_user_attr("status", "running")
+        first.set_user_attr("spec_hash", "abc")
+
+    marker = threading.Thread(target=mark_first)
+    marker.start()
+    original = worker._find_original(second.number, "abc")
+    marker.join()
+    assert original is not None and original.number == first.number
 
 
 @pytest.mark.skipif(
