@@ -69,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def entry() -> int:
     """The `covidnet` console script: `main` in a process whose malloc backs XLA's large
     per-step buffers with transparent huge pages (re-executes once; see hostmem)."""
-    hostmem.reexec_with_huge_pages(["-m", "search.cli", *sys.argv[1:]])
+    # The script itself again (not `-m search.cli`, which would look in the working
+    # directory first and could import a user's own `search` package).
+    hostmem.reexec_with_huge_pages(sys.argv)
     return main()
 
 
