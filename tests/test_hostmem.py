@@ -33,7 +33,7 @@ def test_user_choices_win():
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",)}
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     environ.update(env)
     environ["PYTHONPATH"] = str(ROOT)
     return subprocess.run(

@@ -46,10 +46,7 @@ class ShrinkSampler(GenomeSampler):
                 proposal = self._shrink_anchor(anchor, records, rng)
                 if proposal is not None:
                     return proposal
-            child, note = self.mutate(anchors[0].params, records, rng, count=1)
-            if self.acceptable(child, seen_hashes(records)):
-                return Proposal(child, anchors[0].number, note)
-            return Proposal(self.fresh_genome(records, rng), None, "random")
+            return self._mutate_or_fresh(anchors[0], records, rng)
         if trained:
             return self._grow(trained, records, rng)
         over_budget = [
@@ -100,9 +97,15 @@ class ShrinkSampler(GenomeSampler):
             child, note = self.mutate(record.params, records, rng, count=1, growing=True)
             if self.acceptable(child, seen):
                 return Proposal(child, record.number, note)
-        child, note = self.mutate(ranked[0].params, records, rng, count=1)
-        if self.acceptable(child, seen):
-            return Proposal(child, ranked[0].number, note)
+        return self._mutate_or_fresh(ranked[0], records, rng)
+
+    def _mutate_or_fresh(
+        self, record: TrialRecord, records: Sequence[TrialRecord], rng: np.random.Generator
+    ) -> Proposal:
+        """The last resort: `record` changed in any direction, else a random design."""
+        child, note = self.mutate(record.params, records, rng, count=1)
+        if self.acceptable(child, seen_hashes(records)):
+            return Proposal(child, record.number, note)
         return Proposal(self.fresh_genome(records, rng), None, "random")
 
     def _shrink_anchor(
