@@ -28,7 +28,9 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -435,7 +437,28 @@ def run_worker(job: SearchJob, evaluator: Evaluator | None = None) -> WorkerSumm
 def _worker_main(job: SearchJob, device: str | None) -> None:
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+    _end_with_parent()
     run_worker(job)
+
+
+def _end_with_parent() -> None:
+    """Ends this worker process (SIGTERM to itself) when the process that started it dies.
+
+    Ctrl-C reaches every process of the terminal's group, but a `kill` of the search command
+    (or a scheduler ending it) reaches only that process. Its workers would otherwise go on
+    training, holding cores or a GPU, beside the workers of the search when it is resumed. A
+    worker that ends this way mid-trial leaves the trial to the heartbeat check, like a
+    crash: the resumed search retries it from its last checkpoint.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent process is gone
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="covidnet-parent-watch", daemon=True).start()
 
 
 def count_gpus() -> int:

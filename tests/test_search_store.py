@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -18,7 +19,7 @@ from search_support import PROTOTYPE, fast_tmp, read, settings
 
 from covidnet_jax.cost import count_cost
 from search import store
-from search.runner import Worker, run_worker
+from search.runner import Worker, run_search, run_worker
 from search.surrogate import SurrogateEvaluator, surrogate_job
 
 __all__ = ["fast_tmp"]
@@ -217,3 +218,54 @@ def test_a_search_killed_mid_training_resumes_with_every_trial_accounted_once(fa
     # The retry continued from the killed trial's last checkpoint, not from step 0.
     starts = [start for spec_hash, start, _, _ in evaluator.jobs if spec_hash == victim.spec_hash]
     assert starts and starts[0] >= 20
+
+
+def _search_with_two_workers(job) -> None:
+    run_search(job, workers=2)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states in /proc")
+def test_worker_processes_end_when_the_search_process_is_killed(fast_tmp):
+    """`kill -9` of the search command ends its workers too; they would otherwise go on
+    training (holding cores or a GPU) beside the workers of the resumed search."""
+    workdir = fast_tmp / "orphans"
+    data = settings(
+        **{
+            "strategy.name": "random",
+            "budget.max_trials": 400,
+            "budget.rungs": [100],
+            "requirements.max_macs": 1.0e7,
+        }
+    )
+    job = surrogate_job(data, workdir, prototype=PROTOTYPE, seconds_per_step=0.02)
+    parent = SPAWN.Process(target=_search_with_two_workers, args=(job,))
+    parent.start()
+    workers: set[str] = set()
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if store.journal_path(workdir).exists():
+            workers = {r.attrs["worker"] for r in read(workdir) if "worker" in r.attrs}
+    pids = [int(worker.rsplit(":", 1)[1]) for worker in workers]
+    try:
+        assert len(pids) == 2, "the search never had two workers training"
+        assert parent.pid not in pids
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.join()
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if _running(pid)], "workers outlived the search"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
