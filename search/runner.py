@@ -457,6 +457,8 @@ def _end_with_parent() -> None:
     def watch() -> None:
         parent.join()  # returns when the parent process is gone
         os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # a library's SIGTERM handler may not exit: then end here
+        os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="covidnet-parent-watch", daemon=True).start()
 

@@ -14,7 +14,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from covidnet_jax.arch import AnySpec
+from covidnet_jax import presets
+from covidnet_jax.arch import AnySpec, ArchSpec
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import Data, load_data
 from covidnet_jax.errors import ConfigError
@@ -78,6 +79,23 @@ def load_experiment(path: str | Path, overrides: tuple[str, ...] = ()) -> Search
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     return SearchExperiment(str(path), tuple(overrides), training, settings)
+
+
+def load_prototype(experiment: SearchExperiment) -> ArchSpec:
+    """The search's prototype at the experiment's input resolution and channels.
+
+    Raises:
+        ConfigError: the prototype is not a PEPX spec.
+    """
+    prototype = presets.load_spec(experiment.search.space.prototype)
+    if not isinstance(prototype, ArchSpec):
+        raise ConfigError(
+            f"search.space.prototype: expected a PEPX design, got a {prototype.TYPE!r} spec"
+        )
+    data = experiment.training.data
+    return dataclasses.replace(
+        prototype.with_input_size(data.resolution), input_channels=data.channels
+    )
 
 
 def candidate_config(config: TrainConfig, spec: AnySpec, steps: int, workdir: Path) -> TrainConfig:

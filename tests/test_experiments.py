@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidnet_jax import presets
-from covidnet_jax.arch import ArchSpec
 from covidnet_jax.cost import count_cost
 from search.space import SearchSpace
-from search.training import load_experiment
+from search.training import load_experiment, load_prototype
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 SEARCHES = ("quickstart.yaml", "covidx_cxr3b.yaml", "covidx_cxr4c.yaml")
@@ -25,10 +23,7 @@ SEARCHES = ("quickstart.yaml", "covidx_cxr3b.yaml", "covidx_cxr4c.yaml")
 def _space(name: str) -> tuple[SearchSpace, float]:
     """The experiment's search space around its prototype, and its MAC budget."""
     experiment = load_experiment(str(EXPERIMENTS / name))
-    prototype = presets.load_spec(experiment.search.space.prototype)
-    assert isinstance(prototype, ArchSpec)
-    prototype = prototype.with_input_size(experiment.training.data.resolution)
-    space = SearchSpace(experiment.search.space, prototype)
+    space = SearchSpace(experiment.search.space, load_prototype(experiment))
     return space, experiment.search.requirements.max_macs
 
 

@@ -12,7 +12,6 @@ died are retried, and the strategy continues from the trial store.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -20,8 +19,6 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from covidnet_jax import presets
-from covidnet_jax.arch import ArchSpec
 from covidnet_jax.data import load_data
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import to_dict
@@ -31,7 +28,12 @@ from search.leaderboard import count_statuses, leaderboard_table, write_leaderbo
 from search.report import finish_best
 from search.requirements import check_class_names
 from search.runner import SearchJob, run_search
-from search.training import SearchExperiment, TrainingEvaluator, load_experiment
+from search.training import (
+    SearchExperiment,
+    TrainingEvaluator,
+    load_experiment,
+    load_prototype,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,15 +79,7 @@ def prepare_job(
     training = experiment.training
     data = load_data(training.data, seed=training.seed)
     check_class_names(experiment.search.requirements, data.class_names)
-    prototype = presets.load_spec(experiment.search.space.prototype)
-    if not isinstance(prototype, ArchSpec):
-        raise ConfigError(
-            f"search.space.prototype: expected a PEPX design, got a {prototype.TYPE!r} spec"
-        )
-    prototype = dataclasses.replace(
-        prototype.with_input_size(training.data.resolution),
-        input_channels=training.data.channels,
-    ).with_head_classes(tuple(data.class_names))
+    prototype = load_prototype(experiment).with_head_classes(tuple(data.class_names))
     return SearchJob(
         settings_data=experiment.search_data,
         workdir=str(workdir),
