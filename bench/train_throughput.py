@@ -324,13 +324,21 @@ def measure_jax(arch: str, res: int, batch: int, steps: int, repeats: int, opts:
     }
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (a `taskset` or cgroup limit counts), as XLA sizes
+    its thread pool; `os.cpu_count()` counts the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def measure_torch(arch: str, res: int, batch: int, steps: int, repeats: int, opts: dict) -> dict:
     """In a child process: PyTorch's matmul peak and timed repeats of the twin."""
     import torch
 
     from covidnet_jax.presets import load_spec
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cpus())
     peak = matmul_peak_torch()
     tb = TorchBench(load_spec(arch).with_input_size(res), batch)
     tb.run(2)
@@ -402,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = {
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "load_average": load,
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
