@@ -325,8 +325,8 @@ def measure_jax(arch: str, res: int, batch: int, steps: int, repeats: int, opts:
 
 
 def usable_cpus() -> int:
-    """The cores this process may run on (a `taskset` or cgroup limit counts), as XLA sizes
-    its thread pool; `os.cpu_count()` counts the machine's."""
+    """The cores this process may run on (a `taskset` limit counts); `os.cpu_count()` counts
+    the machine's."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
