@@ -7,11 +7,13 @@ the CPU, PyTorch in channels-last. For each (resolution, batch) it reports image
 training step (forward, backward, optimizer update), the JAX/PyTorch ratio, JAX's compile
 time, and the fraction of the CPU's fp32 peak, measured in the same run with a large matmul.
 Each framework runs alone in a fresh process per size (JAX first, then PyTorch), under the
-malloc setting the `covidnet` command uses (`covidnet_jax.hostmem`: transparent huge pages
-for large buffers; `COVIDNET_MALLOC_TUNING=0` to measure without it).
+malloc setting the `covidnet` command uses (`covidnet_jax.hostmem`: tcmalloc where the system
+has it, else glibc with transparent huge pages; `COVIDNET_MALLOC=hugepages|off` to compare).
 
 PyTorch is an optional extra (`pip install torch==2.13.0`, the CPU build); without it, or
-with `--no-torch`, only JAX runs. `--device gpu` runs JAX on a GPU (the twin is skipped).
+with `--no-torch`, only JAX runs. `--device gpu` runs both on the first GPU (PyTorch needs a
+CUDA build there), with TF32 allowed in PyTorch's matmuls and convs as it is in JAX's default
+float32 precision.
 
     python bench/train_throughput.py                       # 64 px x 32 and 224 px x 8
     python bench/train_throughput.py --sizes 224:8 --steps 5 --json out.json
@@ -257,20 +259,20 @@ def build_torch_twin(spec: Any):
 class TorchBench:
     """Eager PyTorch: channels-last, Adam (foreach), cross-entropy."""
 
-    def __init__(self, spec: Any, batch: int) -> None:
+    def __init__(self, spec: Any, batch: int, device: str = "cpu") -> None:
         import torch
 
         torch.manual_seed(0)
         self.torch = torch
-        self.net = build_torch_twin(spec)
+        self.net = build_torch_twin(spec).to(device)
         self.net.train()
         self.params = sum(p.numel() for p in self.net.parameters())
         self.opt = torch.optim.Adam(self.net.parameters(), lr=2e-4)
         size = spec.input_size
         self.x = torch.rand(batch, spec.input_channels, size, size).to(
-            memory_format=torch.channels_last
+            device, memory_format=torch.channels_last
         )
-        self.y = torch.randint(0, spec.num_classes, (batch,))
+        self.y = torch.randint(0, spec.num_classes, (batch,)).to(device)
 
     def run(self, steps: int) -> float:
         torch = self.torch
@@ -285,14 +287,15 @@ class TorchBench:
         return time_steps(one, lambda loss: float(loss.detach()), steps)
 
 
-def matmul_peak_torch(n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_torch(device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
     """fp32 FLOP/s of a large matmul in PyTorch (best of `repeats`)."""
     import torch
 
-    a = torch.ones(n, n)
-    b = torch.ones(n, n)
+    a = torch.ones(n, n, device=device)
+    b = torch.ones(n, n, device=device)
     a @ b
-    best = min(time_steps(lambda: a @ b, lambda o: None, 1) for _ in range(repeats))
+    sync = (lambda o: float(o[0, 0])) if device != "cpu" else (lambda o: None)
+    best = min(time_steps(lambda: a @ b, sync, 1) for _ in range(repeats))
     return 2 * n**3 / best
 
 
@@ -338,12 +341,20 @@ def measure_torch(arch: str, res: int, batch: int, steps: int, repeats: int, opt
 
     from covidnet_jax.presets import load_spec
 
-    torch.set_num_threads(usable_cpus())
-    peak = matmul_peak_torch()
-    tb = TorchBench(load_spec(arch).with_input_size(res), batch)
+    device = "cuda" if opts["device"] == "gpu" else "cpu"
+    if device == "cuda":
+        # JAX's default float32 precision on a GPU runs matmuls and convs in TF32.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(usable_cpus())
+    peak = matmul_peak_torch(device)
+    tb = TorchBench(load_spec(arch).with_input_size(res), batch, device)
     tb.run(2)
     return {
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "peak": peak,
         "params": tb.params,
         "step_s": [tb.run(steps) for _ in range(repeats)],
@@ -393,19 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if argv is None:
-        # The malloc setting `covidnet` runs under (huge pages for XLA's per-step buffers),
-        # for both frameworks alike; COVIDNET_MALLOC_TUNING=0 measures without it.
-        hostmem.reexec_with_huge_pages([str(Path(__file__).resolve()), *sys.argv[1:]])
+        # The malloc setting `covidnet` runs under (tcmalloc, else huge pages, for XLA's
+        # per-step buffers), for both frameworks alike; COVIDNET_MALLOC chooses.
+        hostmem.reexec_tuned([str(Path(__file__).resolve()), *sys.argv[1:]])
 
     from covidnet_jax.cost import count_cost
     from covidnet_jax.presets import load_spec
 
-    torch_ok = not args.no_torch and args.device == "cpu"
+    torch_ok = not args.no_torch
     if torch_ok and importlib.util.find_spec("torch") is None:
         print("PyTorch is not installed: the twin is skipped (pip install torch==2.13.0)")
         torch_ok = False
-    elif args.device != "cpu":
-        print("device gpu: JAX only (the PyTorch twin is a CPU baseline)")
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = {
@@ -415,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "arch": args.arch,
         "dtype": args.dtype,
         "convs": args.convs,
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             "xla_flops_per_step": jx["xla_flops"],
             "jax_step_s": sorted(jx["step_s"]),
             "torch_step_s": sorted(tr["step_s"]) if tr else [],
+            "torch_device": tr["device"] if tr else None,
             "versions": {"jax": jx["jax"], "torch": tr["torch"] if tr else None},
         }
         rows.append(row)
@@ -472,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{args.arch}, {args.dtype}, {args.convs} convs, {rows[0]['device'] if rows else '-'}; "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s; GLIBC_TUNABLES={header['glibc_tunables'] or '-'}"
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s; LD_PRELOAD={header['ld_preload'] or '-'}; "
+        f"GLIBC_TUNABLES={header['glibc_tunables'] or '-'}"
     )
     print(
         f"{'res':>4} {'batch':>5} {'JAX img/s':>10} {'torch img/s':>12} {'ratio':>6} "

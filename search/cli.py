@@ -67,11 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> int:
-    """The `covidnet` console script: `main` in a process whose malloc backs XLA's large
-    per-step buffers with transparent huge pages (re-executes once; see hostmem)."""
+    """The `covidnet` console script: `main` in a process whose malloc reuses XLA's large
+    per-step buffers (tcmalloc, else huge pages; re-executes once; see hostmem)."""
     # The script itself again (not `-m search.cli`, which would look in the working
     # directory first and could import a user's own `search` package).
-    hostmem.reexec_with_huge_pages(sys.argv)
+    try:
+        hostmem.reexec_tuned(sys.argv)
+    except ValueError as err:
+        print(f"covidnet: error: {err}", file=sys.stderr)
+        return 2
     return main()
 
 
