@@ -178,3 +178,18 @@ def test_a_large_buffer_freed_and_mallocd_again_faults_in_huge_pages():
     tuned = int(_run(_STEP_FAULTS, GLIBC_TUNABLES="glibc.malloc.hugetlb=1").stdout)
     assert plain > 60_000  # 256 MiB in 4 KiB pages, every time
     assert tuned < plain / 20, (plain, tuned)
+
+
+def test_the_covidnet_command_names_a_bad_setting_and_exits_2():
+    environ = {k: v for k, v in os.environ.items() if k != "COVIDNET_MALLOC_TUNING"}
+    environ.update(COVIDNET_MALLOC="fast", PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", "from search.cli import entry; raise SystemExit(entry())", "--help"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert "covidnet: error: COVIDNET_MALLOC='fast': expected one of" in done.stderr
