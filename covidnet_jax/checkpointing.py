@@ -31,6 +31,8 @@ from covidnet_jax.errors import CheckpointError
 
 CHECKPOINT_DIRNAME = "checkpoints"
 SELECTION_KEY = "selection"
+SELECT_KEY = "select"
+"""Metadata key: "best" or "last", which checkpoint the run hands on (`selected_step`)."""
 _STATE, _META = "state", "meta"
 
 
@@ -138,6 +140,17 @@ class Checkpoints:
     def best_step(self) -> int | None:
         """The step with the highest saved selection metric (latest if none has one)."""
         return self._manager.best_step()
+
+    def selected_step(self) -> int | None:
+        """The step the run hands on: the best, or the latest when its metadata says
+        `"select": "last"` (see `LoopConfig.select`); None when there is none."""
+        latest = self.latest_step()
+        if latest is None:
+            return None
+        if self.read_metadata(latest).get(SELECT_KEY) == "last":
+            return latest
+        best = self.best_step()
+        return latest if best is None else best
 
     def metrics(self, step: int) -> dict[str, Any] | None:
         """The metrics saved with `step` (None if it was saved without)."""

@@ -99,6 +99,10 @@ class LoopConfig:
         keep_best: best checkpoints (by selection_metric) kept besides.
         selection_metric: validation metric that picks the best checkpoint:
             "accuracy", "sensitivity:<class>" or "ppv:<class>".
+        select: which checkpoint the run hands on (its reported metrics, `evaluate`,
+            `export`, weight inheritance): "best" by `selection_metric`, or "last". The
+            best of several checkpoints is chosen on the validation split, so its
+            validation figure is optimistic; the search judges candidates on "last".
         bn_calibration_batches: before every validation, re-estimate BatchNorm statistics
             from this many training batches with the current weights ("precise BN"), and
             keep them in the checkpoint; 0 keeps the running averages. Short, fast-moving
@@ -116,6 +120,7 @@ class LoopConfig:
     keep_checkpoints: int = bounded(2, ge=1)
     keep_best: int = bounded(1, ge=0)
     selection_metric: str = "accuracy"
+    select: Literal["best", "last"] = "best"
     bn_calibration_batches: int = bounded(0, ge=0, le=1024)
 
     def __post_init__(self) -> None:

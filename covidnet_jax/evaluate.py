@@ -135,7 +135,7 @@ def load_trained(workdir: str | Path, *, step: int | None = None) -> TrainedMode
         CheckpointError: no checkpoint (one line naming the directory), or no such step.
     """
     with checkpointing.Checkpoints.open_existing(workdir) as ckpts:
-        step = ckpts.best_step() if step is None else step
+        step = ckpts.selected_step() if step is None else step
         meta = ckpts.read_metadata(step)
         spec = spec_from_dict(meta["spec"])
         config = meta["config"]

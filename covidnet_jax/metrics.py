@@ -1,5 +1,9 @@
 """Classification metrics from a confusion matrix: accuracy, sensitivity, PPV, NetScore.
 
+Every rate is a count over a finite split, so each has an interval: `EvalMetrics.estimate(name)`
+gives the value with its sample size and confidence interval (`covidnet_jax.intervals`), for
+`accuracy`, `sensitivity:<class>`, `ppv:<class>` and `specificity:<class>`.
+
 The confusion matrix is `confusion[true, predicted]` (rows are the true class, columns the
 predicted class), counted over real examples only.
 
@@ -20,7 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from covidnet_jax.intervals import Estimate, IntervalMethod
+
 _SELECTION_RE = re.compile(r"^(accuracy|(sensitivity|ppv):(.+))$")
+_RATE_RE = re.compile(r"^(accuracy|(sensitivity|ppv|specificity):(.+))$")
 
 
 def check_selection_metric(name: str, class_names: Sequence[str] | None = None) -> None:
@@ -77,6 +84,75 @@ class EvalMetrics:
         """The PPV (precision) of one class, by name."""
         return self.ppv[self.class_names.index(class_name)]
 
+    def specificity_of(self, class_name: str) -> float:
+        """One-vs-rest specificity of a class: true negatives over all negatives."""
+        successes, trials = self.counts(f"specificity:{class_name}")
+        return successes / trials if trials else 0.0
+
+    def counts(self, name: str) -> tuple[int, int]:
+        """(successes, trials) behind a rate, e.g. `counts("ppv:COVID-19")`.
+
+        Args:
+            name: "accuracy", "sensitivity:<class>", "ppv:<class>" or "specificity:<class>".
+
+        Returns:
+            The numerator and the sample size the rate is computed over (the images of
+            the class for sensitivity, the images predicted as the class for PPV, the
+            images not of the class for specificity).
+        """
+        match = _RATE_RE.match(name)
+        if match is None:
+            raise ValueError(
+                "expected 'accuracy', 'sensitivity:<class>', 'ppv:<class>' or "
+                f"'specificity:<class>', got {name!r}"
+            )
+        matrix = self.confusion
+        if name == "accuracy":
+            return int(np.trace(matrix)), int(matrix.sum())
+        kind, class_name = match.group(2), match.group(3)
+        if class_name not in self.class_names:
+            raise ValueError(
+                f"class {class_name!r} in {name!r} is not one of {', '.join(self.class_names)}"
+            )
+        i = self.class_names.index(class_name)
+        hit = int(matrix[i, i])
+        if kind == "sensitivity":
+            return hit, int(matrix[i].sum())
+        if kind == "ppv":
+            return hit, int(matrix[:, i].sum())
+        negatives = int(matrix.sum() - matrix[i].sum())
+        false_positives = int(matrix[:, i].sum()) - hit
+        return negatives - false_positives, negatives
+
+    def estimate(
+        self, name: str, *, level: float = 0.95, method: IntervalMethod = "wilson"
+    ) -> Estimate:
+        """A rate with its sample size and two-sided confidence interval.
+
+        Args:
+            name: see `counts`.
+            level: the interval's coverage.
+            method: "wilson" or "clopper_pearson".
+        """
+        successes, trials = self.counts(name)
+        return Estimate.of(successes, trials, level=level, method=method)
+
+    def rate_names(self) -> list[str]:
+        """Every rate `estimate` knows, accuracy first, then per class."""
+        names = ["accuracy"]
+        for kind in ("sensitivity", "ppv", "specificity"):
+            names.extend(f"{kind}:{c}" for c in self.class_names)
+        return names
+
+    def intervals(
+        self, *, level: float = 0.95, method: IntervalMethod = "wilson"
+    ) -> dict[str, dict[str, Any]]:
+        """Every rate's estimate as plain data: `{name: {value, successes, trials, low, ...}}`."""
+        return {
+            name: self.estimate(name, level=level, method=method).to_dict()
+            for name in self.rate_names()
+        }
+
     def selection_value(self, name: str) -> float:
         """The value of a selection metric (higher is better).
 
@@ -112,6 +188,7 @@ class EvalMetrics:
             "loss": self.loss,
             "sensitivity": dict(zip(self.class_names, self.sensitivity, strict=True)),
             "ppv": dict(zip(self.class_names, self.ppv, strict=True)),
+            "specificity": {c: self.specificity_of(c) for c in self.class_names},
             "sensitivity_undefined": list(self.sensitivity_undefined),
             "ppv_undefined": list(self.ppv_undefined),
             "class_names": list(self.class_names),

@@ -69,8 +69,9 @@ class TrainResult:
         checkpoint_dir: its Orbax checkpoint directory.
         spec_hash: `content_hash()` of the spec as trained.
         step: the last step trained (== the budget).
-        best_step: the checkpoint with the best validation `selection_metric`.
-        selection_metric: the metric that chose `best_step`.
+        best_step: the checkpoint the run hands on: the best by the validation
+            `selection_metric`, or the last with `train.select: last`.
+        selection_metric: the metric that chose `best_step` (with `select: best`).
         selection_value: its value at `best_step`.
         metrics: validation metrics of `best_step`.
         compile_s: seconds compiling in this call (0 when the steps were already compiled
@@ -321,7 +322,7 @@ class _Run:
         if start < self.total_steps:
             state = self._train(fns, state, start)
         self.checkpoints.wait()
-        best_step = self.checkpoints.best_step()
+        best_step = self.checkpoints.selected_step()
         saved = self.checkpoints.metrics(best_step) if best_step is not None else None
         if best_step is None or saved is None:
             raise CheckpointError(f"{self.checkpoints.directory}: no validated checkpoint")
@@ -386,6 +387,7 @@ class _Run:
             "config": to_dict(self.config),
             "class_names": list(self.class_names),
             "plateau": dataclasses.asdict(self.plateau),
+            checkpointing.SELECT_KEY: self.config.train.select,
         }
 
     # -- the loop ----------------------------------------------------------------------
@@ -626,7 +628,7 @@ def _inherit(
 ) -> tuple[TrainState, int]:
     """Copies the parent's parameters and statistics whose paths and shapes match."""
     with checkpointing.Checkpoints.open_existing(init_from) as parent:
-        step = parent.best_step()
+        step = parent.selected_step()
         saved = parent.restore_arrays(step)
     copied = 0
     replicated = parallel.replicated(mesh)

@@ -155,9 +155,17 @@ class ClassRequirement:
     min_ppv: float | None = bounded(None, ge=0.0, le=1.0)
 
 
+Decision = Literal["point", "lower_bound"]
+
+
 @dataclasses.dataclass(frozen=True)
 class RequirementsConfig:
     """Design requirements: a design is feasible only if every one holds.
+
+    Outcome requirements are judged on the validation split, which is a sample: with
+    `decision: lower_bound` (the default) a minimum holds only when the one-sided lower
+    confidence bound of the rate clears it, so a design is not called feasible on the strength
+    of a few lucky images; `point` compares the plain rate (the behaviour before intervals).
 
     Attributes:
         max_macs: hard limit on multiply-accumulates per image (known before training).
@@ -165,6 +173,11 @@ class RequirementsConfig:
         max_activation_bytes: hard limit on training activation memory at the batch size.
         min_accuracy: lowest acceptable validation accuracy.
         classes: per class name, minimum sensitivity and PPV.
+        decision: "lower_bound" (judge each rate by its one-sided lower confidence bound)
+            or "point" (by the rate itself).
+        confidence: confidence of the one-sided bounds, and coverage of the two-sided
+            intervals that reports show.
+        interval: "wilson" (Wilson score) or "clopper_pearson" (exact, more conservative).
     """
 
     max_macs: float | None = bounded(None, gt=0)
@@ -172,6 +185,9 @@ class RequirementsConfig:
     max_activation_bytes: float | None = bounded(None, gt=0)
     min_accuracy: float | None = bounded(None, ge=0.0, le=1.0)
     classes: Mapping[str, ClassRequirement] = dataclasses.field(default_factory=dict)
+    decision: Decision = "lower_bound"
+    confidence: float = bounded(0.95, gt=0.5, lt=1.0)
+    interval: Literal["wilson", "clopper_pearson"] = "wilson"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +273,29 @@ class BudgetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConfirmConfig:
+    """How the search confirms its final design before declaring it.
+
+    The top-ranked feasible design is trained again at the full-fidelity budget with
+    `seeds` further training seeds, each from scratch and each judged on its own
+    patient-disjoint validation split (another draw of validation patients), so that
+    neither a lucky initialization nor the validation images the design was chosen on
+    carry the verdict. The design is confirmed only when the requirements hold (by the
+    search's decision rule) for its own run continued to full fidelity and for every
+    confirmation run; otherwise the next-ranked feasible design is tried.
+
+    Attributes:
+        seeds: confirmation runs per design (0: no confirmation; the final training alone
+            is judged).
+        max_candidates: feasible designs tried, best first, before the search reports that
+            none was confirmed.
+    """
+
+    seeds: int = bounded(2, ge=0, le=16)
+    max_candidates: int = bounded(3, ge=1, le=100)
+
+
+@dataclasses.dataclass(frozen=True)
 class HeartbeatConfig:
     """Detection of trials whose worker died.
 
@@ -287,6 +326,7 @@ class SearchSettings:
             "pareto" (validation accuracy vs MACs).
         strategy: how candidates are proposed.
         budget: trials, wall time, fidelity rungs.
+        confirm: the final design's confirmation over further seeds and validation splits.
         heartbeat: dead-worker detection.
         seed: root seed of the proposals (training keeps its own `seed`).
         workers: worker processes (`--workers` overrides).
@@ -298,6 +338,7 @@ class SearchSettings:
     objective: Objective = "min_macs"
     strategy: StrategyConfig = StrategyConfig()
     budget: BudgetConfig = BudgetConfig()
+    confirm: ConfirmConfig = ConfirmConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     seed: int = 0
     workers: int = bounded(1, ge=1)

@@ -28,7 +28,12 @@ class EvalRequest:
         steps: train until this global step (resuming from `workdir`'s latest checkpoint).
         workdir: the trial's directory (checkpoints live here).
         init_from: a parent checkpoint directory to initialize matching weights from, or None.
-        rung: the fidelity rung index (-1 for the final full-fidelity training).
+        rung: the fidelity rung index (-1 for the final full-fidelity training and its
+            confirmation runs).
+        seed: the training seed (initial parameters, batch order) instead of the
+            experiment's; None keeps it.
+        validation_draw: which patient-disjoint validation split judges the run (0: the
+            search's own; see `covidnet_jax.data.DataConfig.validation_draw`).
     """
 
     spec: AnySpec
@@ -36,6 +41,8 @@ class EvalRequest:
     workdir: Path
     init_from: Path | None
     rung: int
+    seed: int | None = None
+    validation_draw: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +50,7 @@ class EvalSuccess:
     """A completed training job.
 
     Attributes:
-        metrics: validation metrics at `steps`.
+        metrics: validation metrics of the checkpoint handed on (the one at `steps`).
         compile_s: seconds spent compiling in this job.
         train_s: seconds spent training and evaluating in this job.
         checkpoint: the checkpoint directory written (None when the evaluator keeps none).

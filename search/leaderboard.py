@@ -2,15 +2,19 @@
 
 Files written in the workdir (compare/export read them; see docs/CONTRACTS.md):
 
-- `leaderboard.json`: `{"study", "objective", "requirements", "counts", "rows", "best"}`.
-  `counts` tallies trials by status plus `proposed` and `feasible`. Each row is one trained
-  candidate (duplicates left out), best first:
-  `rank, trial, spec_hash, summary, feasible, pareto, macs, params, activation_bytes, rung,
-  steps, val_accuracy, sensitivity {class: value}, ppv {class: value}, netscore,
-  violations {name: shortfall}, reason, compile_s, train_s, checkpoint, parent, operator`.
-  `best` is the content of `best/metrics.json` (or null when no design met the requirements).
+- `leaderboard.json`: `{"study", "objective", "requirements", "judged_on", "intervals",
+  "counts", "rows", "best", "confirmation"}`. `counts` tallies trials by status plus
+  `proposed` and `feasible`. Each row is one trained candidate (duplicates left out), best
+  first: `rank, trial, spec_hash, summary, feasible, pareto, macs, params, activation_bytes,
+  rung, steps, val_accuracy, val_count, sensitivity {class: value}, ppv {class: value},
+  intervals {rate: [low, high]}, netscore, violations {name: shortfall}, reason, compile_s,
+  train_s, checkpoint, parent, operator`. Every metric is that of the trial's last checkpoint
+  at its last rung (`judged_on`); `intervals` are two-sided at `intervals.level`. `best` is
+  the content of `best/metrics.json` (or null when no design was confirmed), `confirmation`
+  every confirmation run of the finish (`search.finish.ConfirmationRun.to_dict()`).
 - `leaderboard.csv`: the same rows flattened: per-class `sensitivity:<class>` and
-  `ppv:<class>` columns, violations as `name=value;...`.
+  `ppv:<class>` columns, intervals as `<rate>:low` and `<rate>:high`, violations as
+  `name=value;...`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Any
 
 from rich.table import Table
 
-from search.config import Objective
+from covidnet_jax.metrics import EvalMetrics
+from covidnet_jax.typed_yaml import from_dict
+from search.config import Objective, RequirementsConfig
 from search.records import TrialRecord, pareto_front, rank_key
 from search.requirements import describe_violations
 
@@ -48,8 +54,30 @@ def count_statuses(records: Sequence[TrialRecord]) -> dict[str, int]:
     return result
 
 
-def leaderboard_rows(records: Sequence[TrialRecord], objective: Objective) -> list[dict[str, Any]]:
-    """The leaderboard rows (see the module docstring)."""
+def _intervals(metrics: EvalMetrics, reqs: RequirementsConfig) -> dict[str, list[float]]:
+    names = ["accuracy"]
+    for kind in ("sensitivity", "ppv"):
+        names.extend(f"{kind}:{c}" for c in metrics.class_names)
+    found = {}
+    for name in names:
+        estimate = metrics.estimate(name, level=reqs.confidence, method=reqs.interval)
+        found[name] = [estimate.low, estimate.high]
+    return found
+
+
+def leaderboard_rows(
+    records: Sequence[TrialRecord],
+    objective: Objective,
+    requirements: RequirementsConfig | None = None,
+) -> list[dict[str, Any]]:
+    """The leaderboard rows (see the module docstring).
+
+    Args:
+        records: every trial's record.
+        objective: the search objective (the rank).
+        requirements: sets the intervals' confidence and method (default 95%, Wilson).
+    """
+    reqs = requirements if requirements is not None else RequirementsConfig()
     front = {r.number for r in pareto_front(records)}
     rows = []
     for rank, r in enumerate(ranked(records, objective), start=1):
@@ -68,11 +96,13 @@ def leaderboard_rows(records: Sequence[TrialRecord], objective: Objective) -> li
                 "rung": r.last.rung,
                 "steps": r.last.steps,
                 "val_accuracy": metrics.accuracy,
+                "val_count": metrics.count,
                 "sensitivity": dict(zip(metrics.class_names, metrics.sensitivity, strict=True)),
                 "ppv": dict(zip(metrics.class_names, metrics.ppv, strict=True)),
+                "intervals": _intervals(metrics, reqs),
                 "netscore": r.netscore(),
                 "violations": r.violations,
-                "reason": describe_violations(r.violations),
+                "reason": describe_violations(r.violations, reqs),
                 "compile_s": r.attrs.get("compile_s", 0.0),
                 "train_s": r.attrs.get("train_s", 0.0),
                 "checkpoint": r.attrs.get("checkpoint", ""),
@@ -89,6 +119,10 @@ def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
         if key in ("sensitivity", "ppv"):
             for name, v in value.items():
                 flat[f"{key}:{name}"] = f"{v:.4f}"
+        elif key == "intervals":
+            for name, (low, high) in value.items():
+                flat[f"{name}:low"] = f"{low:.4f}"
+                flat[f"{name}:high"] = f"{high:.4f}"
         elif key == "violations":
             flat[key] = ";".join(f"{k}={v:.4g}" for k, v in value.items())
         elif isinstance(value, float):
@@ -112,6 +146,7 @@ def write_leaderboard(
     objective: Objective,
     requirements_data: Mapping[str, Any],
     best: Mapping[str, Any] | None,
+    confirmation: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Path, Path]:
     """Writes `leaderboard.csv` and `leaderboard.json` atomically.
 
@@ -122,19 +157,24 @@ def write_leaderboard(
         objective: the objective.
         requirements_data: the requirements as plain data (for the JSON).
         best: the best design's summary (`best/metrics.json`), or None.
+        confirmation: every confirmation run of the finish (`ConfirmationRun.to_dict()`).
 
     Returns:
         The CSV and JSON paths.
     """
     workdir = Path(workdir)
-    rows = leaderboard_rows(records, objective)
+    reqs = from_dict(RequirementsConfig, dict(requirements_data), path="requirements")
+    rows = leaderboard_rows(records, objective, reqs)
     document = {
         "study": study,
         "objective": objective,
         "requirements": dict(requirements_data),
+        "judged_on": "validation metrics of each trial's last checkpoint at its last rung",
+        "intervals": {"level": reqs.confidence, "method": reqs.interval},
         "counts": count_statuses(records),
         "rows": rows,
         "best": None if best is None else dict(best),
+        "confirmation": [dict(run) for run in confirmation],
     }
     json_path = workdir / JSON_NAME
     _atomic_write(json_path, json.dumps(document, indent=2) + "\n")
@@ -158,21 +198,29 @@ def clip(text: str, width: int) -> str:
 
 
 def leaderboard_table(
-    records: Sequence[TrialRecord], objective: Objective, *, limit: int = 10, width: int = 30
+    records: Sequence[TrialRecord],
+    objective: Objective,
+    *,
+    requirements: RequirementsConfig | None = None,
+    limit: int = 10,
+    width: int = 30,
 ) -> Table:
     """The top of the leaderboard as a rich table (designs clipped to `width` characters)."""
+    reqs = requirements if requirements is not None else RequirementsConfig()
     table = Table(title=f"Leaderboard ({objective}, best first)", expand=False, padding=(0, 1))
-    for name in ("trial", "ok", "MACs", "params", "rung", "val acc", "NetScore"):
+    val = f"val acc [{reqs.confidence:.0%} CI]"
+    for name in ("trial", "ok", "MACs", "params", "rung", val, "NetScore"):
         table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 5))
     table.add_column("design / why not feasible", no_wrap=True)
-    for row in leaderboard_rows(records, objective)[:limit]:
+    for row in leaderboard_rows(records, objective, reqs)[:limit]:
+        low, high = row["intervals"]["accuracy"]
         table.add_row(
             str(row["trial"]),
             "yes" if row["feasible"] else "no",
             format_count(row["macs"]),
             format_count(row["params"]),
             f"{row['rung']} ({row['steps']})",
-            f"{row['val_accuracy']:.3f}",
+            f"{row['val_accuracy']:.3f} [{low:.3f}, {high:.3f}]",
             f"{row['netscore']:.1f}",
             clip(row["summary"] if row["feasible"] else row["reason"], width),
         )

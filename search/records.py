@@ -41,6 +41,7 @@ import optuna
 
 from covidnet_jax.metrics import EvalMetrics, netscore
 from search.config import Objective
+from search.requirements import COST_NAMES
 
 TERMINAL_STATUSES = (
     "trained",
@@ -203,7 +204,7 @@ class TrialRecord:
 def outcome_shortfall(record: TrialRecord) -> float:
     """Sum of the outcome (non-cost) violations of a trained record."""
     return sum(
-        v for k, v in record.violations.items() if k not in ("macs", "params", "activation_bytes")
+        v for k, v in record.violations.items() if k not in COST_NAMES
     )
 
 
@@ -223,7 +224,7 @@ def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
         A tuple; smaller is better.
     """
     assert record.last is not None
-    over = sum(record.violations.get(k, 0.0) for k in ("macs", "params", "activation_bytes"))
+    over = sum(record.violations.get(k, 0.0) for k in COST_NAMES)
     head = (0.0 if record.feasible else 1.0, over, outcome_shortfall(record))
     accuracy = record.last.metrics.accuracy
     if objective == "min_macs":

@@ -257,7 +257,7 @@ class Worker:
         over = cost_violations(self.settings.requirements, cost)
         if not is_feasible(over) and self.settings.budget.cost_prefilter:
             violations = {**over, **untrained_outcome_violations(self.settings.requirements)}
-            self._complete(trial, "infeasible", cost, None, violations, describe_violations(over))
+            self._complete(trial, "infeasible", cost, None, violations, describe_violations(over, self.settings.requirements))
             return
 
         original = self._find_original(trial.number, spec.content_hash())
@@ -333,7 +333,7 @@ class Worker:
         trial.set_user_attr("compile_s", totals[0])
         trial.set_user_attr("train_s", totals[1])
         violations = dict(last.violations)
-        reason = describe_violations(violations)
+        reason = describe_violations(violations, settings.requirements)
         self._complete(trial, "trained", cost, last.metrics.accuracy, violations, reason)
 
     def _call_evaluator(self, request: EvalRequest):

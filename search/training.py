@@ -98,17 +98,32 @@ def load_prototype(experiment: SearchExperiment) -> ArchSpec:
     )
 
 
-def candidate_config(config: TrainConfig, spec: AnySpec, steps: int, workdir: Path) -> TrainConfig:
+def candidate_config(
+    config: TrainConfig,
+    spec: AnySpec,
+    steps: int,
+    workdir: Path,
+    *,
+    seed: int | None = None,
+    validation_draw: int = 0,
+) -> TrainConfig:
     """The training config of one candidate: its resolution and the rung's step budget.
 
-    The compile cache is shared by the whole search (`<search workdir>/compile_cache`), so
-    a spec compiled once (in any trial or worker) is not compiled again.
+    A candidate is judged by its last checkpoint (`train.select: last`): that is the one the
+    next rung resumes from and children inherit, and the maximum over a run's checkpoints
+    would be an optimistic figure chosen on the same validation split. The compile cache is
+    shared by the whole search (`<search workdir>/compile_cache`), so a spec compiled once
+    (in any trial or worker) is not compiled again; every run of a search lives two levels
+    below its workdir (`trials/<n>`, `best/train`, `confirmation/<run>`).
     """
     cache = config.compile_cache_dir or str(workdir.parent.parent / "compile_cache")
     return dataclasses.replace(
         config,
-        data=dataclasses.replace(config.data, resolution=spec.input_size),
-        train=dataclasses.replace(config.train, steps=steps, epochs=None),
+        data=dataclasses.replace(
+            config.data, resolution=spec.input_size, validation_draw=validation_draw
+        ),
+        train=dataclasses.replace(config.train, steps=steps, epochs=None, select="last"),
+        seed=config.seed if seed is None else seed,
         compile_cache_dir=cache,
     )
 
@@ -124,29 +139,41 @@ class TrainingEvaluator:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self._data: dict[int, Data] = {}
+        self._data: dict[tuple[int, int], Data] = {}
 
     @classmethod
     def from_file(cls, path: str, overrides: tuple[str, ...] = ()) -> TrainingEvaluator:
         """Builds the evaluator from an experiment file (in a worker process)."""
         return cls(load_experiment(path, overrides).training)
 
-    def data(self, resolution: int) -> Data:
-        """The data set at `resolution` (loaded on first use)."""
-        if resolution not in self._data:
-            config = dataclasses.replace(self.config.data, resolution=resolution)
-            self._data[resolution] = load_data(config, seed=self.config.seed)
-        return self._data[resolution]
+    def data(self, resolution: int, validation_draw: int = 0) -> Data:
+        """The data set at `resolution` with validation split `validation_draw` (loaded on
+        first use; the preprocessed images are cached on disk once per resolution)."""
+        key = (resolution, validation_draw)
+        if key not in self._data:
+            config = dataclasses.replace(
+                self.config.data, resolution=resolution, validation_draw=validation_draw
+            )
+            self._data[key] = load_data(config, seed=self.config.seed)
+        return self._data[key]
 
     def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
-        """Trains (or resumes) the candidate to `request.steps`; validation metrics."""
-        config = candidate_config(self.config, request.spec, request.steps, request.workdir)
+        """Trains (or resumes) the candidate to `request.steps`; validation metrics of the
+        last checkpoint."""
+        config = candidate_config(
+            self.config,
+            request.spec,
+            request.steps,
+            request.workdir,
+            seed=request.seed,
+            validation_draw=request.validation_draw,
+        )
         result = train_and_evaluate(
             config,
             request.workdir,
             spec=request.spec,
             init_from=request.init_from,
-            data=self.data(request.spec.input_size),
+            data=self.data(request.spec.input_size, request.validation_draw),
             show_progress=False,
         )
         if isinstance(result, TrainFailure):
@@ -159,6 +186,6 @@ class TrainingEvaluator:
         )
 
     def test(self, request: EvalRequest) -> EvalMetrics:
-        """Test-split metrics of the best checkpoint in `request.workdir`."""
-        data = self.data(request.spec.input_size)
+        """Test-split metrics of the checkpoint `request.workdir` hands on (its last)."""
+        data = self.data(request.spec.input_size, request.validation_draw)
         return evaluate_workdir(request.workdir, split="test", data=data).metrics

@@ -100,6 +100,8 @@ class DataConfig:
             labels in their usual order, others alphabetical).
         validation_fraction: fraction of train images (whole patients) held out for
             validation; the split depends on patient ids only, never on the seed.
+        validation_draw: which patient-disjoint validation split (0: the default; another
+            number draws other patients by another hash order).
         augment: apply the paper's augmentations to training batches.
         rebalance_class: class of which a fixed fraction of every train batch is drawn (the
             paper's COVID-19 re-balancing); None for plain shuffling.
@@ -123,6 +125,7 @@ class DataConfig:
     channels: Literal[1, 3] = 3
     classes: tuple[str, ...] | None = None
     validation_fraction: float = bounded(0.1, ge=0.0, lt=1.0)
+    validation_draw: int = bounded(0, ge=0)
     augment: bool = True
     rebalance_class: str | None = None
     rebalance_fraction: float = bounded(0.3, gt=0.0, lt=1.0)
@@ -285,13 +288,14 @@ def _cache_from_tfds(config: DataConfig, resolution: int) -> cache_lib.CacheEntr
 # Splits and batches
 
 
-def _patient_rank(patient_id: str) -> str:
-    """A seed-independent, stable pseudo-random order of patients."""
-    return hashlib.sha256(patient_id.encode("utf-8")).hexdigest()
+def _patient_rank(patient_id: str, draw: int = 0) -> str:
+    """A seed-independent, stable pseudo-random order of patients (one order per draw)."""
+    key = patient_id if draw == 0 else f"{draw}:{patient_id}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def split_validation(
-    labels: np.ndarray, patient_ids: tuple[str, ...], fraction: float
+    labels: np.ndarray, patient_ids: tuple[str, ...], fraction: float, *, draw: int = 0
 ) -> np.ndarray:
     """Chooses validation images by patient, stratified by class, independent of any seed.
 
@@ -303,6 +307,9 @@ def split_validation(
         labels: int label per train image, shape (N,).
         patient_ids: patient id per train image.
         fraction: the fraction of images to hold out, in [0, 1).
+        draw: which hash order picks the patients; 0 is the default split, and each other
+            draw is another patient-disjoint split of the same images (the search's
+            confirmation runs use them to judge a design on patients it was not chosen on).
 
     Returns:
         bool (N,), True for validation images. No patient has images on both sides.
@@ -324,7 +331,7 @@ def split_validation(
         total = sum(len(images_of[p]) for p in pids)
         target = fraction * total
         taken = 0
-        for pid in sorted(pids, key=_patient_rank)[:-1]:  # always leave one patient in train
+        for pid in sorted(pids, key=lambda p: _patient_rank(p, draw))[:-1]:  # always leave one patient in train
             if taken >= target:
                 break
             is_val[images_of[pid]] = True
@@ -652,7 +659,9 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
 
     train_labels = np.array([index[x] for x in train.labels], np.int32)
     test_labels = np.array([index[x] for x in test.labels], np.int32)
-    is_val = split_validation(train_labels, train.patient_ids, config.validation_fraction)
+    is_val = split_validation(
+        train_labels, train.patient_ids, config.validation_fraction, draw=config.validation_draw
+    )
     fit = np.flatnonzero(~is_val)
     val = np.flatnonzero(is_val)
     if config.rebalance_class is not None and not np.any(

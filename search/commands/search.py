@@ -25,8 +25,8 @@ from covidnet_jax.typed_yaml import to_dict
 from search import store
 from search.evaluation import AnalyticCost
 from search.leaderboard import count_statuses, leaderboard_table, write_leaderboard
-from search.report import finish_best
-from search.requirements import check_class_names
+from search.finish import RunLog, describe_run, finish_best
+from search.requirements import check_class_names, format_verdicts
 from search.runner import SearchJob, run_search
 from search.training import (
     SearchExperiment,
@@ -114,7 +114,19 @@ def run(args: argparse.Namespace) -> int:
     records = outcome.records
     console.print(f"stopped: {'; '.join(outcome.stop_reasons)}")
     evaluator = job.make_evaluator()
-    best = finish_best(workdir, records, settings, evaluator)
+    study = store.load_study(store.open_storage(workdir, args.storage), job.study_name)
+    console.print(
+        f"confirming the best design: {settings.confirm.seeds} further seed(s) on other "
+        f"validation splits, up to {settings.confirm.max_candidates} candidate(s)"
+    )
+    best = finish_best(
+        workdir,
+        records,
+        settings,
+        evaluator,
+        train_seed=experiment.training.seed,
+        log=RunLog(study.user_attrs, study.set_user_attr),
+    )
     csv_path, json_path = write_leaderboard(
         workdir,
         records,
@@ -122,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
         objective=settings.objective,
         requirements_data=to_dict(settings.requirements),
         best=best.summary,
+        confirmation=[run.to_dict() for run in best.tried],
     )
-    console.print(leaderboard_table(records, settings.objective))
+    console.print(leaderboard_table(records, settings.objective, requirements=settings.requirements))
     counts = count_statuses(records)
     console.print(
         "proposed {proposed}, infeasible (not trained) {infeasible}, duplicates {duplicate}, "
@@ -134,19 +147,22 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     )
+    for run in best.tried:
+        console.print(f"  {describe_run(run, settings)}", markup=False)
     console.print(best.message)
     if best.summary is not None:
-        test = best.summary["test"]
-        per_class = ", ".join(
-            f"{name}: sens {test['sensitivity'][name]:.3f} ppv {test['ppv'][name]:.3f}"
-            for name in test["class_names"]
-        )
         console.print(
             f"  {best.summary['summary']}\n"
             f"  MACs {best.summary['macs']:,}  params {best.summary['params']:,}  "
-            f"steps {best.summary['steps']}\n"
-            f"  test accuracy {test['accuracy']:.3f} ({per_class})\n"
-            f"  {workdir / 'best' / 'spec.json'}, {workdir / 'best' / 'train'}"
+            f"steps {best.summary['steps']} (judged on the last checkpoint)\n"
+            f"  {workdir / 'best' / 'spec.json'}, {workdir / 'best' / 'train'}",
+            markup=False,
+        )
+        console.print(format_verdicts(best.reports, settings.requirements), markup=False)
+        console.print(
+            f"verdict on the test split: {best.summary['verdict']} "
+            "(met: every lower bound clears its minimum; not met: an upper bound is below it)",
+            markup=False,
         )
     console.print(f"leaderboard: {csv_path}, {json_path}")
     console.print(

@@ -138,4 +138,4 @@ class ShrinkSampler(GenomeSampler):
 
 
 def _over_cost(record: TrialRecord) -> bool:
-    return any(record.violations.get(k, 0.0) > 0 for k in ("macs", "params", "activation_bytes"))
+    return any(record.violations.get(k, 0.0) > 0 for k in COST_NAMES)
