@@ -49,6 +49,7 @@ from flax import nnx
 
 from covidnet_jax.data.preprocess import PREPROCESS_VERSION, TOP_CROP_FRACTION, preprocess_image
 from covidnet_jax.errors import UserError
+from covidnet_jax.metrics import EvalMetrics
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -166,12 +167,20 @@ class RequirementCheck:
         value: the measured value, or None if it was not measured.
         met: whether it holds, or None if it was not measured.
         source: where the value comes from ("cost model", "validation", "test").
+        interval: the value's two-sided confidence interval (None for exact values such
+            as the cost model's).
+        test: the test split's estimate as text, e.g. "0.897 [0.870, 0.919] (n=600)"
+            ("" when the test split was not scored).
+        verdict: on the test split: "met", "not met" or "inconclusive" (None: not scored).
     """
 
     name: str
     value: float | None
     met: bool | None
     source: str
+    interval: tuple[float, float] | None = None
+    test: str = ""
+    verdict: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +209,7 @@ class ModelCard:
     activation_bytes: int | None = None
     data: str = ""
     requirements: tuple[RequirementCheck, ...] = ()
-    metrics: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+    metrics: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     training: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -252,12 +261,36 @@ def render_model_card(card: ModelCard) -> str:
         lines.append(f"- Activation memory (batch 1): {card.activation_bytes / 2**20:.2f} MiB")
     lines += ["", "## Data", "", card.data or "Not recorded.", "", "## Requirements", ""]
     if card.requirements:
-        lines += ["| requirement | value | met | measured on |", "|---|---|---|---|"]
+        lines += [
+            "| requirement | value [interval] | met | measured on | test [interval] | on test |",
+            "|---|---|---|---|---|---|",
+        ]
         for req in card.requirements:
-            lines.append(f"| {req.name} | {_fmt(req.value)} | {_fmt(req.met)} | {req.source} |")
+            value = _fmt(req.value)
+            if req.interval is not None:
+                value += f" [{req.interval[0]:.4g}, {req.interval[1]:.4g}]"
+            lines.append(
+                f"| {req.name} | {value} | {_fmt(req.met)} | {req.source} | {req.test or '-'} "
+                f"| {req.verdict or '-'} |"
+            )
         measured = [r.met for r in card.requirements if r.met is not None]
         verdict = "all met" if measured and all(measured) else "NOT all met"
         lines += ["", f"Verdict: {verdict}."]
+        tested = [r.verdict for r in card.requirements if r.verdict is not None]
+        if tested:
+            on_test = (
+                "not met"
+                if "not met" in tested
+                else "met"
+                if all(v == "met" for v in tested)
+                else "inconclusive"
+            )
+            lines += [
+                "",
+                f"On the test split (scored once, never used to decide): {on_test}. Met: the "
+                "one-sided lower confidence bound clears the minimum; not met: the upper bound "
+                "is below it; inconclusive: the test split cannot tell.",
+            ]
     else:
         lines.append("No requirements were stated.")
     lines += ["", "## Metrics", ""]
@@ -668,16 +701,26 @@ def predict_files(export_dir: str | Path, images: Sequence[str | Path], *, batch
     ]
 
 
-def card_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def card_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Flattens `EvalMetrics.to_dict()` into the model card's metric rows.
 
     Args:
         metrics: {"accuracy", "count", "sensitivity": {class: v}, "ppv": {class: v}, ...}.
 
     Returns:
-        {"accuracy": .., "images": .., "sensitivity <class>": .., "PPV <class>": ..}.
+        {"accuracy": .., "images": .., "sensitivity <class>": .., "PPV <class>": ..}; with
+        the confusion matrix, each rate as "value [low, high] (n=N)" (95% Wilson).
     """
-    rows: dict[str, float] = {"accuracy": float(metrics["accuracy"])}
+    if "confusion" in metrics and "class_names" in metrics:
+        # Every rate with its 95% Wilson interval and sample size.
+        m = EvalMetrics.from_dict(dict(metrics))
+        found: dict[str, Any] = {"accuracy": m.estimate("accuracy").format(4), "images": m.count}
+        for name in m.class_names:
+            found[f"sensitivity {name}"] = m.estimate(f"sensitivity:{name}").format(4)
+        for name in m.class_names:
+            found[f"PPV {name}"] = m.estimate(f"ppv:{name}").format(4)
+        return found
+    rows: dict[str, Any] = {"accuracy": float(metrics["accuracy"])}
     if metrics.get("count") is not None:
         rows["images"] = int(metrics["count"])
     for name, value in dict(metrics.get("sensitivity", {})).items():

@@ -29,8 +29,6 @@ import math
 import statistics
 from typing import Any, Literal
 
-from scipy import stats
-
 IntervalMethod = Literal["wilson", "clopper_pearson"]
 METHODS: tuple[str, ...] = ("wilson", "clopper_pearson")
 
@@ -63,7 +61,11 @@ def proportion_interval(
         return 0.0, 1.0
     alpha = 1.0 - level
     if method == "clopper_pearson":
-        low = 0.0 if successes == 0 else stats.beta.ppf(alpha / 2, successes, trials - successes + 1)
+        from scipy import stats  # imported here: scipy.stats costs ~1 s to import
+
+        low = (
+            0.0 if successes == 0 else stats.beta.ppf(alpha / 2, successes, trials - successes + 1)
+        )
         high = (
             1.0
             if successes == trials

@@ -92,9 +92,10 @@ class Figure:
 
 @dataclasses.dataclass(frozen=True)
 class Paragraph:
-    """A paragraph of plain text."""
+    """A paragraph of plain text (`preformatted`: shown as is, in a fixed-width font)."""
 
     text: str
+    preformatted: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +154,8 @@ def _render_block(block: Table | Figure | Paragraph) -> str:
             f"{caption}</figure>"
         )
     if isinstance(block, Paragraph):
+        if block.preformatted:
+            return f"<pre>{html.escape(block.text)}</pre>"
         return f"<p>{html.escape(block.text)}</p>"
     raise TypeError(f"cannot render {type(block).__name__}")
 

@@ -34,10 +34,14 @@ import numpy as np
 import optuna
 
 from covidnet_jax.arch import COVIDX_CLASSES, ArchSpec, spec_from_json
-from covidnet_jax.errors import SpecError, UserError
+from covidnet_jax.errors import ConfigError, SpecError, UserError
+from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.report_html import Figure, Paragraph, Section, Table, render_html
+from covidnet_jax.typed_yaml import from_dict
 from search import store
-from search.records import TrialRecord
+from search.config import RequirementsConfig
+from search.records import TrialRecord, pareto_indices, rank_key
+from search.requirements import final_verdicts, format_verdicts
 
 __all__ = [
     "PAPER_REFERENCES",
@@ -57,8 +61,9 @@ _CONNECTIVITY = ("none", "residual", "dense")  # knob values 0, 1, 2
 TRIALS_DIR = "trials"
 TRAIN_LOG = "metrics.jsonl"
 
-# The paper's v4 comparison on the COVIDx3 test set (../shared/REFERENCE.md): name, MACs,
-# params, accuracy. ResNet-50 and VGG-19 figures are recalled there, not re-read.
+# The paper's v4 comparison on the COVIDx3 test set (Wang & Wong 2020, arXiv 2003.09871 v4):
+# name, MACs, params, accuracy. The ResNet-50 and VGG-19 rows are quoted from memory of that
+# table, not re-read; treat them as approximate.
 PAPER_REFERENCES: tuple[tuple[str, float, float, float], ...] = (
     ("COVID-Net CXR3-B", 7.50e9, 11.75e6, 0.933),
     ("COVID-Net CXR3-C", 5.55e9, 9.2e6, 0.923),
@@ -92,6 +97,11 @@ class Candidate:
         reason: why not (one line; "" when feasible).
         compile_s, train_s: seconds compiling and training, over all rungs.
         is_best: whether this is the run's selected best design.
+        val_interval: the validation accuracy's two-sided interval at the run's confidence
+            (None untrained).
+        test_interval: likewise for the test accuracy (the best design only).
+        record: the trial record (ranking goes through `search.records.rank_key`, the one
+            rank of the search, so the comparison orders designs as the leaderboard does).
     """
 
     run: str
@@ -115,6 +125,9 @@ class Candidate:
     compile_s: float
     train_s: float
     is_best: bool = False
+    val_interval: tuple[float, float] | None = None
+    test_interval: tuple[float, float] | None = None
+    record: TrialRecord | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def trained(self) -> bool:
@@ -189,10 +202,29 @@ def _test_accuracy(best: Mapping[str, Any] | None, trial: int) -> float | None:
     return None
 
 
-def _candidate(name: str, record: TrialRecord, best: Mapping[str, Any] | None) -> Candidate:
+def _test_metrics(best: Mapping[str, Any] | None, trial: int) -> EvalMetrics | None:
+    if not best or best.get("trial") != trial:
+        return None
+    test = best.get("test")
+    if isinstance(test, Mapping) and "confusion" in test:
+        return EvalMetrics.from_dict(dict(test))
+    return None
+
+
+def _interval(metrics: EvalMetrics | None, reqs: RequirementsConfig) -> tuple[float, float] | None:
+    if metrics is None:
+        return None
+    e = metrics.estimate("accuracy", level=reqs.confidence, method=reqs.interval)
+    return (e.low, e.high)
+
+
+def _candidate(
+    name: str, record: TrialRecord, best: Mapping[str, Any] | None, reqs: RequirementsConfig
+) -> Candidate:
     last = record.last
     trained = record.is_trained
     metrics = last.metrics if (trained and last is not None) else None
+    test = _test_metrics(best, record.number)
     reason = str(record.attrs.get("reason", ""))
     return Candidate(
         run=name,
@@ -218,6 +250,9 @@ def _candidate(name: str, record: TrialRecord, best: Mapping[str, Any] | None) -
         compile_s=float(record.attrs.get("compile_s", 0.0) or 0.0),
         train_s=float(record.attrs.get("train_s", 0.0) or 0.0),
         is_best=bool(best) and best.get("trial") == record.number,
+        val_interval=_interval(metrics, reqs),
+        test_interval=_interval(test, reqs),
+        record=record,
     )
 
 
@@ -263,8 +298,9 @@ def load_run(
             f"{workdir}: the search has no finished trial yet; let it run (or resume it) first"
         )
     best = board.get("best")
+    reqs = _requirements_config(board.get("requirements") or {})
     candidates = tuple(
-        _candidate(workdir.name, r, best)
+        _candidate(workdir.name, r, best, reqs)
         for r in records
         if r.is_trained or r.status not in ("running", "waiting", "")
     )
@@ -279,39 +315,31 @@ def load_run(
     )
 
 
-def _rank_key(candidate: Candidate, objective: str) -> tuple[float, ...]:
-    accuracy = candidate.val_accuracy or 0.0
-    macs = float(candidate.macs or 0)
-    head = (0.0 if candidate.feasible else 1.0,)
-    if objective == "min_macs":
-        return (*head, macs, -accuracy)
-    if objective == "max_netscore":
-        return (*head, -(candidate.netscore or -math.inf), macs)
-    return (*head, -accuracy, macs)
+def _requirements_config(data: Mapping[str, Any]) -> RequirementsConfig:
+    try:
+        return from_dict(RequirementsConfig, dict(data), path="requirements")
+    except ConfigError:
+        return RequirementsConfig()  # an older leaderboard: intervals at 95%, Wilson
 
 
 def ranked(runs: Sequence[RunData]) -> list[Candidate]:
-    """Trained candidates of all runs, best first (feasible first, then the objective the
-    runs share, or accuracy then MACs when they differ)."""
+    """Trained candidates of all runs, best first, by `search.records.rank_key` (the
+    leaderboard's rank) under the objective the runs share, or "pareto" when they differ."""
     objectives = {run.objective for run in runs}
     objective = objectives.pop() if len(objectives) == 1 else "pareto"
-    trained = [c for run in runs for c in run.candidates if c.trained]
-    return sorted(trained, key=lambda c: (_rank_key(c, objective), c.run, c.trial))
+    if objective not in ("min_macs", "max_netscore", "pareto"):
+        objective = "pareto"
+    trained = [c for run in runs for c in run.candidates if c.trained and c.record is not None]
+    return sorted(
+        trained,
+        key=lambda c: (rank_key(c.record, objective), c.run, c.trial),  # type: ignore[arg-type]
+    )
 
 
 def _front(candidates: Sequence[Candidate]) -> set[tuple[str, int]]:
     pool = [c for c in candidates if c.trained and c.feasible and c.macs is not None]
-    front = set()
-    for c in pool:
-        dominated = any(
-            o.val_accuracy >= c.val_accuracy
-            and o.macs <= c.macs
-            and (o.val_accuracy > c.val_accuracy or o.macs < c.macs)
-            for o in pool
-        )
-        if not dominated:
-            front.add((c.run, c.trial))
-    return front
+    points = [(float(c.val_accuracy or 0.0), float(c.macs or 0)) for c in pool]
+    return {(pool[i].run, pool[i].trial) for i in pareto_indices(points)}
 
 
 def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
@@ -320,7 +348,8 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     Returns:
         One JSON-ready dict per candidate with keys rank (None untrained), run, trial,
         status, feasible, reason, pareto, best, summary, macs, params, activation_bytes,
-        rung, steps, val_accuracy, test_accuracy, sensitivity {class: value}, ppv
+        rung, steps, val_accuracy, val_interval [low, high], test_accuracy, test_interval,
+        sensitivity {class: value}, ppv
         {class: value}, netscore, compile_s, train_s, spec_hash.
     """
     top = ranked(runs)
@@ -345,7 +374,9 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
                 "rung": c.rung,
                 "steps": c.steps,
                 "val_accuracy": c.val_accuracy,
+                "val_interval": None if c.val_interval is None else list(c.val_interval),
                 "test_accuracy": c.test_accuracy,
+                "test_interval": None if c.test_interval is None else list(c.test_interval),
                 "sensitivity": dict(c.sensitivity),
                 "ppv": dict(c.ppv),
                 "netscore": c.netscore,
@@ -461,6 +492,22 @@ def plot_pareto(runs: Sequence[RunData]) -> bytes:
         trained = [c for c in run.candidates if c.trained and c.macs]
         ok = [c for c in trained if c.feasible]
         bad = [c for c in trained if not c.feasible]
+        for group in (ok, bad):
+            with_ci = [c for c in group if c.val_interval is not None]
+            if with_ci:
+                ax.errorbar(
+                    [c.macs for c in with_ci],
+                    [c.val_accuracy for c in with_ci],
+                    yerr=[
+                        [c.val_accuracy - c.val_interval[0] for c in with_ci],
+                        [c.val_interval[1] - c.val_accuracy for c in with_ci],
+                    ],
+                    fmt="none",
+                    ecolor=colour,
+                    alpha=0.35,
+                    linewidth=1,
+                    zorder=2,
+                )
         if ok:
             ax.scatter(
                 [c.macs for c in ok],
@@ -516,12 +563,14 @@ def plot_pareto(runs: Sequence[RunData]) -> bytes:
         )
     min_accuracy = _requirement(runs, "min_accuracy")
     if min_accuracy is not None:
+        rules = {run.requirements.get("decision", "lower_bound") for run in runs}
+        judged = " (judged by the lower bound)" if rules == {"lower_bound"} else ""
         ax.axhline(
             min_accuracy,
             color="crimson",
             linestyle=":",
             linewidth=1,
-            label=f"min accuracy {min_accuracy:.3g}",
+            label=f"min accuracy {min_accuracy:.3g}{judged}",
         )
     if _is_covidx(runs):
         # CXR3-B and CXR3-C sit close together: label one above, one below.
@@ -547,7 +596,7 @@ def plot_pareto(runs: Sequence[RunData]) -> bytes:
         )
     ax.set_xscale("log")
     ax.set_xlabel("MACs per image (log scale)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel("validation accuracy (bars: confidence interval)")
     ax.set_title("Accuracy vs MACs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -683,6 +732,38 @@ def _requirements_text(requirements: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _with_interval(value: float | None, interval: Sequence[float] | None) -> str | None:
+    if value is None:
+        return None
+    if interval is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _verdict_paragraphs(runs: Sequence[RunData]) -> list[Paragraph]:
+    """Per run, the final design's requirements on validation and test with the verdict."""
+    found = []
+    for run in runs:
+        best = run.best
+        if not best or "validation" not in best or "confusion" not in best.get("test", {}):
+            found.append(Paragraph(f"{run.name}: no design was declared."))
+            continue
+        reqs = _requirements_config(run.requirements)
+        validation = EvalMetrics.from_dict(dict(best["validation"]))
+        test = EvalMetrics.from_dict(dict(best["test"])) if best.get("test") else None
+        reports = final_verdicts(reqs, validation, test)
+        text = format_verdicts(reports, reqs)
+        verdict = best.get("verdict", "not recorded")
+        found.append(
+            Paragraph(
+                f"{run.name}: trial {best.get('trial')}, {best.get('macs') or 0:,} MACs, "
+                f"verdict on test: {verdict}.\n{text}",
+                preformatted=True,
+            )
+        )
+    return found
+
+
 def _leaderboard_table(
     rows: Sequence[Mapping[str, Any]], class_names: Sequence[str], multi: bool, limit: int
 ) -> Table:
@@ -695,8 +776,8 @@ def _leaderboard_table(
         "params",
         "act. mem",
         "rung (steps)",
-        "val acc",
-        "test acc",
+        "val acc [CI]",
+        "test acc [CI]",
     ]
     columns += [f"sens {n}" for n in class_names] + [f"PPV {n}" for n in class_names]
     columns += ["NetScore", "train s", "design / why not"]
@@ -713,8 +794,8 @@ def _leaderboard_table(
             _fmt_count(row["params"]),
             _fmt_count(row["activation_bytes"]),
             f"{row['rung']} ({row['steps']})",
-            row["val_accuracy"],
-            row["test_accuracy"],
+            _with_interval(row["val_accuracy"], row["val_interval"]),
+            _with_interval(row["test_accuracy"], row["test_interval"]),
         ]
         cells += [row["sensitivity"].get(n) for n in class_names]
         cells += [row["ppv"].get(n) for n in class_names]
@@ -844,12 +925,26 @@ def write_comparison(
     sections = [
         Section("Runs", [_runs_table(runs)]),
         Section(
+            "Final verdict",
+            [
+                Paragraph(
+                    "Each run's declared design, requirement by requirement: the validation "
+                    "estimate the search decided on and the test estimate scored once "
+                    "afterwards, with confidence intervals. Met: the one-sided lower bound "
+                    "clears the minimum; not met: the upper bound is below it; inconclusive: "
+                    "the split cannot tell."
+                ),
+                *_verdict_paragraphs(runs),
+            ],
+        ),
+        Section(
             "Leaderboard",
             [
                 Paragraph(
                     "Trained designs, best first: feasible designs first, then by the "
-                    "objective. Validation metrics at each design's last fidelity rung; test "
-                    "accuracy only for the selected best design, scored once."
+                    "objective. Validation metrics of the last checkpoint at each design's last "
+                    "fidelity rung, with confidence intervals; test accuracy only for the "
+                    "declared design, scored once."
                 ),
                 _leaderboard_table(rows, class_names, multi, table_limit),
             ],

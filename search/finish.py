@@ -250,7 +250,15 @@ class _Confirmer:
         outcome = self.evaluator.train(request)
         if isinstance(outcome, EvalFailure):
             run = ConfirmationRun(
-                record.number, index, spec_hash, seed, index, steps, str(relative), None, {},
+                record.number,
+                index,
+                spec_hash,
+                seed,
+                index,
+                steps,
+                str(relative),
+                None,
+                {},
                 failure=outcome.reason,
             )
         else:
@@ -309,20 +317,21 @@ def finish_best(
     candidates = feasible_ranked(records, settings)[: settings.confirm.max_candidates]
     if not candidates:
         return BestDesign(None, "no design met the requirements")
-    best_dir = workdir / BEST_DIR
-    summary_path = best_dir / "metrics.json"
+    summary_path = workdir / BEST_DIR / "metrics.json"
+    previous = None
     if summary_path.exists():
         previous = json.loads(summary_path.read_text(encoding="utf-8"))
-        if previous.get("spec_hash") == candidates[0].spec_hash and "requirements" in previous:
-            reports = _reports_from(settings, previous)
-            tried = tuple(ConfirmationRun.from_dict(r) for r in previous.get("confirmation", []))
-            message = f"best design: trial {candidates[0].number} (already finished)"
-            return BestDesign(previous, message, reports, tried)
     confirmer = _Confirmer(workdir, settings, evaluator, log, train_seed)
     for record in candidates:
         runs = confirmer.confirm(record)
-        if runs is not None:
-            return _declare(workdir, record, runs, confirmer.tried, settings, evaluator)
+        if runs is None:
+            continue
+        if previous is not None and previous.get("spec_hash") == record.spec_hash:
+            # Declared by an earlier invocation: the test split is not scored again.
+            reports = _reports_from(settings, previous)
+            message = f"best design: trial {record.number} (already finished)"
+            return BestDesign(previous, message, reports, tuple(confirmer.tried))
+        return _declare(workdir, record, runs, confirmer, settings, evaluator)
     numbers = ", ".join(str(r.number) for r in candidates)
     return BestDesign(
         None,
@@ -332,14 +341,16 @@ def finish_best(
     )
 
 
-def _reports_from(settings: SearchSettings, summary: Mapping[str, Any]) -> tuple[RequirementReport, ...]:
+def _reports_from(
+    settings: SearchSettings, summary: Mapping[str, Any]
+) -> tuple[RequirementReport, ...]:
     validation = EvalMetrics.from_dict(dict(summary["validation"]))
     test = EvalMetrics.from_dict(dict(summary["test"])) if summary.get("test") else None
     return tuple(final_verdicts(settings.requirements, validation, test))
 
 
 def overall_verdict(reports: Sequence[RequirementReport]) -> str:
-    """"not met" if any requirement is not met on test, "met" if all are, else
+    """ "not met" if any requirement is not met on test, "met" if all are, else
     "inconclusive" (no requirements: "met")."""
     verdicts = [r.verdict for r in reports]
     if "not met" in verdicts:
@@ -353,7 +364,7 @@ def _declare(
     workdir: Path,
     record: TrialRecord,
     runs: Sequence[ConfirmationRun],
-    tried: Sequence[ConfirmationRun],
+    confirmer: _Confirmer,
     settings: SearchSettings,
     evaluator: Evaluator,
 ) -> BestDesign:
@@ -365,6 +376,10 @@ def _declare(
         if train_dir.exists():
             shutil.rmtree(train_dir)
         os.replace(workdir / own.workdir, train_dir)
+        own = dataclasses.replace(own, workdir=os.path.relpath(train_dir, workdir))
+        confirmer.log.put(own)
+        confirmer.tried = [own if r.key == own.key else r for r in confirmer.tried]
+    tried = confirmer.tried
     spec = spec_from_json(record.attrs["spec"])
     request = EvalRequest(spec=spec, steps=own.steps, workdir=train_dir, init_from=None, rung=-1)
     test = evaluator.test(request)

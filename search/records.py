@@ -34,13 +34,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
 
 from covidnet_jax.metrics import EvalMetrics, netscore
 from search.config import Objective
+from search.objective import design_order
 from search.requirements import COST_NAMES
 
 TERMINAL_STATUSES = (
@@ -203,9 +204,7 @@ class TrialRecord:
 
 def outcome_shortfall(record: TrialRecord) -> float:
     """Sum of the outcome (non-cost) violations of a trained record."""
-    return sum(
-        v for k, v in record.violations.items() if k not in COST_NAMES
-    )
+    return sum(v for k, v in record.violations.items() if k not in COST_NAMES)
 
 
 def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
@@ -213,8 +212,9 @@ def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
 
     Feasible designs come first, then by how little the cost limits are exceeded (only
     designs trained without the cost pre-filter exceed them), then by how little the outcome
-    requirements are missed; within that, by the objective: fewest MACs, highest NetScore, or (pareto) highest validation
-    accuracy then fewest MACs.
+    requirements are missed; within that, by the objective (`search.objective.design_order`).
+    The one rank of the search: the leaderboard, `covidnet compare`, the finish's
+    confirmation order and the strategies use it.
 
     Args:
         record: a trained record.
@@ -226,42 +226,49 @@ def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
     assert record.last is not None
     over = sum(record.violations.get(k, 0.0) for k in COST_NAMES)
     head = (0.0 if record.feasible else 1.0, over, outcome_shortfall(record))
-    accuracy = record.last.metrics.accuracy
-    if objective == "min_macs":
-        return (*head, float(record.macs or 0), -accuracy)
-    if objective == "max_netscore":
-        return (*head, -record.netscore(), float(record.macs or 0))
-    return (*head, -accuracy, float(record.macs or 0))
+    return (*head, *_design_order(record, record.last.metrics, objective))
+
+
+def _design_order(
+    record: TrialRecord, metrics: EvalMetrics, objective: Objective
+) -> tuple[float, ...]:
+    return design_order(
+        objective,
+        accuracy=metrics.accuracy,
+        macs=float(record.macs or 0),
+        params=float(record.params_count or 0),
+    )
 
 
 def rung_rank_key(record: TrialRecord, rung: int, objective: Objective) -> tuple[float, ...]:
-    """Sort key of a record's result at one rung (for successive halving), best first."""
+    """Sort key of a record's result at one rung (for successive halving), best first:
+    requirements met first, then by how little they are missed, then the objective."""
     result = record.rungs[rung]
-    metrics = result.metrics
     shortfall = sum(result.violations.values())
     feasible = 0.0 if shortfall <= 0 else 1.0
-    if objective == "min_macs":
-        return (feasible, shortfall, float(record.macs or 0), -metrics.accuracy)
-    if objective == "max_netscore":
-        score = netscore(metrics.accuracy, record.params_count or 1, record.macs or 1)
-        return (feasible, shortfall, -score)
-    return (feasible, shortfall, -metrics.accuracy, float(record.macs or 0))
+    return (feasible, shortfall, *_design_order(record, result.metrics, objective))
+
+
+def pareto_indices(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (accuracy, MACs) points no other point dominates (higher accuracy and
+    fewer MACs, one of them strictly): the one definition of the front, for the leaderboard
+    and `covidnet compare` alike."""
+    return [
+        i
+        for i, (acc, macs) in enumerate(points)
+        if not any(
+            a >= acc and m <= macs and (a > acc or m < macs)
+            for j, (a, m) in enumerate(points)
+            if j != i
+        )
+    ]
 
 
 def pareto_front(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Feasible trained records not dominated in (higher accuracy, fewer MACs)."""
     pool = [r for r in records if r.is_trained and r.feasible]
-    front = []
-    for r in pool:
-        acc, macs = r.last.metrics.accuracy, r.macs or 0
-        dominated = any(
-            (o.last.metrics.accuracy >= acc and (o.macs or 0) <= macs)
-            and (o.last.metrics.accuracy > acc or (o.macs or 0) < macs)
-            for o in pool
-        )
-        if not dominated:
-            front.append(r)
-    return front
+    points = [(r.last.metrics.accuracy, float(r.macs or 0)) for r in pool]
+    return [pool[i] for i in pareto_indices(points)]
 
 
 def compact_json(value: Any) -> str:

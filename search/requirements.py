@@ -25,7 +25,6 @@ from covidnet_jax.intervals import Estimate
 from covidnet_jax.metrics import EvalMetrics
 from search.config import RequirementsConfig
 
-
 COST_NAMES: tuple[str, ...] = ("macs", "params", "activation_bytes")
 """Names of the hard cost limits' violations (the rest are outcome requirements)."""
 

@@ -12,7 +12,9 @@ Each worker repeats, against the shared trial store:
    and not trained again;
 6. train at rung 0 through the evaluator, record validation metrics and requirement
    violations, and continue to the next rungs while successive halving promotes it;
-7. tell the study the objective values and the requirement violations (as constraints).
+7. tell the study the objective values and the requirement violations (as constraints);
+   each rung's objective value is an intermediate value (`trial.report`), and a candidate
+   successive halving stopped below the last rung ends PRUNED.
 
 A training failure (NaN, out of memory, compile error, or an exception from the evaluator)
 ends that trial with its reason; the search goes on. With several workers the main process
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import multiprocessing
 import os
 import shutil
@@ -43,13 +44,13 @@ from rich.console import Console
 
 from covidnet_jax.arch import AnySpec, ArchSpec, spec_from_json
 from covidnet_jax.errors import SpecError
-from covidnet_jax.metrics import netscore
 from covidnet_jax.typed_yaml import from_dict
 from search import store
-from search.config import Objective, SearchSettings
+from search.config import SearchSettings
 from search.evaluation import EvalFailure, EvalRequest, Evaluator
 from search.fidelity import should_promote
 from search.live import LiveView
+from search.objective import trial_values
 from search.records import TERMINAL_STATUSES, RungResult, TrialRecord
 from search.requirements import (
     Cost,
@@ -117,19 +118,6 @@ class WorkerSummary:
     stop_reason: str
 
 
-def objective_values(
-    objective: Objective, cost: Cost, accuracy: float | None, num_classes: int
-) -> list[float]:
-    """Trial values for Optuna (an untrained design counts at chance accuracy)."""
-    acc = 1.0 / num_classes if accuracy is None else accuracy
-    if objective == "min_macs":
-        return [float(cost.macs)]
-    if objective == "max_netscore":
-        score = netscore(acc, max(cost.params, 1), max(cost.macs, 1))
-        return [score if math.isfinite(score) else -1000.0]
-    return [acc, float(cost.macs)]
-
-
 def proposal_count(records: Sequence[TrialRecord]) -> int:
     """Proposals made so far (retries of lost trials are not proposals)."""
     return sum(1 for r in records if r.retry_of is None and r.state != "WAITING")
@@ -170,6 +158,7 @@ class Worker:
             within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
         )
         self.storage = store.open_storage(self.workdir, job.storage_url)
+        self._trial_id = -1  # the storage's id of the trial being run
         self.study = store.open_study(
             self.storage, job.study_name, self.settings.objective, self.sampler
         )
@@ -195,7 +184,10 @@ class Worker:
         budget = self.settings.budget
         while True:
             store.recover_lost_trials(
-                self.study, grace_s=self.settings.heartbeat.grace_s, max_retries=budget.max_retries
+                self.study,
+                self.storage,
+                grace_s=self.settings.heartbeat.grace_s,
+                max_retries=budget.max_retries,
             )
             records = store.read_records(self.study)
             waiting = any(r.state == "WAITING" for r in records)
@@ -227,7 +219,8 @@ class Worker:
                 return
         trial.set_user_attr("worker", store.worker_id())
         trial.set_user_attr("status", "running")
-        with store.heartbeat(self.storage, trial._trial_id, self.settings.heartbeat.interval_s):
+        self._trial_id = store.trial_id(self.storage, self.study, trial.number)
+        with store.heartbeat(self.storage, self._trial_id, self.settings.heartbeat.interval_s):
             try:
                 self._evaluate(trial)
             except Exception as err:
@@ -257,7 +250,14 @@ class Worker:
         over = cost_violations(self.settings.requirements, cost)
         if not is_feasible(over) and self.settings.budget.cost_prefilter:
             violations = {**over, **untrained_outcome_violations(self.settings.requirements)}
-            self._complete(trial, "infeasible", cost, None, violations, describe_violations(over, self.settings.requirements))
+            self._complete(
+                trial,
+                "infeasible",
+                cost,
+                None,
+                violations,
+                describe_violations(over, self.settings.requirements),
+            )
             return
 
         original = self._find_original(trial.number, spec.content_hash())
@@ -272,7 +272,7 @@ class Worker:
         settings = self.settings
         rungs = settings.budget.rungs
         trial_dir = self.workdir / "trials" / str(trial.number)
-        record = TrialRecord.from_trial(self.study._storage.get_trial(trial._trial_id))
+        record = TrialRecord.from_trial(self.storage.get_trial(self._trial_id))
         done = list(record.rungs)
         retry_of = record.retry_of
         if retry_of is not None and not trial_dir.exists():
@@ -311,6 +311,7 @@ class Worker:
                 },
             )
             trial.set_user_attr(f"rung.{rung}", result.to_attr())
+            self._report(trial, cost, result)
             totals[0] += outcome.compile_s
             totals[1] += outcome.train_s
             done.append(result)
@@ -326,6 +327,7 @@ class Worker:
             ):
                 break
         last = done[-1]
+        pruned = last.rung < len(rungs) - 1  # successive halving stopped it at a low rung
         trial.set_user_attr("rung", last.rung)
         trial.set_user_attr("steps", last.steps)
         trial.set_user_attr("val_accuracy", last.metrics.accuracy)
@@ -334,7 +336,23 @@ class Worker:
         trial.set_user_attr("train_s", totals[1])
         violations = dict(last.violations)
         reason = describe_violations(violations, settings.requirements)
-        self._complete(trial, "trained", cost, last.metrics.accuracy, violations, reason)
+        self._complete(
+            trial, "trained", cost, last.metrics.accuracy, violations, reason, pruned=pruned
+        )
+
+    def _report(self, trial: optuna.Trial, cost: Cost, result: RungResult) -> None:
+        """The rung's objective value as an Optuna intermediate value at its step count
+        (learning curves, and what TPE ranks pruned trials by). Optuna supports them for
+        single-objective studies only: `pareto` reports none."""
+        if self.settings.objective == "pareto":
+            return
+        (value,) = trial_values(
+            self.settings.objective,
+            accuracy=result.metrics.accuracy,
+            macs=cost.macs,
+            params=cost.params,
+        )
+        trial.report(value, step=result.steps)
 
     def _call_evaluator(self, request: EvalRequest):
         try:
@@ -381,15 +399,21 @@ class Worker:
         trial.set_user_attr("duplicate_of", original.number)
         reason = f"same spec as trial {original.number}"
         frozen = self.study.get_trials(deepcopy=False)[original.number]
-        if original.status == "trained" and frozen.state == TrialState.COMPLETE:
+        if original.status == "trained" and frozen.state in (
+            TrialState.COMPLETE,
+            TrialState.PRUNED,
+        ):
             for key in ("rung", "steps", "val_accuracy", "checkpoint", "violations", "feasible"):
                 if key in original.attrs:
                     trial.set_user_attr(key, original.attrs[key])
             for name, value in frozen.constraints.items():
                 trial.set_constraint(name, value)
+            for step, value in sorted(frozen.intermediate_values.items()):
+                trial.report(value, step=step)
             trial.set_user_attr("status", "duplicate")
             trial.set_user_attr("reason", reason)
-            self._tell(trial, TrialState.COMPLETE, frozen.values)
+            values = frozen.values if frozen.state == TrialState.COMPLETE else None
+            self._tell(trial, frozen.state, values)
             return
         self._finish(trial, "duplicate", reason)
 
@@ -403,15 +427,31 @@ class Worker:
         accuracy: float | None,
         violations: dict[str, float],
         reason: str,
+        *,
+        pruned: bool = False,
     ) -> None:
+        """Ends a trial with its record. A candidate successive halving stopped below the
+        last rung ends PRUNED, as Optuna's pruners would leave it: its intermediate values
+        say how far it got. It keeps the constraints measured at the rung it reached: TPE
+        ranks pruned trials without constraints by their last intermediate value (MACs for
+        `min_macs`), and learning "small pruned designs are good" cost it 7 of 10 seeds on
+        the surrogate task (bench/README.md, "Optuna's trial states"). NSGA-II considers
+        only COMPLETE trials, so it no longer learns a short run as a finished design."""
         trial.set_user_attr("violations", violations)
         trial.set_user_attr("feasible", is_feasible(violations))
         trial.set_user_attr("reason", reason)
+        trial.set_user_attr("status", status)
         for name in self.constraint_names:
             trial.set_constraint(name, float(violations.get(name, 0.0)))
-        trial.set_user_attr("status", status)
-        values = objective_values(
-            self.settings.objective, cost, accuracy, len(self.space.prototype.class_names)
+        if pruned:
+            self._tell(trial, TrialState.PRUNED, None)
+            return
+        chance = 1.0 / len(self.space.prototype.class_names)  # an untrained design
+        values = trial_values(
+            self.settings.objective,
+            accuracy=chance if accuracy is None else accuracy,
+            macs=cost.macs,
+            params=cost.params,
         )
         self._tell(trial, TrialState.COMPLETE, values)
 

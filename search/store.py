@@ -29,11 +29,11 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
-from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from covidnet_jax.errors import ConfigError
 from search.config import Objective
+from search.objective import directions
 from search.records import TrialRecord
 
 JOURNAL_NAME = "study.journal"
@@ -110,15 +110,6 @@ def open_storage(workdir: str | Path, url: str | None = None) -> BaseStorage:
     repair_journal(path)
     lock = JournalFileSymlinkLock(str(path), grace_period=_LOCK_GRACE_S)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-
-
-def directions(objective: Objective) -> list[StudyDirection]:
-    """Optuna directions of the trial values for an objective."""
-    if objective == "min_macs":
-        return [StudyDirection.MINIMIZE]
-    if objective == "max_netscore":
-        return [StudyDirection.MAXIMIZE]
-    return [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
 
 
 def open_study(
@@ -217,7 +208,16 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def recover_lost_trials(study: optuna.Study, *, grace_s: float, max_retries: int) -> list[int]:
+def trial_id(storage: BaseStorage, study: optuna.Study, number: int) -> int:
+    """The storage's id of trial `number` of `study` (through Optuna's public storage API;
+    `optuna.Trial` keeps its id private)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+def recover_lost_trials(
+    study: optuna.Study, storage: BaseStorage, *, grace_s: float, max_retries: int
+) -> list[int]:
     """Marks running trials whose worker died as lost and enqueues their retries.
 
     A running trial is lost when its last heartbeat (or, before the first, its start) is
@@ -227,13 +227,13 @@ def recover_lost_trials(study: optuna.Study, *, grace_s: float, max_retries: int
 
     Args:
         study: the search's study.
+        storage: the storage it lives in.
         grace_s: heartbeat age after which a worker is presumed dead.
         max_retries: retries per original trial (counting along the retry chain).
 
     Returns:
         Numbers of the trials marked lost by this call.
     """
-    storage = study._storage
     now = time.time()
     lost = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -246,9 +246,10 @@ def recover_lost_trials(study: optuna.Study, *, grace_s: float, max_retries: int
         record = TrialRecord.from_trial(trial)
         reason = f"worker {trial.user_attrs.get('worker', '?')} stopped (no heartbeat)"
         try:
-            storage.set_trial_user_attr(trial._trial_id, "status", "lost")
-            storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            tid = trial_id(storage, study, trial.number)
+            storage.set_trial_user_attr(tid, "status", "lost")
+            storage.set_trial_user_attr(tid, "reason", reason)
+            storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker got there first, or the trial just ended
         lost.append(trial.number)

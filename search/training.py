@@ -188,4 +188,4 @@ class TrainingEvaluator:
     def test(self, request: EvalRequest) -> EvalMetrics:
         """Test-split metrics of the checkpoint `request.workdir` hands on (its last)."""
         data = self.data(request.spec.input_size, request.validation_draw)
-        return evaluate_workdir(request.workdir, split="test", data=data).metrics
+        return evaluate_workdir(request.workdir, split="test", data=data, scores=False).metrics

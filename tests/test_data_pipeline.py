@@ -108,6 +108,13 @@ def test_patient_wise_validation_has_no_overlap_and_ignores_seed(synth_dir, tmp_
     assert 0.15 < is_val.mean() < 0.45
     assert a.report.patients["validation"] > 0
     assert not split_validation(labels, pids, 0.0).any()
+    # Another draw is another patient-disjoint split of the same size; draw 0 is the default.
+    np.testing.assert_array_equal(split_validation(labels, pids, 0.3, draw=0), is_val)
+    other = split_validation(labels, pids, 0.3, draw=1)
+    assert not np.array_equal(other, is_val)
+    other_p = {p for p, v in zip(pids, other, strict=True) if v}
+    assert not other_p & {p for p, v in zip(pids, other, strict=True) if not v}
+    assert abs(int(other.sum()) - int(is_val.sum())) <= 4  # whole patients of 2 images
 
 
 def test_train_batches_are_deterministic_and_resume_exactly(data):

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 from search_support import PROTOTYPE, fast_tmp, run, settings
 
+from search import store
 from search.evaluation import EvalFailure, EvalRequest
 from search.surrogate import SurrogateEvaluator
 
@@ -129,6 +130,29 @@ def test_successive_halving_promotes_the_best_fraction(fast_tmp):
     # The best at rung 0 among all candidates reached the last rung or ranked early enough
     # to be promoted when it finished: the first trial always goes to rung 1.
     assert len(trained[0].rungs) >= 2
+    # Optuna's own states carry the fidelity: each rung's objective value (MACs here) is an
+    # intermediate value at its step count; a candidate stopped below the last rung is
+    # PRUNED, one that reached it COMPLETE; both carry the constraints of their last rung.
+    study = store.load_study(store.open_storage(fast_tmp / "h"), "h")
+    frozen = {t.number: t for t in study.get_trials()}
+    for r in trained:
+        t = frozen[r.number]
+        assert sorted(t.intermediate_values) == [(50, 150, 450)[k] for k in range(len(r.rungs))]
+        assert set(t.intermediate_values.values()) == {float(r.macs)}
+        if len(r.rungs) < 3:
+            # (Optuna records a pruned trial's last intermediate value as its value.)
+            assert t.state.name == "PRUNED" and set(t.constraints) == {
+                "macs",
+                "accuracy",
+                "sensitivity:COVID-19",
+            }
+            assert t.values == [float(r.macs)]
+        else:
+            assert t.state.name == "COMPLETE" and set(t.constraints) == {
+                "macs",
+                "accuracy",
+                "sensitivity:COVID-19",
+            }
 
 
 def test_weight_inheritance_passes_the_parent_checkpoint(fast_tmp):

@@ -121,6 +121,7 @@ def test_requirements_are_evaluated_per_class():
                 "COVID-19": {"min_sensitivity": 0.8, "min_ppv": 0.9},
                 "pneumonia": {"min_ppv": 0.5},
             },
+            "decision": "point",  # the lower-bound rule: tests/test_requirements.py
         },
     )
     # COVID-19: 8 of 10 found (sensitivity 0.8); 8 of 12 predictions right (PPV 0.667).

@@ -67,12 +67,16 @@ def test_a_stale_heartbeat_marks_the_trial_lost_and_retries_it(fast_tmp):
     trial = study.ask({"s0.depth": optuna.distributions.IntDistribution(0, 2)})
     trial.set_user_attr("worker", "another-host:1")
     trial.set_user_attr("proposal", 0)
-    storage.set_trial_system_attr(trial._trial_id, store.HEARTBEAT_ATTR, time.time() - 100)
+    storage.set_trial_system_attr(
+        store.trial_id(storage, study, trial.number), store.HEARTBEAT_ATTR, time.time() - 100
+    )
     fresh = study.ask()
     fresh.set_user_attr("worker", "another-host:2")
-    storage.set_trial_system_attr(fresh._trial_id, store.HEARTBEAT_ATTR, time.time())
+    storage.set_trial_system_attr(
+        store.trial_id(storage, study, fresh.number), store.HEARTBEAT_ATTR, time.time()
+    )
 
-    assert store.recover_lost_trials(study, grace_s=30, max_retries=1) == [0]
+    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=1) == [0]
     records = store.read_records(study)
     assert records[0].status == "lost" and records[0].state == "FAIL"
     assert records[1].state == "RUNNING"  # its heartbeat is fresh
@@ -80,7 +84,7 @@ def test_a_stale_heartbeat_marks_the_trial_lost_and_retries_it(fast_tmp):
     assert retry.state == "WAITING" and retry.retry_of == 0
     assert retry.attrs["proposal"] == 0 and retry.attrs["retries"] == 1
     # A second look finds nothing new; a lost retry is not retried beyond max_retries.
-    assert store.recover_lost_trials(study, grace_s=30, max_retries=1) == []
+    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=1) == []
 
 
 def _start_worker(job):

@@ -18,7 +18,7 @@ from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import load_data, write_synthetic_dataset
 from covidnet_jax.evaluate import evaluate_workdir, write_evaluation
-from covidnet_jax.metrics import netscore
+from covidnet_jax.metrics import EvalMetrics, netscore
 from covidnet_jax.models import build_model
 from covidnet_jax.predict import predict_images
 from covidnet_jax.steps import StepFunctions, StepSettings
@@ -122,6 +122,25 @@ def test_train_writes_result_logs_and_checkpoints(trained):
     with Checkpoints.open_existing(workdir) as ckpts:
         assert ckpts.latest_step() == 6 and 6 in ckpts.steps()
         assert len(ckpts.steps()) <= config.train.keep_checkpoints + config.train.keep_best
+
+
+def test_the_checkpoint_reported_is_the_one_handed_on(trained, data_dir, tmp_path):
+    # `select: last`: the metrics reported are those of the last checkpoint, and that
+    # checkpoint is what evaluate restores (and children inherit): never the best of many.
+    config, _, _ = trained
+    last = dataclasses.replace(config, train=dataclasses.replace(config.train, select="last"))
+    result = train_and_evaluate(last, tmp_path / "last", show_progress=False)
+    assert result.ok and result.best_step == 6
+    with Checkpoints.open_existing(tmp_path / "last") as ckpts:
+        assert ckpts.selected_step() == 6
+        saved = ckpts.metrics(6)["validation"]
+    assert result.metrics.to_dict() == EvalMetrics.from_dict(saved).to_dict()
+    assert evaluate_workdir(tmp_path / "last").step == 6
+    assert evaluate_workdir(tmp_path / "last").metrics.to_dict() == result.metrics.to_dict()
+    # `select: best` (the training default) hands on the best by the selection metric.
+    _, result_best, workdir = trained
+    with Checkpoints.open_existing(workdir) as ckpts:
+        assert ckpts.selected_step() == result_best.best_step == ckpts.best_step()
 
 
 def test_rerun_of_a_finished_run_trains_nothing(trained, data_dir):
@@ -234,7 +253,14 @@ def test_evaluate_and_predict(trained, data_dir):
     )
     json_path, png = write_evaluation(evaluation, workdir)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(json_path.read_text())["split"] == "test"
+    saved = json.loads(json_path.read_text())
+    assert saved["split"] == "test"
+    # Every rate with its interval, AUROC per class, calibration and its diagram.
+    assert saved["intervals"]["accuracy"]["trials"] == evaluation.metrics.count
+    assert set(saved["auroc"]) == set(evaluation.metrics.class_names)
+    assert 0.0 <= saved["calibration"]["ece"] <= 1.0
+    assert sum(saved["calibration"]["count"]) == evaluation.metrics.count
+    assert (workdir / "evaluation" / "test_reliability.png").is_file()
 
     images = sorted((data_dir / "test").glob("*.png"))[:3]
     predictions = predict_images(workdir, images)

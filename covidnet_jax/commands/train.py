@@ -44,8 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="accuracy, per-class sensitivity/PPV, confusion matrix, NetScore",
-        description="Evaluates a run's best checkpoint (by validation) on a split; writes "
-        "WORKDIR/evaluation/<split>.json and <split>_confusion.png.",
+        description="Evaluates the checkpoint a run hands on (the best by validation, or "
+        "the last with train.select: last) on a split: accuracy, per-class sensitivity, PPV "
+        "and specificity with confidence intervals (Wilson), per-class AUROC (DeLong "
+        "interval) and calibration (ECE). Writes WORKDIR/evaluation/<split>.json, "
+        "<split>_confusion.png and <split>_reliability.png.",
     )
     evaluate.add_argument("--workdir", required=True, metavar="DIR", help="a training run")
     evaluate.add_argument(
@@ -54,8 +57,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="validation",
         help="validation (default) or test (the final report; never used for selection)",
     )
-    evaluate.add_argument("--step", type=int, help="a checkpoint step instead of the best")
+    evaluate.add_argument(
+        "--step", type=int, help="a checkpoint step instead of the one the run hands on"
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        metavar="LEVEL",
+        help="coverage of the confidence intervals (default 0.95)",
+    )
     _add_set(evaluate, what="the saved config, e.g. data.covidx_dir=/new/path")
     evaluate.set_defaults(func=_run_evaluate)
 
@@ -131,8 +143,16 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from covidnet_jax.evaluate import evaluate_workdir, format_evaluation, write_evaluation
 
+    if not 0.0 < args.confidence < 1.0:
+        from covidnet_jax.errors import ConfigError
+
+        raise ConfigError(f"--confidence: expected a level in (0, 1), got {args.confidence}")
     evaluation = evaluate_workdir(
-        args.workdir, split=args.split, step=args.step, overrides=args.overrides
+        args.workdir,
+        split=args.split,
+        step=args.step,
+        overrides=args.overrides,
+        level=args.confidence,
     )
     json_path, png = write_evaluation(evaluation, args.workdir)
     if args.json:

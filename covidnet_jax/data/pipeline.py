@@ -331,7 +331,9 @@ def split_validation(
         total = sum(len(images_of[p]) for p in pids)
         target = fraction * total
         taken = 0
-        for pid in sorted(pids, key=lambda p: _patient_rank(p, draw))[:-1]:  # always leave one patient in train
+        for pid in sorted(pids, key=lambda p: _patient_rank(p, draw))[
+            :-1
+        ]:  # always leave one patient in train
             if taken >= target:
                 break
             is_val[images_of[pid]] = True

@@ -19,8 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from covidnet_jax.errors import UserError
+from covidnet_jax.errors import ConfigError, UserError
 from covidnet_jax.export import RequirementCheck, export_training_run
+from covidnet_jax.metrics import EvalMetrics
+from covidnet_jax.typed_yaml import from_dict
+from search.config import RequirementsConfig
+from search.requirements import final_verdicts
 
 BEST_DIR = "best"
 LEADERBOARD_JSON = "leaderboard.json"
@@ -62,18 +66,28 @@ def requirement_checks(
     params: int | None,
     activation_bytes: int | None,
     validation: Mapping[str, Any],
+    test: Mapping[str, Any] | None = None,
 ) -> list[RequirementCheck]:
     """The search's requirements with the design's values and whether each holds.
+
+    Outcome requirements are judged as the search judged them (`search.requirements`: the
+    decision rule, its confidence and interval method), with the test split's estimate and
+    verdict beside them when it was scored.
 
     Args:
         requirements: `search.config.RequirementsConfig` as plain data.
         macs, params, activation_bytes: the analytic cost (activation memory at the search's
             training batch size).
         validation: validation metrics (`EvalMetrics.to_dict()`).
+        test: test metrics of the declared design, or None.
 
     Returns:
         One check per stated requirement.
     """
+    try:
+        reqs = from_dict(RequirementsConfig, dict(requirements), path="requirements")
+    except ConfigError as err:
+        raise ExportCommandError(f"{LEADERBOARD_JSON}: {err}") from None
     checks = []
     for key, label, value in (
         ("max_macs", "MACs", macs),
@@ -84,22 +98,23 @@ def requirement_checks(
         if limit is not None:
             met = None if value is None else value <= limit
             checks.append(RequirementCheck(f"{label} <= {limit:.4g}", value, met, "cost model"))
-    if requirements.get("min_accuracy") is not None:
-        limit, value = requirements["min_accuracy"], validation.get("accuracy")
-        met = None if value is None else value >= limit
-        checks.append(RequirementCheck(f"accuracy >= {limit:.4g}", value, met, "validation"))
-    for name, req in (requirements.get("classes") or {}).items():
-        for key, label, metric in (
-            ("min_sensitivity", "sensitivity", "sensitivity"),
-            ("min_ppv", "PPV", "ppv"),
-        ):
-            if req.get(key) is None:
-                continue
-            value = validation.get(metric, {}).get(name)
-            met = None if value is None else value >= req[key]
-            checks.append(
-                RequirementCheck(f"{name} {label} >= {req[key]:.4g}", value, met, "validation")
+    val = EvalMetrics.from_dict(dict(validation))
+    tested = None if test is None else EvalMetrics.from_dict(dict(test))
+    rule = "lower bound" if reqs.decision == "lower_bound" else "point estimate"
+    for report in final_verdicts(reqs, val, tested):
+        kind, _, class_name = report.name.partition(":")
+        label = "accuracy" if not class_name else f"{class_name} {kind.replace('ppv', 'PPV')}"
+        checks.append(
+            RequirementCheck(
+                f"{label} >= {report.minimum:.4g}",
+                report.validation.value,
+                report.holds_on_validation,
+                f"validation ({reqs.confidence:.0%} {rule})",
+                interval=(report.validation.low, report.validation.high),
+                test="" if report.test is None else report.test.format(),
+                verdict=report.verdict,
             )
+        )
     return checks
 
 
@@ -144,6 +159,7 @@ def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
         params=best.get("params"),
         activation_bytes=None,
         validation=best["validation"],
+        test=best.get("test"),
     )
     train_dir = workdir / best.get("checkpoint", f"{BEST_DIR}/train")
     trial = best.get("trial")
@@ -153,7 +169,12 @@ def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
         title=f"{workdir.name}: best design (trial {trial})",
         requirements=checks,
         metrics={"validation": best["validation"], "test": best["test"]},
-        provenance={"search workdir": str(workdir), "trial": trial, "selected as": "best"},
+        provenance={
+            "search workdir": str(workdir),
+            "trial": trial,
+            "selected as": "best (confirmed)" if best.get("confirmation") else "best",
+            "confirmation runs": len(best.get("confirmation", [])),
+        },
     )
     return path, f"best design (trial {trial})"
 

@@ -24,8 +24,8 @@ from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import to_dict
 from search import store
 from search.evaluation import AnalyticCost
-from search.leaderboard import count_statuses, leaderboard_table, write_leaderboard
 from search.finish import RunLog, describe_run, finish_best
+from search.leaderboard import count_statuses, leaderboard_table, write_leaderboard
 from search.requirements import check_class_names, format_verdicts
 from search.runner import SearchJob, run_search
 from search.training import (
@@ -136,7 +136,9 @@ def run(args: argparse.Namespace) -> int:
         best=best.summary,
         confirmation=[run.to_dict() for run in best.tried],
     )
-    console.print(leaderboard_table(records, settings.objective, requirements=settings.requirements))
+    console.print(
+        leaderboard_table(records, settings.objective, requirements=settings.requirements)
+    )
     counts = count_statuses(records)
     console.print(
         "proposed {proposed}, infeasible (not trained) {infeasible}, duplicates {duplicate}, "
