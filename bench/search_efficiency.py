@@ -134,8 +134,8 @@ def run_training(config: str, strategy: str, seed: int, changes: dict, root: Pat
 
 
 def _run_training(config: str, strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
-    from search.commands.search import prepare_job
     from search.runner import run_search
+    from search.session import prepare_job
     from search.training import load_experiment
 
     overrides = [

@@ -1,1 +1,28 @@
-"""The design-exploration loop: space, requirements, strategies, fidelity, trial store."""
+"""The design-exploration loop: space, requirements, strategies, fidelity, trial store.
+
+The Python entry point is `search.run(experiment_file, workdir)` (`search.session`), which
+returns a `SearchResult`; `covidnet search` prints what it returns. They are imported on
+first use, so that `import search.<module>` (every worker process does) stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search.session import SearchResult, run
+    from search.training import load_experiment
+
+__all__ = ["SearchResult", "load_experiment", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SearchResult", "run"):
+        from search import session
+
+        return getattr(session, name)
+    if name == "load_experiment":
+        from search.training import load_experiment
+
+        return load_experiment
+    raise AttributeError(f"module 'search' has no attribute {name!r}")

@@ -327,8 +327,14 @@ def finish_best(
         if runs is None:
             continue
         if previous is not None and previous.get("spec_hash") == record.spec_hash:
-            # Declared by an earlier invocation: the test split is not scored again.
+            # Declared by an earlier invocation: the test split is not scored again. (A
+            # summary written before verdicts existed gets them from its stored metrics.)
             reports = _reports_from(settings, previous)
+            previous = {
+                **previous,
+                "requirements": [r.to_dict() for r in reports],
+                "verdict": overall_verdict(reports),
+            }
             message = f"best design: trial {record.number} (already finished)"
             return BestDesign(previous, message, reports, tuple(confirmer.tried))
         return _declare(workdir, record, runs, confirmer, settings, evaluator)

@@ -274,6 +274,8 @@ class Worker:
         trial_dir = self.workdir / "trials" / str(trial.number)
         record = TrialRecord.from_trial(self.storage.get_trial(self._trial_id))
         done = list(record.rungs)
+        for result in done:  # a retry carries its lost original's rungs: their values too
+            self._report(trial, cost, result)
         retry_of = record.retry_of
         if retry_of is not None and not trial_dir.exists():
             lost_dir = self.workdir / "trials" / str(retry_of)

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 
+import search
 from search.cli import main
 from search.store import load_study, open_storage, read_records
 
@@ -62,7 +63,8 @@ def test_search_command_trains_ranks_and_resumes(tmp_path, capsys):
     args = ["search", "--config", str(path), "--workdir", str(workdir), "--no-live"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "proposed 5" in out and "best design: trial" in out and "test accuracy" in out
+    assert "proposed 5" in out and "best design: trial" in out
+    assert "verdict on the test split:" in out and "accuracy >= 0.000" in out
 
     records = read_records(load_study(open_storage(workdir), "run"))
     assert len(records) == 5
@@ -83,10 +85,26 @@ def test_search_command_trains_ranks_and_resumes(tmp_path, capsys):
     assert best["trial"] == board["rows"][0]["trial"] and best["steps"] == 6
     assert best["test"]["count"] > 0 and best["validation"]["count"] > 0
     assert (workdir / "best" / "spec.json").exists()
+    # Confirmed over two more seeds (the default), each on its own validation split.
+    assert [(r["index"], r["validation_draw"]) for r in best["confirmation"]][-3:] == [
+        (0, 0),
+        (1, 1),
+        (2, 2),
+    ]
+    assert best["verdict"] in ("met", "not met", "inconclusive")
+    assert best["requirements"][0]["test"]["trials"] == best["test"]["count"]
     stamp = (workdir / "best" / "metrics.json").stat().st_mtime_ns
 
     # The same command again: nothing new is trained and the test split is not scored again.
     assert main(args) == 0
     assert "already finished" in capsys.readouterr().out
     assert len(read_records(load_study(open_storage(workdir), "run"))) == 5
+    assert (workdir / "best" / "metrics.json").stat().st_mtime_ns == stamp
+
+    # The same search from Python: a result object instead of printed text.
+    result = search.run(str(path), workdir)
+    assert len(result.records) == 5 and result.counts["proposed"] == 5
+    assert result.best.summary["trial"] == best["trial"]
+    assert [r.name for r in result.best.reports] == ["accuracy"]
+    assert result.leaderboard_json == workdir / "leaderboard.json"
     assert (workdir / "best" / "metrics.json").stat().st_mtime_ns == stamp

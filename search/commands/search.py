@@ -12,28 +12,15 @@ died are retried, and the strategy continues from the trial store.
 from __future__ import annotations
 
 import argparse
-import functools
-import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
-from covidnet_jax.data import load_data
-from covidnet_jax.errors import ConfigError
-from covidnet_jax.typed_yaml import to_dict
-from search import store
-from search.evaluation import AnalyticCost
-from search.finish import RunLog, describe_run, finish_best
-from search.leaderboard import count_statuses, leaderboard_table, write_leaderboard
-from search.requirements import check_class_names, format_verdicts
-from search.runner import SearchJob, run_search
-from search.training import (
-    SearchExperiment,
-    TrainingEvaluator,
-    load_experiment,
-    load_prototype,
-)
+from search import session
+from search.finish import describe_run
+from search.leaderboard import leaderboard_table
+from search.requirements import format_verdicts
+from search.training import load_experiment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,78 +55,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def prepare_job(
-    experiment: SearchExperiment, workdir: Path, storage_url: str | None, start: float
-) -> SearchJob:
-    """Loads the data once (writing the synthetic set if configured) and builds the job.
-
-    Raises:
-        ConfigError: the prototype is not a PEPX spec, or a required class is not in the data.
-    """
-    training = experiment.training
-    data = load_data(training.data, seed=training.seed)
-    check_class_names(experiment.search.requirements, data.class_names)
-    prototype = load_prototype(experiment).with_head_classes(tuple(data.class_names))
-    return SearchJob(
-        settings_data=experiment.search_data,
-        workdir=str(workdir),
-        storage_url=storage_url,
-        study_name=experiment.search.study_name or workdir.resolve().name,
-        prototype_json=prototype.to_json(indent=None),
-        class_names=tuple(data.class_names),
-        make_evaluator=functools.partial(
-            TrainingEvaluator.from_file, experiment.path, experiment.overrides
-        ),
-        make_cost_model=functools.partial(AnalyticCost, training.train.batch_size),
-        deadline=start + experiment.search.budget.max_wall_time_s,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    """Runs the search and prints the leaderboard and the best design."""
-    start = time.time()
+    """Runs the search (`search.run`) and prints the leaderboard and the verdict."""
     experiment = load_experiment(args.config, tuple(args.overrides))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     workers = args.workers or experiment.search.workers
-    if workers < 1:
-        raise ConfigError(f"--workers: expected a count >= 1, got {workers}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    resolved = {**to_dict(experiment.training), "search": experiment.search_data}
-    (workdir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     console = Console()
     console.print(f"[bold]covidnet search[/] {args.config} -> {workdir} ({workers} worker(s))")
-    job = prepare_job(experiment, workdir, args.storage, start)
-    outcome = run_search(job, workers=workers, console=console, lines=args.no_live)
+    result = session.run(
+        experiment,
+        workdir,
+        storage=args.storage,
+        workers=args.workers,
+        console=console,
+        lines=args.no_live,
+    )
     settings = experiment.search
-    records = outcome.records
-    console.print(f"stopped: {'; '.join(outcome.stop_reasons)}")
-    evaluator = job.make_evaluator()
-    study = store.load_study(store.open_storage(workdir, args.storage), job.study_name)
-    console.print(
-        f"confirming the best design: {settings.confirm.seeds} further seed(s) on other "
-        f"validation splits, up to {settings.confirm.max_candidates} candidate(s)"
-    )
-    best = finish_best(
-        workdir,
-        records,
-        settings,
-        evaluator,
-        train_seed=experiment.training.seed,
-        log=RunLog(study.user_attrs, study.set_user_attr),
-    )
-    csv_path, json_path = write_leaderboard(
-        workdir,
-        records,
-        study=job.study_name,
-        objective=settings.objective,
-        requirements_data=to_dict(settings.requirements),
-        best=best.summary,
-        confirmation=[run.to_dict() for run in best.tried],
-    )
+    records, best = result.records, result.best
     console.print(
         leaderboard_table(records, settings.objective, requirements=settings.requirements)
     )
-    counts = count_statuses(records)
+    counts = result.counts
     console.print(
         "proposed {proposed}, infeasible (not trained) {infeasible}, duplicates {duplicate}, "
         "trained {trained}, failed {failed}, feasible {feasible}".format(
@@ -149,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     )
-    for run in best.tried:
-        console.print(f"  {describe_run(run, settings)}", markup=False)
+    for run_ in best.tried:
+        console.print(f"  {describe_run(run_, settings)}", markup=False)
     console.print(best.message)
     if best.summary is not None:
         console.print(
@@ -166,9 +102,6 @@ def run(args: argparse.Namespace) -> int:
             "(met: every lower bound clears its minimum; not met: an upper bound is below it)",
             markup=False,
         )
-    console.print(f"leaderboard: {csv_path}, {json_path}")
-    console.print(
-        f"elapsed {time.time() - start:.0f}s; trial store: "
-        f"{args.storage or store.journal_path(workdir)}"
-    )
+    console.print(f"leaderboard: {result.leaderboard_csv}, {result.leaderboard_json}")
+    console.print(f"elapsed {result.elapsed_s:.0f}s; trial store: {result.trial_store}")
     return 0

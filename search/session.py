@@ -1,0 +1,185 @@
+"""`search.run`: one call runs (or resumes) a design exploration and returns its result.
+
+The command line (`covidnet search`) is a thin printer around it; Python users call it
+directly:
+
+    >>> import search
+    >>> result = search.run("experiments/quickstart.yaml", "runs/quickstart")
+    >>> result.best.summary["verdict"], result.leaderboard_json
+    ('met', PosixPath('runs/quickstart/leaderboard.json'))
+
+What it does, in order: validate the experiment (before any JAX work), write the resolved
+`config.yaml`, load the data once (writing the synthetic set if configured), run the workers
+against the trial store, confirm the best feasible design and score it on the test split once
+(`search.finish`), and write the leaderboard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from covidnet_jax.data import load_data
+from covidnet_jax.errors import ConfigError
+from covidnet_jax.typed_yaml import to_dict
+from search import store
+from search.evaluation import AnalyticCost
+from search.finish import BestDesign, RunLog, finish_best
+from search.leaderboard import count_statuses, write_leaderboard
+from search.records import TrialRecord
+from search.requirements import check_class_names
+from search.runner import SearchJob, run_search
+from search.training import (
+    SearchExperiment,
+    TrainingEvaluator,
+    load_experiment,
+    load_prototype,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What a search invocation ended with.
+
+    Attributes:
+        workdir: the search's working directory.
+        experiment: the validated experiment.
+        records: every trial's record.
+        best: the confirmed design (`best.summary` is `best/metrics.json`, None when no
+            design was confirmed), its per-requirement reports and every confirmation run.
+        leaderboard_csv: `leaderboard.csv`.
+        leaderboard_json: `leaderboard.json`.
+        stop_reasons: why each worker stopped.
+        elapsed_s: wall time of this call.
+        trial_store: the storage URL, or the journal's path.
+    """
+
+    workdir: Path
+    experiment: SearchExperiment
+    records: list[TrialRecord]
+    best: BestDesign
+    leaderboard_csv: Path
+    leaderboard_json: Path
+    stop_reasons: list[str]
+    elapsed_s: float
+    trial_store: str
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Trials per status, plus `proposed` and `feasible`."""
+        return count_statuses(self.records)
+
+
+def prepare_job(
+    experiment: SearchExperiment, workdir: Path, storage_url: str | None, start: float
+) -> SearchJob:
+    """Loads the data once (writing the synthetic set if configured) and builds the job.
+
+    Raises:
+        ConfigError: the prototype is not a PEPX spec, or a required class is not in the data.
+    """
+    training = experiment.training
+    data = load_data(training.data, seed=training.seed)
+    check_class_names(experiment.search.requirements, data.class_names)
+    prototype = load_prototype(experiment).with_head_classes(tuple(data.class_names))
+    return SearchJob(
+        settings_data=experiment.search_data,
+        workdir=str(workdir),
+        storage_url=storage_url,
+        study_name=experiment.search.study_name or workdir.resolve().name,
+        prototype_json=prototype.to_json(indent=None),
+        class_names=tuple(data.class_names),
+        make_evaluator=functools.partial(
+            TrainingEvaluator.from_file, experiment.path, experiment.overrides
+        ),
+        make_cost_model=functools.partial(AnalyticCost, training.train.batch_size),
+        deadline=start + experiment.search.budget.max_wall_time_s,
+    )
+
+
+def run(
+    experiment: SearchExperiment | str | Path,
+    workdir: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    storage: str | None = None,
+    workers: int | None = None,
+    console: Console | None = None,
+    lines: bool = False,
+) -> SearchResult:
+    """Runs or resumes a design exploration to its end.
+
+    Args:
+        experiment: an experiment file, or one loaded with `search.load_experiment`.
+        workdir: the run directory (default `runs/<experiment file name>`); running again
+            with the same one resumes.
+        overrides: "key.path=value" changes to the experiment file (with a path only).
+        storage: a trial-store URL (e.g. PostgreSQL) instead of the workdir's journal.
+        workers: worker processes (default `search.workers`).
+        console: where progress is drawn (None: silently).
+        lines: one line per finished trial instead of a redrawn live panel.
+
+    Returns:
+        The `SearchResult`.
+
+    Raises:
+        ConfigError: a bad experiment or argument, before anything is trained.
+    """
+    start = time.time()
+    if not isinstance(experiment, SearchExperiment):
+        experiment = load_experiment(experiment, tuple(overrides))
+    elif overrides:
+        raise ConfigError("overrides: pass them to load_experiment with the file")
+    workdir = Path(workdir or Path("runs") / Path(experiment.path).stem)
+    count = workers or experiment.search.workers
+    if count < 1:
+        raise ConfigError(f"--workers: expected a count >= 1, got {count}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = {**to_dict(experiment.training), "search": experiment.search_data}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    say = console.print if console is not None else (lambda *a, **k: None)
+    job = prepare_job(experiment, workdir, storage, start)
+    outcome = run_search(job, workers=count, console=console, lines=lines)
+    settings = experiment.search
+    say(f"stopped: {'; '.join(outcome.stop_reasons)}")
+    say(
+        f"confirming the best design: {settings.confirm.seeds} further seed(s) on other "
+        f"validation splits, up to {settings.confirm.max_candidates} candidate(s)"
+    )
+    study = store.load_study(store.open_storage(workdir, storage), job.study_name)
+    with console.status("confirming ...") if console is not None else contextlib.nullcontext():
+        best = finish_best(
+            workdir,
+            outcome.records,
+            settings,
+            job.make_evaluator(),
+            train_seed=experiment.training.seed,
+            log=RunLog(study.user_attrs, study.set_user_attr),
+        )
+    csv_path, json_path = write_leaderboard(
+        workdir,
+        outcome.records,
+        study=job.study_name,
+        objective=settings.objective,
+        requirements_data=to_dict(settings.requirements),
+        best=best.summary,
+        confirmation=[r.to_dict() for r in best.tried],
+    )
+    return SearchResult(
+        workdir=workdir,
+        experiment=experiment,
+        records=outcome.records,
+        best=best,
+        leaderboard_csv=csv_path,
+        leaderboard_json=json_path,
+        stop_reasons=outcome.stop_reasons,
+        elapsed_s=time.time() - start,
+        trial_store=storage or str(store.journal_path(workdir)),
+    )
