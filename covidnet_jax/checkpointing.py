@@ -48,6 +48,14 @@ def find_checkpoint_dir(path: str | Path) -> Path:
             return candidate
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory")
+    if (path / "trials").is_dir():
+        # A search's workdir: its runs live below it.
+        best = path / "best" / "train"
+        where = f"{best}" if best.is_dir() else f"{path / 'trials'}/<trial>"
+        raise CheckpointError(
+            f"{path}: a search workdir, not a training run; pass --workdir {where} "
+            f"(the declared design is in {path / 'best' / 'train'} once the search finished)"
+        )
     raise CheckpointError(
         f"{path}: no checkpoint found (train first: covidnet train --config FILE --workdir {path})"
     )

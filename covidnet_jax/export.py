@@ -763,7 +763,8 @@ def _describe_training(config: Mapping[str, Any], step: int) -> dict[str, Any]:
     train = config.get("train", {})
     data = config.get("data", {})
     recipe: dict[str, Any] = {
-        "steps trained": step,
+        "checkpoint exported (step)": step,
+        "steps trained (budget)": train.get("steps") or train.get("epochs"),
         "batch size": train.get("batch_size"),
         "optimizer": f"{optimizer.get('name')} (learning rate {optimizer.get('learning_rate')})",
         "schedule": schedule.get("kind"),

@@ -284,6 +284,14 @@ def test_cli_evaluate_predict_and_one_line_errors(trained, data_dir, tmp_path, c
     assert main(["evaluate", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no checkpoint found" in err
+    search_dir = tmp_path / "a_search"
+    (search_dir / "trials" / "0").mkdir(parents=True)
+    (search_dir / "best" / "train").mkdir(parents=True)
+    assert main(["evaluate", "--workdir", str(search_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--workdir {search_dir / 'best' / 'train'}" in err
+    again = main(["train", "--config", str(workdir / "config.yaml"), "--workdir", str(workdir)])
+    assert again == 0 and "nothing trained" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {arch: tiny}\ndata: {covidx_dir: x}\ntrain: {steps: 0}\n")
     assert main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2

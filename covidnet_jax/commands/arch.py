@@ -146,8 +146,8 @@ def _run_show(args: argparse.Namespace) -> int:
     print()
     print(spec.summary())
     print(
-        f"params {_millions(report.params)} M | MACs {_giga(report.macs)} G | "
-        f"XLA-style flops {_giga(report.flops)} G | hash {spec.content_hash()}"
+        f"params {_scaled(report.params)} | MACs {_scaled(report.macs)} | "
+        f"XLA-style flops {_scaled(report.flops)} | hash {spec.content_hash()}"
     )
     print(
         f"training activations at batch {args.batch_size} (float32, estimate): "
@@ -179,8 +179,12 @@ def _show_json(spec: AnySpec, report: CostReport, memory: int, batch_size: int) 
     }
 
 
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.2f}"
+def _scaled(n: int) -> str:
+    """4251 -> "4,251 (4.25 k)", 6_580_000_000 -> "6,580,000,000 (6.58 G)"."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.3g} {unit})"
+    return f"{n:,}"
 
 
 def _giga(n: int) -> str:

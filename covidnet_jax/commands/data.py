@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prepare",
         help="build the TFDS `covidx` data set (ArrayRecord) from a COVIDx folder",
         description="Preprocess a COVIDx folder into the TFDS `covidx` data set "
-        "(drop top 8%% of rows, centre square crop, resize; uint8 in ArrayRecord).",
+        "(drop top 8% of rows, centre square crop, resize; uint8 in ArrayRecord).",
         epilog=_PREPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -119,11 +119,17 @@ def _run_train(args: argparse.Namespace) -> int:
         return 1
     m = result.metrics
     resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
-    print(f"trained {result.step} steps in {result.workdir}{resumed}")
-    print(
-        f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
-        f"({result.images_per_s:.0f} images/s), validation {result.eval_s:.1f} s"
-    )
+    if result.resumed_from is not None and result.resumed_from >= result.step:
+        print(
+            f"{result.workdir} already holds a finished run of {result.step} steps; nothing "
+            "trained (raise train.steps with --set to continue it)"
+        )
+    else:
+        print(f"trained {result.step} steps in {result.workdir}{resumed}")
+        print(
+            f"compile {result.compile_s:.1f} s, train {result.train_s:.1f} s "
+            f"({result.images_per_s:.0f} images/s), validation {result.eval_s:.1f} s"
+        )
     if result.inherited:
         print(f"inherited {result.inherited} of {result.inheritable} parameter arrays")
     per_class = ", ".join(
