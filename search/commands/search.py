@@ -7,6 +7,16 @@
 
 Running the same command again resumes: finished trials are kept, trials of workers that
 died are retried, and the strategy continues from the trial store.
+
+At the end the best feasible design is confirmed (search.confirm.seeds more runs from scratch,
+each judged on other validation patients; the next design is tried if one fails), trained to
+full fidelity in WORKDIR/best/train and scored on the test split once. The summary states
+each requirement on validation and test with 95% intervals and a verdict: met / not met /
+inconclusive. Requirements are judged on the lower confidence bound of each validation rate
+(search.requirements.decision: lower_bound; `point` judges the rate itself).
+
+From Python: `search.run("experiments/quickstart.yaml", "runs/quickstart")` does the same and
+returns a SearchResult.
 """
 
 from __future__ import annotations
@@ -86,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     for run_ in best.tried:
-        console.print(f"  {describe_run(run_, settings)}", markup=False)
+        console.print(f"  {describe_run(run_, settings)}", markup=False, soft_wrap=True)
     console.print(best.message)
     if best.summary is not None:
         console.print(
@@ -95,12 +105,16 @@ def run(args: argparse.Namespace) -> int:
             f"steps {best.summary['steps']} (judged on the last checkpoint)\n"
             f"  {workdir / 'best' / 'spec.json'}, {workdir / 'best' / 'train'}",
             markup=False,
+            soft_wrap=True,
         )
-        console.print(format_verdicts(best.reports, settings.requirements), markup=False)
+        console.print(
+            format_verdicts(best.reports, settings.requirements), markup=False, soft_wrap=True
+        )
         console.print(
             f"verdict on the test split: {best.summary['verdict']} "
             "(met: every lower bound clears its minimum; not met: an upper bound is below it)",
             markup=False,
+            soft_wrap=True,
         )
     console.print(f"leaderboard: {result.leaderboard_csv}, {result.leaderboard_json}")
     console.print(f"elapsed {result.elapsed_s:.0f}s; trial store: {result.trial_store}")
