@@ -28,6 +28,7 @@ from covidnet_jax.config import TrainConfig
 from covidnet_jax.cost import count_cost
 from covidnet_jax.data import Data, load_data
 from covidnet_jax.errors import ConfigError
+from covidnet_jax.figures import pyplot, save_figure
 from covidnet_jax.metrics import EvalMetrics, compute_metrics, netscore
 from covidnet_jax.models import build_model
 from covidnet_jax.score_metrics import (
@@ -386,11 +387,7 @@ def plot_confusion(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     matrix = metrics.confusion
     rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     k = len(metrics.class_names)
@@ -420,12 +417,7 @@ def plot_confusion(
         f" (n={accuracy.trials})",
         fontsize=9,
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_evaluation(evaluation: Evaluation, workdir: str | Path) -> tuple[Path, Path]:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from covidnet_jax.figures import pyplot, save_figure
+
 
 @dataclasses.dataclass(frozen=True)
 class Auroc:
@@ -174,11 +176,7 @@ def calibration(probs_NxK: np.ndarray, labels_N: np.ndarray, *, bins: int = 10) 
 
 def plot_reliability(cal: Calibration, path: str | Path, *, title: str = "") -> Path:
     """Writes a reliability diagram (accuracy against confidence per bin, with counts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     edges = np.asarray(cal.edges)
     width = edges[1:] - edges[:-1]
@@ -195,9 +193,4 @@ def plot_reliability(cal: Calibration, path: str | Path, *, title: str = "") -> 
     ax.set_ylabel("accuracy")
     ax.set_title(title or f"reliability, ECE {cal.ece:.3f} (numbers: images per bin)", fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

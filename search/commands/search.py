@@ -22,6 +22,7 @@ returns a SearchResult.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.config, tuple(args.overrides))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     workers = args.workers or experiment.search.workers
-    console = Console()
+    # Logs and pipes get a wide console: the leaderboard's columns do not fit 80.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(f"[bold]covidnet search[/] {args.config} -> {workdir} ({workers} worker(s))")
     result = session.run(
         experiment,
