@@ -138,7 +138,7 @@ def run(
     elif overrides:
         raise ConfigError("overrides: pass them to load_experiment with the file")
     workdir = Path(workdir or Path("runs") / Path(experiment.path).stem)
-    count = workers or experiment.search.workers
+    count = experiment.search.workers if workers is None else workers
     if count < 1:
         raise ConfigError(f"--workers: expected a count >= 1, got {count}")
     workdir.mkdir(parents=True, exist_ok=True)

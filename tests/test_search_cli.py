@@ -54,6 +54,9 @@ def test_config_errors_name_the_key_and_exit_2(tmp_path, capsys):
     path = write_experiment(tmp_path, **{"min_accuracy: 0.0": "min_acuracy: 0.0"})
     assert main(["search", "--config", str(path)]) == 2
     assert "search.requirements.min_acuracy: unknown key" in capsys.readouterr().err
+    path = write_experiment(tmp_path)
+    assert main(["search", "--config", str(path), "--workers", "0"]) == 2
+    assert "--workers: expected a count >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
