@@ -19,7 +19,7 @@ Each worker repeats, against the shared trial store:
 A training failure (NaN, out of memory, compile error, or an exception from the evaluator)
 ends that trial with its reason; the search goes on. With several workers the main process
 only watches the store (live view) and then finishes: leaderboard, best design at full
-fidelity, test metrics once (`search.report`).
+fidelity, test metrics once (`search.finish`).
 """
 
 from __future__ import annotations
