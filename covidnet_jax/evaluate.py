@@ -2,10 +2,11 @@
 
 `load_trained(workdir)` rebuilds a run's model from the spec and config stored in its
 checkpoint and restores the checkpoint the run hands on (the best by the validation
-selection metric, or the last with `train.select: last`) into it; `evaluate_workdir` scores it
-on the validation or test split: every rate with its sample size and confidence interval,
-per-class AUROC with DeLong's interval, and calibration (ECE, reliability diagram). The test split is for the
-final report only: training and model selection never read it.
+selection metric, or the last with `train.select: last`) into it; `evaluate_workdir` scores
+it on the validation or test split: every rate with its sample size and confidence
+interval, per-class AUROC with DeLong's interval, and calibration (ECE, reliability
+diagram). The test split is for the final report only: training and model selection never
+read it.
 """
 
 from __future__ import annotations

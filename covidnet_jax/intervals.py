@@ -117,7 +117,7 @@ class Estimate:
     low: float
     high: float
     level: float
-    method: str
+    method: IntervalMethod
 
     @classmethod
     def of(
@@ -130,11 +130,11 @@ class Estimate:
 
     def lower_bound(self, confidence: float) -> float:
         """One-sided lower bound at `confidence` (same method)."""
-        return lower_bound(self.successes, self.trials, confidence=confidence, method=self.method)  # type: ignore[arg-type]
+        return lower_bound(self.successes, self.trials, confidence=confidence, method=self.method)
 
     def upper_bound(self, confidence: float) -> float:
         """One-sided upper bound at `confidence` (same method)."""
-        return upper_bound(self.successes, self.trials, confidence=confidence, method=self.method)  # type: ignore[arg-type]
+        return upper_bound(self.successes, self.trials, confidence=confidence, method=self.method)
 
     def format(self, digits: int = 3) -> str:
         """E.g. `0.917 [0.861, 0.952] (n=145)`."""

@@ -282,7 +282,10 @@ def _cost_of(record: TrialRecord) -> Cost:
 
 def describe_run(run: ConfirmationRun, settings: SearchSettings) -> str:
     """One line: `trial 7 run 1 (seed 1, validation draw 1): accuracy 0.012 below ...`."""
-    head = f"trial {run.trial} run {run.index} (seed {run.seed}, validation draw {run.validation_draw})"
+    head = (
+        f"trial {run.trial} run {run.index} "
+        f"(seed {run.seed}, validation draw {run.validation_draw})"
+    )
     if run.metrics is None:
         return f"{head}: training failed: {run.failure}"
     if run.holds:

@@ -3,10 +3,11 @@
 Every requirement becomes a named, normalized violation: 0.0 when it holds, positive by how
 much it fails (relative for cost limits, absolute for rates). Outcome rates are judged as
 `requirements.decision` says: by their one-sided lower confidence bound (default) or by the
-plain rate (`judged_value`). The final design's report states each requirement on the
-validation and the test split with intervals and a verdict (`final_verdicts`). A design is feasible when all
-violations are 0. The same names are set as Optuna constraints (`trial.set_constraint`), so
-TPE and NSGA-II rank infeasible designs by how far they are from feasible.
+plain rate (`judged_value`). A design is feasible when all violations are 0. The same names
+are set as Optuna constraints (`trial.set_constraint`), so TPE and NSGA-II rank infeasible
+designs by how far they are from feasible. The final design's report states each
+requirement on the validation and the test split with intervals and a verdict
+(`final_verdicts`).
 
 Example:
     >>> reqs = RequirementsConfig(max_macs=1e6, min_accuracy=0.8)
