@@ -180,11 +180,6 @@ class BestDesign:
     tried: tuple[ConfirmationRun, ...] = ()
 
 
-def best_record(records: Sequence[TrialRecord], settings: SearchSettings) -> TrialRecord | None:
-    """The best trained design that meets every requirement (None if there is none)."""
-    return next(iter(feasible_ranked(records, settings)), None)
-
-
 def feasible_ranked(records: Sequence[TrialRecord], settings: SearchSettings) -> list[TrialRecord]:
     """Trained designs that meet every requirement, best first (the confirmation order)."""
     return [r for r in ranked(records, settings.objective) if r.feasible]

@@ -55,13 +55,12 @@ def count_statuses(records: Sequence[TrialRecord]) -> dict[str, int]:
 
 
 def _intervals(metrics: EvalMetrics, reqs: RequirementsConfig) -> dict[str, list[float]]:
-    names = ["accuracy"]
-    for kind in ("sensitivity", "ppv"):
-        names.extend(f"{kind}:{c}" for c in metrics.class_names)
+    # The rates the rows show: accuracy, then sensitivity and PPV per class.
     found = {}
-    for name in names:
-        estimate = metrics.estimate(name, level=reqs.confidence, method=reqs.interval)
-        found[name] = [estimate.low, estimate.high]
+    for name in metrics.rate_names():
+        if not name.startswith("specificity:"):
+            estimate = metrics.estimate(name, level=reqs.confidence, method=reqs.interval)
+            found[name] = [estimate.low, estimate.high]
     return found
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from covidnet_jax.errors import ConfigError
 from search import session
 from search.finish import describe_run
 from search.leaderboard import leaderboard_table
@@ -72,8 +71,6 @@ def run(args: argparse.Namespace) -> int:
     experiment = load_experiment(args.config, tuple(args.overrides))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     workers = experiment.search.workers if args.workers is None else args.workers
-    if workers < 1:
-        raise ConfigError(f"--workers: expected a count >= 1, got {workers}")
     # Logs and pipes get a wide console: the leaderboard's columns do not fit 80.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(f"[bold]covidnet search[/] {args.config} -> {workdir} ({workers} worker(s))")
