@@ -27,3 +27,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A workdir or export holds no usable checkpoint."""
+
+
+class StoreError(UserError):
+    """A search's trial store (journal file or database) is damaged or cannot be opened."""

@@ -1,7 +1,9 @@
 """The `covidnet` command: assembles subcommands from the library and the search layer.
 
 This is the only module that sees both `covidnet_jax` and `search`. It parses, dispatches,
-and turns `UserError`s into one-line messages with exit status 2.
+and turns `UserError`s, and writes the disk refused (`covidnet_jax.storage.storage_failure`:
+permission denied, read-only file system, no space left), into one-line messages with exit
+status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 from covidnet_jax import hostmem
 from covidnet_jax.errors import UserError
+from covidnet_jax.storage import storage_failure
 
 # Modules exposing `register(subparsers)`, in the order they appear in `--help`.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -64,6 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"covidnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # A write the disk refused (permissions, read-only, full), possibly wrapped by a
+        # library's background thread: one line. Anything else is a bug: its traceback.
+        message = storage_failure(err)
+        if message is None:
+            raise
+        print(f"covidnet {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 def entry() -> int:

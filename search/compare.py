@@ -167,7 +167,7 @@ def open_search_study(
         CompareError: if the storage holds no such study, or several and none is named.
     """
     storage = store.open_storage(workdir, storage_url)
-    names = optuna.get_all_study_names(storage)
+    names = store.search_study_names(storage)
     if study_name is None:
         if len(names) != 1:
             raise CompareError(

@@ -39,12 +39,15 @@ def should_promote(
     Returns:
         True to promote.
     """
+    # One entry per proposal: a retry carries its original's rungs and stands for it.
     competitors = {
-        r.number: r
+        r.origin: r
         for r in records
-        if len(r.rungs) > rung and r.status not in ("lost", "duplicate")
+        if len(r.rungs) > rung
+        and r.status not in ("lost", "duplicate")
+        and not r.attrs.get("second_retry")
     }
-    competitors[candidate.number] = candidate
+    competitors[candidate.origin] = candidate
     ranked = sorted(
         competitors.values(), key=lambda r: (rung_rank_key(r, rung, objective), r.number)
     )

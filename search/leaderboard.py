@@ -4,7 +4,8 @@ Files written in the workdir (compare/export read them; see docs/CONTRACTS.md):
 
 - `leaderboard.json`: `{"study", "objective", "requirements", "judged_on", "intervals",
   "counts", "rows", "best", "confirmation"}`. `counts` tallies trials by status plus
-  `proposed` and `feasible`. Each row is one trained candidate (duplicates left out), best
+  `proposed`, `feasible`, `retried`, `unsettled` and `abandoned` (see `count_statuses`).
+  Each row is one trained candidate (duplicates left out), best
   first: `rank, trial, spec_hash, summary, feasible, pareto, macs, params, activation_bytes,
   rung, steps, val_accuracy, val_count, sensitivity {class: value}, ppv {class: value},
   intervals {rate: [low, high]}, netscore, violations {name: shortfall}, reason, compile_s,
@@ -32,7 +33,7 @@ from rich.table import Table
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import Objective, RequirementsConfig
-from search.records import TrialRecord, pareto_front, rank_key
+from search.records import TrialRecord, pareto_front, proposal_outcomes, rank_key
 from search.requirements import describe_violations
 
 CSV_NAME = "leaderboard.csv"
@@ -46,11 +47,19 @@ def ranked(records: Sequence[TrialRecord], objective: Objective) -> list[TrialRe
 
 
 def count_statuses(records: Sequence[TrialRecord]) -> dict[str, int]:
-    """Trials per status, plus `proposed` (retries excluded) and `feasible` (trained ones)."""
+    """Trials per status, plus the account of proposals: `proposed` (retries and abandoned
+    asks excluded), `feasible` (trained ones), `retried` (trials that retry a lost or failed
+    one), `unsettled` (proposals still running, waiting for a retry, or lost with none
+    queued: a resume trains them) and `abandoned` (asks killed before their genome was
+    drawn; the budget asked again)."""
     counts = Counter(r.status or "waiting" for r in records)
     result = dict(sorted(counts.items()))
-    result["proposed"] = sum(1 for r in records if r.retry_of is None and r.state != "WAITING")
+    outcomes = proposal_outcomes(records)
+    result["proposed"] = len(outcomes)
     result["feasible"] = sum(1 for r in records if r.is_trained and r.feasible)
+    result["retried"] = sum(1 for r in records if r.retry_of is not None)
+    result["unsettled"] = sum(1 for o in outcomes if not o.settled)
+    result["abandoned"] = sum(1 for r in records if r.attrs.get("abandoned"))
     return result
 
 

@@ -67,7 +67,16 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
     )
     tally = "  ".join(
         f"{name} {counts[name]}"
-        for name in ("trained", "feasible", "infeasible", "duplicate", "failed", "lost", "running")
+        for name in (
+            "trained",
+            "feasible",
+            "infeasible",
+            "duplicate",
+            "failed",
+            "lost",
+            "retried",
+            "running",
+        )
         if counts.get(name)
     )
     table = Table()

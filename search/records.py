@@ -21,7 +21,13 @@ compare/export read them through `TrialRecord.from_trial` or straight from the s
     compile_s, train_s     totals over the rungs
     parent, operator  the trial the strategy derived this one from, and how
     duplicate_of      the earlier trial with the same spec hash
-    retry_of          the lost trial this one retries
+    retry_of          the trial this one retries (lost, or failed with a retryable kind)
+    origin            the first trial of that chain of retries (the proposal)
+    losses, failures  how often the chain was lost (its worker died) / failed on its own
+    lost              set by the worker that found the trial's worker dead (the reason); a
+                      FAIL trial with it reads as status "lost"
+    abandoned         lost before its genome was complete: not a proposal, never retried
+    failure_kind      "nan" | "oom" | "compile" | "error" for a failed trial
     proposal          index among proposals (retries share their original's index)
     worker            "host:pid" of the worker that ran it
 
@@ -133,6 +139,9 @@ class TrialRecord:
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
         """Reads a record from an Optuna `FrozenTrial`."""
         attrs = dict(trial.user_attrs)
+        if trial.state.name == "FAIL" and "lost" in attrs:
+            # Marked by `store.recover_lost_trials`: its worker died.
+            attrs["status"], attrs["reason"] = "lost", attrs["lost"]
         rungs = sorted(
             (int(key.split(".", 1)[1]), value)
             for key, value in attrs.items()
@@ -191,6 +200,19 @@ class TrialRecord:
         return None if value is None else int(value)
 
     @property
+    def origin(self) -> int:
+        """The proposal's first trial (a retry's chain leads back to it)."""
+        return int(
+            self.attrs.get("origin", self.retry_of if self.retry_of is not None else self.number)
+        )
+
+    @property
+    def is_proposal(self) -> bool:
+        """True for a proposal: a trial the strategy asked for (not a retry), with its whole
+        genome drawn (not `abandoned` by a kill before that), no longer waiting."""
+        return self.retry_of is None and self.state != "WAITING" and not self.attrs.get("abandoned")
+
+    @property
     def is_trained(self) -> bool:
         """True when at least one rung completed and the record is final."""
         return self.status == "trained" and bool(self.rungs)
@@ -200,6 +222,58 @@ class TrialRecord:
         if self.last is None or not self.macs or not self.params_count:
             return -math.inf
         return netscore(self.last.metrics.accuracy, self.params_count, self.macs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProposalOutcome:
+    """Where one proposal stands, over its chain of retries.
+
+    Attributes:
+        origin: the proposal's first trial.
+        final: the chain's latest trial (a second retry cancelled in favour of the first
+            is skipped).
+        attempts: trials in the chain.
+        losses: times the chain's worker died.
+        trained: trials of the chain that trained it to a final record (1 at most unless
+            something is wrong).
+    """
+
+    origin: int
+    final: TrialRecord
+    attempts: int
+    losses: int
+    trained: int
+
+    @property
+    def settled(self) -> bool:
+        """True when the proposal has a final result (trained, infeasible, failed, ...), False
+        while it runs, waits for its retry, or is lost with no retry queued yet."""
+        return self.final.state not in ("RUNNING", "WAITING") and self.final.status != "lost"
+
+
+def proposal_outcomes(records: Sequence[TrialRecord]) -> list[ProposalOutcome]:
+    """Every proposal's standing, in proposal order: the search's account of what it tried
+    (every proposal is trained or ends with its reason exactly once; none goes missing)."""
+    chains: dict[int, list[TrialRecord]] = {}
+    for r in records:
+        if r.is_proposal:
+            chains.setdefault(r.number, []).insert(0, r)
+        elif r.retry_of is not None and not r.attrs.get("second_retry"):
+            chains.setdefault(r.origin, []).append(r)
+    outcomes = []
+    for origin, chain in sorted(chains.items()):
+        if chain[0].number != origin:  # retries of a trial that is not a proposal
+            continue
+        outcomes.append(
+            ProposalOutcome(
+                origin=origin,
+                final=max(chain, key=lambda r: r.number),
+                attempts=len(chain),
+                losses=sum(1 for r in chain if r.status == "lost"),
+                trained=sum(1 for r in chain if r.status == "trained"),
+            )
+        )
+    return outcomes
 
 
 def outcome_shortfall(record: TrialRecord) -> float:

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -43,6 +42,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from covidnet_jax.arch import AnySpec, ArchSpec, spec_from_json
+from covidnet_jax.checkpointing import copy_finished
 from covidnet_jax.errors import SpecError
 from covidnet_jax.typed_yaml import from_dict
 from search import store
@@ -119,15 +119,15 @@ class WorkerSummary:
 
 
 def proposal_count(records: Sequence[TrialRecord]) -> int:
-    """Proposals made so far (retries of lost trials are not proposals)."""
-    return sum(1 for r in records if r.retry_of is None and r.state != "WAITING")
+    """Proposals made so far (retries and abandoned asks are not proposals)."""
+    return sum(1 for r in records if r.is_proposal)
 
 
 def infeasible_streak(records: Sequence[TrialRecord]) -> int:
     """Length of the current run of consecutive cost-infeasible proposals."""
     streak = 0
     for r in reversed(records):
-        if r.retry_of is not None or r.status in ("running", "cancelled", ""):
+        if not r.is_proposal or r.status in ("running", "cancelled", "lost", ""):
             continue
         if r.status != "infeasible":
             break
@@ -157,6 +157,7 @@ class Worker:
             self.settings.seed,
             within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
         )
+        self.genes = tuple(gene.name for gene in self.space.genes)
         self.storage = store.open_storage(self.workdir, job.storage_url)
         self._trial_id = -1  # the storage's id of the trial being run
         self.study = store.open_study(
@@ -188,19 +189,25 @@ class Worker:
                 self.storage,
                 grace_s=self.settings.heartbeat.grace_s,
                 max_retries=budget.max_retries,
+                genes=self.genes,
             )
             records = store.read_records(self.study)
             waiting = any(r.state == "WAITING" for r in records)
             if time.time() >= self.job.deadline:
                 return WorkerSummary(handled, "wall-time budget spent")
-            if infeasible_streak(records) >= budget.max_consecutive_infeasible:
+            # Waiting retries are proposals already made: they run before any stop below.
+            if not waiting and infeasible_streak(records) >= budget.max_consecutive_infeasible:
                 return WorkerSummary(
                     handled,
                     f"gave up after {budget.max_consecutive_infeasible} infeasible proposals in a row",
                 )
-            if proposal_count(records) >= budget.max_trials and not waiting:
+            if not waiting and proposal_count(records) >= budget.max_trials:
                 return WorkerSummary(handled, "trial budget spent")
-            if budget.stop_on_feasible and any(r.is_trained and r.feasible for r in records):
+            if (
+                not waiting
+                and budget.stop_on_feasible
+                and any(r.is_trained and r.feasible for r in records)
+            ):
                 return WorkerSummary(handled, "a design met the requirements")
             trial = self.study.ask()
             self.run_trial(trial)
@@ -212,10 +219,18 @@ class Worker:
         retry_of = attrs.get("retry_of")
         if retry_of is None:
             records = store.read_records(self.study)
-            index = sum(1 for r in records if r.number < trial.number and r.retry_of is None)
+            index = sum(1 for r in records if r.number < trial.number and r.is_proposal)
             trial.set_user_attr("proposal", index)
             if index >= self.settings.budget.max_trials:
                 self._finish(trial, "cancelled", "proposed after the trial budget was spent")
+                return
+        else:
+            # Two workers repairing one lost trial at once can enqueue two retries of it
+            # (`store.recover_lost_trials`): the first trains, the others stand down.
+            first = min(r.number for r in store.read_records(self.study) if r.retry_of == retry_of)
+            if first != trial.number:
+                trial.set_user_attr("second_retry", True)
+                self._finish(trial, "cancelled", f"trial {first} already retries {retry_of}")
                 return
         trial.set_user_attr("worker", store.worker_id())
         trial.set_user_attr("status", "running")
@@ -260,7 +275,8 @@ class Worker:
             )
             return
 
-        original = self._find_original(trial.number, spec.content_hash())
+        origin = int(trial.user_attrs.get("origin", trial.number))
+        original = self._find_original(trial.number, spec.content_hash(), origin)
         if original is not None:
             self._record_duplicate(trial, original)
             return
@@ -280,11 +296,15 @@ class Worker:
         if retry_of is not None and not trial_dir.exists():
             lost_dir = self.workdir / "trials" / str(retry_of)
             if lost_dir.exists():
-                shutil.copytree(lost_dir, trial_dir)
+                # Finished checkpoint steps only: never a half-written or half-deleted one.
+                copy_finished(lost_dir, trial_dir)
         trial_dir.mkdir(parents=True, exist_ok=True)
         init_from = self._inherited_checkpoint(record) if not done else None
         totals = [sum(r.compile_s for r in done), sum(r.train_s for r in done)]
-        for rung in range(len(done), len(rungs)):
+        # A retry carrying rungs continues only if successive halving promotes its last one
+        # (its original may have been killed between that rung and the decision).
+        start = len(done) if not done or self._promoted(record, done) else len(rungs)
+        for rung in range(start, len(rungs)):
             request = EvalRequest(
                 spec=spec,
                 steps=rungs[rung],
@@ -317,16 +337,7 @@ class Worker:
             totals[0] += outcome.compile_s
             totals[1] += outcome.train_s
             done.append(result)
-            if rung == len(rungs) - 1:
-                break
-            me = dataclasses.replace(record, rungs=tuple(done))
-            if not should_promote(
-                me,
-                rung,
-                store.read_records(self.study),
-                reduction_factor=settings.budget.reduction_factor,
-                objective=settings.objective,
-            ):
+            if rung == len(rungs) - 1 or not self._promoted(record, done):
                 break
         last = done[-1]
         pruned = last.rung < len(rungs) - 1  # successive halving stopped it at a low rung
@@ -340,6 +351,18 @@ class Worker:
         reason = describe_violations(violations, settings.requirements)
         self._complete(
             trial, "trained", cost, last.metrics.accuracy, violations, reason, pruned=pruned
+        )
+
+    def _promoted(self, record: TrialRecord, done: Sequence[RungResult]) -> bool:
+        """Whether successive halving sends a candidate with rungs `done` to the next rung."""
+        if len(done) >= len(self.settings.budget.rungs):
+            return False
+        return should_promote(
+            dataclasses.replace(record, rungs=tuple(done)),
+            len(done) - 1,
+            store.read_records(self.study),
+            reduction_factor=self.settings.budget.reduction_factor,
+            objective=self.settings.objective,
         )
 
     def _report(self, trial: optuna.Trial, cost: Cost, result: RungResult) -> None:
@@ -377,10 +400,11 @@ class Worker:
 
     # Dedupe ---------------------------------------------------------------------------------
 
-    def _find_original(self, number: int, spec_hash: str) -> TrialRecord | None:
-        """The earliest other trial holding `spec_hash`, waiting briefly for proposals that
-        started before this one and have not recorded their spec yet (closes the race between
-        two workers proposing the same spec at once)."""
+    def _find_original(self, number: int, spec_hash: str, origin: int) -> TrialRecord | None:
+        """The earliest other proposal's trial holding `spec_hash` (a retry's own chain, which
+        `origin` names, does not count), waiting briefly for proposals that started before
+        this one and have not recorded their spec yet (closes the race between two workers
+        proposing the same spec at once)."""
         give_up = time.monotonic() + 10.0
         while True:
             earlier = [r for r in store.read_records(self.study) if r.number < number]
@@ -391,7 +415,11 @@ class Worker:
                 for r in earlier
             )
             for r in earlier:
-                if r.spec_hash == spec_hash and r.status in ("running", "trained", "failed"):
+                if (
+                    r.spec_hash == spec_hash
+                    and r.origin != origin
+                    and r.status in ("running", "trained", "failed")
+                ):
                     return r
             if not pending or time.monotonic() > give_up:
                 return None
@@ -600,3 +628,50 @@ def run_search(
                 reasons.append(f"worker pid {process.pid} exited with {process.exitcode}")
         reasons.append(run_worker(job, evaluator).stop_reason)
     return SearchOutcome(records(), reasons)
+
+
+def settle(
+    job: SearchJob,
+    evaluator: Evaluator | None = None,
+    *,
+    on_wait: Callable[[Sequence[TrialRecord]], None] = lambda running: None,
+) -> list[TrialRecord]:
+    """Waits until no trial of the study is running anywhere, training what is left here.
+
+    Another command on the same workdir, or a host sharing the database, may still be
+    training trials when this process's workers stop; finishing then would leave them out of
+    the leaderboard and the confirmation. So this process recovers lost trials, trains the
+    retries still waiting (while its wall-time budget lasts) and waits for the others'
+    running trials to end (a dead worker's trial is recovered once its heartbeat expires).
+
+    Args:
+        job: the search.
+        evaluator: the evaluator for retries trained here (default: `job.make_evaluator()`).
+        on_wait: called with the trials running elsewhere, each time before waiting.
+
+    Returns:
+        Every trial's record once none is running.
+    """
+    settings = job.settings
+    storage = store.open_storage(job.workdir, job.storage_url)
+    study = store.load_study(storage, job.study_name)
+    genes = tuple(gene.name for gene in job.space().genes)
+    drain = True
+    while True:
+        store.recover_lost_trials(
+            study,
+            storage,
+            grace_s=settings.heartbeat.grace_s,
+            max_retries=settings.budget.max_retries,
+            genes=genes,
+        )
+        records = store.read_records(study)
+        if drain and time.time() < job.deadline and any(r.state == "WAITING" for r in records):
+            # No progress means another process took them: do not spin on them.
+            drain = run_worker(job, evaluator).handled > 0
+            continue
+        running = [r for r in records if r.state == "RUNNING"]
+        if not running:
+            return records
+        on_wait(running)
+        time.sleep(settings.heartbeat.interval_s)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -29,13 +30,13 @@ from rich.console import Console
 from covidnet_jax.data import load_data
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import to_dict
-from search import store
+from search import identity, store
 from search.evaluation import AnalyticCost
 from search.finish import BestDesign, RunLog, finish_best
 from search.leaderboard import count_statuses, write_leaderboard
 from search.records import TrialRecord
 from search.requirements import check_class_names
-from search.runner import SearchJob, run_search
+from search.runner import SearchJob, run_search, settle
 from search.training import (
     SearchExperiment,
     TrainingEvaluator,
@@ -78,9 +79,21 @@ class SearchResult:
 
 
 def prepare_job(
-    experiment: SearchExperiment, workdir: Path, storage_url: str | None, start: float
+    experiment: SearchExperiment,
+    workdir: Path,
+    storage_url: str | None,
+    start: float,
+    study_name: str | None = None,
 ) -> SearchJob:
     """Loads the data once (writing the synthetic set if configured) and builds the job.
+
+    Args:
+        experiment: the validated experiment.
+        workdir: the search's working directory.
+        storage_url: a database URL, or None for the workdir's journal.
+        start: epoch seconds the invocation started (the wall-time budget counts from it).
+        study_name: the study (default: `search.study_name`, else the workdir's name; see
+            `search.identity.resolve_study_name`).
 
     Raises:
         ConfigError: the prototype is not a PEPX spec, or a required class is not in the data.
@@ -93,7 +106,7 @@ def prepare_job(
         settings_data=experiment.search_data,
         workdir=str(workdir),
         storage_url=storage_url,
-        study_name=experiment.search.study_name or workdir.resolve().name,
+        study_name=study_name or experiment.search.study_name or workdir.resolve().name,
         prototype_json=prototype.to_json(indent=None),
         class_names=tuple(data.class_names),
         make_evaluator=functools.partial(
@@ -142,40 +155,60 @@ def run(
     if count < 1:
         raise ConfigError(f"--workers: expected a count >= 1, got {count}")
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved = {**to_dict(experiment.training), "search": experiment.search_data}
-    (workdir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     say = console.print if console is not None else (lambda *a, **k: None)
-    job = prepare_job(experiment, workdir, storage, start)
-    outcome = run_search(job, workers=count, console=console, lines=lines)
+    trial_store = store.open_storage(workdir, storage)
+    name = identity.resolve_study_name(
+        workdir, experiment.search.study_name, None if storage else trial_store
+    )
+    resolved = {
+        **to_dict(experiment.training),
+        "search": {**experiment.search_data, "study_name": name},
+    }
+    identity.check_resume(workdir, trial_store, name, resolved)  # before anything is written
+    _write_atomically(workdir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     settings = experiment.search
+    study = store.open_study(trial_store, name, settings.objective)
+    study.set_user_attr(identity.IDENTITY_ATTR, identity.identity_of(resolved))
+    job = prepare_job(experiment, workdir, storage, start, name)
+    outcome = run_search(job, workers=count, console=console, lines=lines)
     say(f"stopped: {'; '.join(outcome.stop_reasons)}")
-    say(
-        f"confirming the best design: {settings.confirm.seeds} further seed(s) on other "
-        f"validation splits, up to {settings.confirm.max_candidates} candidate(s)"
+    settle(job, on_wait=_waiting_message(console))
+    lease = store.FinisherLease(
+        trial_store,
+        name,
+        grace_s=settings.heartbeat.grace_s,
+        interval_s=settings.heartbeat.interval_s,
     )
-    study = store.load_study(store.open_storage(workdir, storage), job.study_name)
-    with console.status("confirming ...") if console is not None else contextlib.nullcontext():
-        best = finish_best(
-            workdir,
-            outcome.records,
-            settings,
-            job.make_evaluator(),
-            train_seed=experiment.training.seed,
-            log=RunLog(study.user_attrs, study.set_user_attr),
+    _acquire(lease, settings.heartbeat.interval_s, console)
+    with lease:
+        records = store.read_records(study)
+        say(
+            f"confirming the best design: {settings.confirm.seeds} further seed(s) on other "
+            f"validation splits, up to {settings.confirm.max_candidates} candidate(s)"
         )
-    csv_path, json_path = write_leaderboard(
-        workdir,
-        outcome.records,
-        study=job.study_name,
-        objective=settings.objective,
-        requirements_data=to_dict(settings.requirements),
-        best=best.summary,
-        confirmation=[r.to_dict() for r in best.tried],
-    )
+        status = console.status("confirming ...") if console is not None else None
+        with status or contextlib.nullcontext():
+            best = finish_best(
+                workdir,
+                records,
+                settings,
+                job.make_evaluator(),
+                train_seed=experiment.training.seed,
+                log=RunLog(study.user_attrs, study.set_user_attr),
+            )
+        csv_path, json_path = write_leaderboard(
+            workdir,
+            records,
+            study=job.study_name,
+            objective=settings.objective,
+            requirements_data=to_dict(settings.requirements),
+            best=best.summary,
+            confirmation=[r.to_dict() for r in best.tried],
+        )
     return SearchResult(
         workdir=workdir,
         experiment=experiment,
-        records=outcome.records,
+        records=records,
         best=best,
         leaderboard_csv=csv_path,
         leaderboard_json=json_path,
@@ -183,3 +216,39 @@ def run(
         elapsed_s=time.time() - start,
         trial_store=storage or str(store.journal_path(workdir)),
     )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `path` through a temporary file and a rename: a kill leaves the old or the
+    new content, never a torn file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _waiting_message(console: Console | None) -> Callable[[Sequence[TrialRecord]], None]:
+    said: set[tuple[int, ...]] = set()
+
+    def on_wait(running: Sequence[TrialRecord]) -> None:
+        numbers = tuple(r.number for r in running)
+        if console is None or numbers in said:
+            return
+        said.add(numbers)
+        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        console.print(f"waiting for trials other processes are running: {where}")
+
+    return on_wait
+
+
+def _acquire(lease: store.FinisherLease, interval_s: float, console: Console | None) -> None:
+    """Waits until this process holds the finisher lease (another may be finishing)."""
+    told = False
+    while not lease.try_acquire():
+        holder = lease.holder()
+        if console is not None and not told and holder is not None:
+            console.print(
+                f"{holder.worker} is finishing this search (confirmation and test); "
+                "waiting for it, then reusing its runs"
+            )
+            told = True
+        time.sleep(interval_s)

@@ -18,12 +18,16 @@ so the journal and the database behave the same.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -31,13 +35,14 @@ from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 from optuna.trial import TrialState
 
-from covidnet_jax.errors import ConfigError
+from covidnet_jax.errors import ConfigError, StoreError
 from search.config import Objective
 from search.objective import directions
 from search.records import TrialRecord
 
 JOURNAL_NAME = "study.journal"
 HEARTBEAT_ATTR = "search:heartbeat"
+LEASE_SUFFIX = ":finisher"
 _LOCK_GRACE_S = 10
 
 
@@ -52,13 +57,23 @@ def journal_path(workdir: str | Path) -> Path:
 
 
 def repair_journal(path: Path) -> bool:
-    """Trims a torn last line (a writer killed mid-append) from a journal file.
+    """Checks every line of a journal file and trims a damaged last line.
+
+    A writer killed mid-append leaves a torn last line (no newline); damage from outside can
+    leave a last line that is not a log entry. Either is cut off (under the journal's lock)
+    and its bytes are appended to `<journal>.torn`, so nothing is thrown away unseen: one
+    operation (the one being written) is lost, never a finished trial. Damage before the
+    last line cannot be repaired safely (the entries after it may depend on it) and is
+    reported instead.
 
     Args:
         path: the journal file.
 
     Returns:
         True when something was trimmed.
+
+    Raises:
+        StoreError: a line before the last is not a log entry (its number is named).
     """
     if not path.exists() or path.stat().st_size == 0:
         return False
@@ -66,28 +81,70 @@ def repair_journal(path: Path) -> bool:
     lock.acquire()
     try:
         with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 1))
-            if f.read(1) == b"\n":
+            lines = f.readlines()
+            bad = [i for i, line in enumerate(lines) if not _is_log_entry(line)]
+            if not bad:
                 return False
-            # Find the end of the last complete line.
-            block, end = 1 << 16, size
-            keep = 0
-            while end > 0:
-                start = max(0, end - block)
-                f.seek(start)
-                chunk = f.read(end - start)
-                index = chunk.rfind(b"\n")
-                if index >= 0:
-                    keep = start + index + 1
-                    break
-                end = start
+            if bad[0] < len(lines) - 1:
+                raise StoreError(
+                    f"{path} line {bad[0] + 1}: not an Optuna journal entry "
+                    f"({_describe_line(lines[bad[0]])}); the trial store is damaged before its "
+                    f"last line. Keep a copy, then cut the file before that line to resume "
+                    f"the trials recorded above it"
+                )
+            keep = sum(len(line) for line in lines[:-1])
+            with open(path.with_name(path.name + ".torn"), "ab") as torn:
+                torn.write(lines[-1])
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
+            logging.getLogger(__name__).warning(
+                "%s: cut a damaged last line (%d bytes, kept in %s.torn)",
+                path,
+                len(lines[-1]),
+                path.name,
+            )
             return True
     finally:
         lock.release()
+
+
+def _is_log_entry(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(entry, dict) and "op_code" in entry
+
+
+def _describe_line(line: bytes) -> str:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"invalid UTF-8 at byte {err.start}"
+    return f"{text.strip()[:40]!r} is not a JSON log entry"
+
+
+def _rdb_storage(url: str) -> RDBStorage:
+    """`RDBStorage(url)`, retried a few times: two processes creating Optuna's tables in an
+    empty database at once race (one fails with a unique violation on a type or table the
+    other just created); the loser finds them made on the next attempt."""
+    for attempt in range(5):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as err:  # SQLAlchemy raises many types; all mean "cannot use it"
+            if attempt < 4 and _is_creation_race(err):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StoreError(f"--storage {url}: cannot open the database ({err})") from None
+    raise AssertionError("unreachable")
+
+
+def _is_creation_race(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "unique" in text or "already exists" in text or "duplicate" in text
 
 
 def open_storage(workdir: str | Path, url: str | None = None) -> BaseStorage:
@@ -98,18 +155,23 @@ def open_storage(workdir: str | Path, url: str | None = None) -> BaseStorage:
         url: an SQLAlchemy URL (e.g. `postgresql+psycopg2://user@host:5432/db`), or None.
 
     Raises:
-        ConfigError: if the database cannot be reached or the URL is malformed.
+        StoreError: the database cannot be reached or the URL is malformed, or the journal
+            is damaged (`repair_journal`).
     """
     if url:
-        try:
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except Exception as err:  # SQLAlchemy raises many types; all mean "cannot use it"
-            raise ConfigError(f"--storage {url}: cannot open the database ({err})") from None
+        return _rdb_storage(url)
     path = journal_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_journal(path)
     lock = JournalFileSymlinkLock(str(path), grace_period=_LOCK_GRACE_S)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def search_study_names(storage: BaseStorage) -> list[str]:
+    """The searches' study names in `storage` (finisher leases excluded)."""
+    return [
+        s.study_name for s in storage.get_all_studies() if not s.study_name.endswith(LEASE_SUFFIX)
+    ]
 
 
 def open_study(
@@ -215,21 +277,85 @@ def trial_id(storage: BaseStorage, study: optuna.Study, number: int) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
+RETRYABLE_FAILURES = ("oom", "error")
+"""Failure kinds worth another attempt (`budget.max_retries`): out of memory and unexpected
+errors can be transient (another process's memory, a full disk); NaN and compile errors repeat
+exactly with the same seed and spec."""
+
+
+def genome_of(trial: optuna.trial.FrozenTrial, genes: Collection[str]) -> dict[str, int] | None:
+    """The trial's whole genome, or None while (or when, if it was killed) `suggest` had not
+    drawn every gene. An enqueued retry holds its genome as Optuna's fixed parameters from the
+    moment it exists."""
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    if not set(genes) <= set(params):
+        return None
+    return {name: int(params[name]) for name in genes}
+
+
+def _retry_attrs(trial: optuna.trial.FrozenTrial, max_retries: int) -> dict[str, Any] | None:
+    """The user attributes of `trial`'s retry, or None when it gets none.
+
+    A lost trial (its worker died) is always retried: being killed says nothing about the
+    candidate. A trial that failed on its own is retried while its chain has failed fewer than
+    `max_retries` times, and only for `RETRYABLE_FAILURES`.
+    """
+    record = TrialRecord.from_trial(trial)
+    attrs = record.attrs
+    losses, failures = int(attrs.get("losses", 0)), int(attrs.get("failures", 0))
+    if record.status == "lost":
+        losses += 1
+    elif record.status == "failed" and attrs.get("failure_kind") in RETRYABLE_FAILURES:
+        failures += 1
+        if failures > max_retries:
+            return None
+    else:
+        return None
+    carried = {
+        k: v
+        for k, v in attrs.items()
+        if k.startswith("rung.") or k in ("parent", "operator", "proposal")
+    }
+    return {
+        **carried,
+        "retry_of": trial.number,
+        "origin": int(attrs.get("origin", trial.number)),
+        "losses": losses,
+        "failures": failures,
+    }
+
+
 def recover_lost_trials(
-    study: optuna.Study, storage: BaseStorage, *, grace_s: float, max_retries: int
+    study: optuna.Study,
+    storage: BaseStorage,
+    *,
+    grace_s: float,
+    max_retries: int,
+    genes: Collection[str],
 ) -> list[int]:
-    """Marks running trials whose worker died as lost and enqueues their retries.
+    """Marks running trials whose worker died as lost and makes sure every trial that deserves
+    a retry has one.
 
     A running trial is lost when its last heartbeat (or, before the first, its start) is
-    older than `grace_s`, or its worker process on this host is gone. Of several workers
-    that notice the same lost trial, only the one whose state change lands first enqueues
-    the retry.
+    older than `grace_s`, or its worker process on this host is gone. The mark is the user
+    attribute `lost` (the reason) followed by the state change to FAIL, which only one of
+    several workers noticing the same trial wins; `TrialRecord` reads a FAIL trial with the
+    mark as status "lost" (writing `status` itself could overwrite a result its worker, alive
+    after all, recorded in the meantime). A trial lost before its genome was complete (killed
+    between `study.ask` and the end of `space.suggest`) is marked `abandoned`: it never became
+    a proposal, so it gets no retry and the budget asks for a new one.
+
+    Then every FAIL trial without a retry gets one when `_retry_attrs` says so, with its whole
+    genome and its completed rungs. This second pass also repairs a recovery killed between
+    the mark and the enqueue; two workers repairing the same trial at once can enqueue two
+    retries, of which the runner trains the first (`Worker.run_trial`).
 
     Args:
         study: the search's study.
         storage: the storage it lives in.
         grace_s: heartbeat age after which a worker is presumed dead.
-        max_retries: retries per original trial (counting along the retry chain).
+        max_retries: attempts after a trial's own failure (lost trials do not count).
+        genes: the search space's gene names (a complete genome has them all).
 
     Returns:
         Numbers of the trials marked lost by this call.
@@ -243,27 +369,153 @@ def recover_lost_trials(
         stale = beat is not None and now - float(beat) > grace_s
         if not (stale or _worker_is_dead(trial.user_attrs.get("worker"))):
             continue
-        record = TrialRecord.from_trial(trial)
         reason = f"worker {trial.user_attrs.get('worker', '?')} stopped (no heartbeat)"
         try:
             tid = trial_id(storage, study, trial.number)
-            storage.set_trial_user_attr(tid, "status", "lost")
-            storage.set_trial_user_attr(tid, "reason", reason)
+            if genome_of(trial, genes) is None:
+                storage.set_trial_user_attr(tid, "abandoned", True)
+            storage.set_trial_user_attr(tid, "lost", reason)
             storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker got there first, or the trial just ended
         lost.append(trial.number)
-        chain = int(record.attrs.get("retries", 0)) + 1
-        if chain > max_retries or not trial.params:
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        if trial.state != TrialState.FAIL or trial.number in retried:
             continue
-        carried = {
-            k: v
-            for k, v in record.attrs.items()
-            if k.startswith("rung.") or k in ("parent", "operator", "proposal")
-        }
-        study.enqueue_trial(
-            dict(trial.params),
-            user_attrs={**carried, "retry_of": trial.number, "retries": chain},
-            skip_if_exists=False,
-        )
+        genome = genome_of(trial, genes)
+        attrs = _retry_attrs(trial, max_retries) if genome is not None else None
+        if attrs is not None:
+            study.enqueue_trial(genome, user_attrs=attrs, skip_if_exists=False)
     return lost
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a study's finisher lease.
+
+    Attributes:
+        worker: `host:pid` of the holder.
+        since: epoch seconds it took the lease.
+        heartbeat: epoch seconds of its last heartbeat (None before the first).
+    """
+
+    worker: str
+    since: float
+    heartbeat: float | None
+
+
+class FinisherLease:
+    """The right to finish a search (confirm, train the best design, score the test split):
+    held by one process per study at a time, through the trial store itself, so it works
+    for the journal and for a database shared by several hosts.
+
+    The lease is a second Optuna study named `<study>:finisher`. Creating a study is atomic in
+    both storages (a second creator gets `DuplicatedStudyError`), so whoever creates it holds
+    the lease; its user attributes say who and carry a heartbeat; deleting it releases it. A
+    lease whose heartbeat is older than `grace_s`, or whose holder's process on this host is
+    gone, is expired: it is deleted by its id (so of two processes expiring it, only one
+    succeeds, and neither can delete a lease taken again in the meantime), and taken anew.
+
+    Args:
+        storage: the trial store.
+        study_name: the search's study.
+        grace_s: heartbeat age after which the holder is presumed dead.
+        interval_s: heartbeat period while held.
+    """
+
+    def __init__(
+        self, storage: BaseStorage, study_name: str, *, grace_s: float, interval_s: float
+    ) -> None:
+        self.storage = storage
+        self.name = study_name + LEASE_SUFFIX
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self._held_id: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seen_without_beat: dict[int, float] = {}
+
+    def holder(self) -> LeaseHolder | None:
+        """The current holder (None when the lease is free)."""
+        found = self._find()
+        if found is None:
+            return None
+        attrs = found[1]
+        return LeaseHolder(
+            worker=str(attrs.get("worker", "?")),
+            since=float(attrs.get("since", 0.0)),
+            heartbeat=attrs.get("heartbeat"),
+        )
+
+    def try_acquire(self) -> bool:
+        """Takes the lease if it is free or expired; True when this process holds it."""
+        if self._held_id is not None:
+            return True
+        found = self._find()
+        if found is not None:
+            lease_id, attrs = found
+            if not self._expired(lease_id, attrs):
+                return False
+            with contextlib.suppress(KeyError):
+                self.storage.delete_study(lease_id)
+        try:
+            lease_id = self.storage.create_new_study(
+                directions=[optuna.study.StudyDirection.MINIMIZE], study_name=self.name
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            return False
+        now = time.time()
+        self.storage.set_study_user_attr(lease_id, "worker", worker_id())
+        self.storage.set_study_user_attr(lease_id, "since", now)
+        self.storage.set_study_user_attr(lease_id, "heartbeat", now)
+        self._held_id = lease_id
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="finisher-lease", daemon=True)
+        self._thread.start()
+        return True
+
+    def release(self) -> None:
+        """Gives the lease back (nothing when not held)."""
+        if self._held_id is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(KeyError):  # expired and taken over meanwhile
+            self.storage.delete_study(self._held_id)
+        self._held_id = None
+
+    def __enter__(self) -> FinisherLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def _find(self) -> tuple[int, dict] | None:
+        try:
+            lease_id = self.storage.get_study_id_from_name(self.name)
+            return lease_id, dict(self.storage.get_study_user_attrs(lease_id))
+        except KeyError:
+            return None
+
+    def _expired(self, lease_id: int, attrs: dict) -> bool:
+        if _worker_is_dead(attrs.get("worker")):
+            return True
+        beat = attrs.get("heartbeat")
+        if beat is None:
+            # Created a moment ago and not yet stamped, or its creator died right away:
+            # count from when this process first saw it so.
+            beat = self._seen_without_beat.setdefault(lease_id, time.time())
+        return time.time() - float(beat) > self.grace_s
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            held = self._held_id
+            if held is None:
+                return
+            try:
+                self.storage.set_study_user_attr(held, "heartbeat", time.time())
+            except KeyError:
+                return  # expired (this process stalled past the grace period) and deleted

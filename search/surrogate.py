@@ -84,13 +84,17 @@ class SurrogateEvaluator:
     """An `Evaluator` that scores specs with `surrogate_metrics` instead of training.
 
     It writes a small checkpoint marker (`<workdir>/checkpoint/step`) so resume and weight
-    inheritance paths can be followed, and counts the training jobs it ran.
+    inheritance paths can be followed, and counts the training jobs it ran. With
+    `orbax_every` it writes real (tiny) Orbax checkpoints instead, through
+    `covidnet_jax.checkpointing.Checkpoints` with one step kept, so that saves and deletions
+    of old steps happen as in training (the fault-injection test kills them).
 
     Attributes:
         tau, macs_mid, params_mid: see `surrogate_metrics`.
         seconds_per_step: simulated training time per step (sleeps; 0 for none).
         fail_hashes: spec hashes whose training fails with a NaN loss.
         jobs: (spec hash, start step, steps, init_from) of every training job, in order.
+        orbax_every: save an Orbax checkpoint every this many steps (0: the marker file).
     """
 
     tau: float = 150.0
@@ -99,9 +103,12 @@ class SurrogateEvaluator:
     seconds_per_step: float = 0.0
     fail_hashes: frozenset[str] = frozenset()
     jobs: list[tuple[str, int, int, str | None]] = dataclasses.field(default_factory=list)
+    orbax_every: int = 0
 
     def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
         """Simulates training `request.spec` to `request.steps`, resuming from the marker."""
+        if self.orbax_every:
+            return self._train_with_orbax(request)
         spec_hash = request.spec.content_hash()
         marker = Path(request.workdir) / "checkpoint" / "step"
         start = int(marker.read_text()) if marker.exists() else 0
@@ -118,6 +125,26 @@ class SurrogateEvaluator:
         metrics = self._metrics(request)
         simulated = self.seconds_per_step * max(0, request.steps - start)
         return EvalSuccess(metrics, compile_s=0.0, train_s=simulated, checkpoint=marker.parent)
+
+    def _train_with_orbax(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
+        from covidnet_jax.checkpointing import Checkpoints
+
+        spec_hash = request.spec.content_hash()
+        directory = Path(request.workdir) / "checkpoints"
+        with Checkpoints(directory, keep_latest=1, keep_best=0, async_save=False) as ckpts:
+            start = ckpts.latest_step() or 0
+            init_from = None if request.init_from is None else str(request.init_from)
+            self.jobs.append((spec_hash, start, request.steps, init_from))
+            if spec_hash in self.fail_hashes:
+                return EvalFailure("nan", f"loss became NaN at step {start + 1}")
+            for step in range(start + self.orbax_every, request.steps + 1, self.orbax_every):
+                time.sleep(self.seconds_per_step * self.orbax_every)
+                state = {"step": np.int32(step), "w": np.full((64, 64), step, np.float32)}
+                ckpts.save(step, state, metadata={"spec_hash": spec_hash})
+        simulated = self.seconds_per_step * max(0, request.steps - start)
+        return EvalSuccess(
+            self._metrics(request), compile_s=0.0, train_s=simulated, checkpoint=directory
+        )
 
     def test(self, request: EvalRequest) -> EvalMetrics:
         """Test metrics: the surrogate at the trained steps."""

@@ -61,30 +61,87 @@ def test_repair_journal_trims_a_torn_last_line(fast_tmp):
     assert len(read(workdir)) == 5
 
 
-def test_a_stale_heartbeat_marks_the_trial_lost_and_retries_it(fast_tmp):
-    storage = store.open_storage(fast_tmp / "stale")
-    study = store.open_study(storage, "stale", "min_macs")
-    trial = study.ask({"s0.depth": optuna.distributions.IntDistribution(0, 2)})
-    trial.set_user_attr("worker", "another-host:1")
-    trial.set_user_attr("proposal", 0)
+GENES = ("s0.depth",)
+DEPTH = {"s0.depth": optuna.distributions.IntDistribution(0, 2)}
+
+
+def _stale(storage, study, trial, worker="another-host:1"):
+    trial.set_user_attr("worker", worker)
     storage.set_trial_system_attr(
         store.trial_id(storage, study, trial.number), store.HEARTBEAT_ATTR, time.time() - 100
     )
-    fresh = study.ask()
+
+
+def test_a_stale_heartbeat_marks_the_trial_lost_and_retries_it(fast_tmp):
+    storage = store.open_storage(fast_tmp / "stale")
+    study = store.open_study(storage, "stale", "min_macs")
+    trial = study.ask(DEPTH)
+    trial.set_user_attr("proposal", 0)
+    _stale(storage, study, trial)
+    fresh = study.ask(DEPTH)
     fresh.set_user_attr("worker", "another-host:2")
     storage.set_trial_system_attr(
         store.trial_id(storage, study, fresh.number), store.HEARTBEAT_ATTR, time.time()
     )
 
-    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=1) == [0]
+    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=0, genes=GENES) == [0]
     records = store.read_records(study)
     assert records[0].status == "lost" and records[0].state == "FAIL"
     assert records[1].state == "RUNNING"  # its heartbeat is fresh
     retry = records[2]
-    assert retry.state == "WAITING" and retry.retry_of == 0
-    assert retry.attrs["proposal"] == 0 and retry.attrs["retries"] == 1
-    # A second look finds nothing new; a lost retry is not retried beyond max_retries.
-    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=1) == []
+    assert retry.state == "WAITING" and retry.retry_of == 0 and retry.origin == 0
+    assert retry.attrs["proposal"] == 0 and retry.attrs["losses"] == 1
+    assert study.get_trials()[2].system_attrs["fixed_params"] == trial.params
+    # A second look finds nothing new.
+    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=0, genes=GENES) == []
+    assert len(store.read_records(study)) == 3
+    # A lost trial is retried however often it is lost (max_retries counts only its own
+    # failures): the retry, asked and lost before drawing a single gene, gets a retry too,
+    # complete with the genome Optuna holds as its fixed parameters.
+    asked = study.ask()
+    assert asked.number == 2
+    _stale(storage, study, asked)
+    assert store.recover_lost_trials(study, storage, grace_s=30, max_retries=0, genes=GENES) == [2]
+    third = store.read_records(study)[-1]
+    assert third.retry_of == 2 and third.origin == 0 and third.attrs["losses"] == 2
+    assert study.get_trials()[-1].system_attrs["fixed_params"] == trial.params
+
+
+def test_a_trial_lost_before_its_genome_was_drawn_is_abandoned_not_retried(fast_tmp):
+    storage = store.open_storage(fast_tmp / "abandoned")
+    study = store.open_study(storage, "abandoned", "min_macs")
+    trial = study.ask()  # killed between ask and the end of space.suggest: no genes drawn
+    _stale(storage, study, trial)
+    assert store.recover_lost_trials(
+        study, storage, grace_s=30, max_retries=1, genes=("s0.depth", "s1.depth")
+    ) == [0]
+    (record,) = store.read_records(study)
+    assert record.status == "lost" and record.attrs["abandoned"] and not record.is_proposal
+
+
+def test_only_retryable_failures_are_retried_and_only_max_retries_times(fast_tmp):
+    storage = store.open_storage(fast_tmp / "failures")
+    study = store.open_study(storage, "failures", "min_macs")
+
+    def fail(kind: str, trial=None) -> None:
+        trial = trial or study.ask(DEPTH)
+        trial.suggest_int("s0.depth", 0, 2)
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("failure_kind", kind)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def recover() -> None:
+        store.recover_lost_trials(study, storage, grace_s=30, max_retries=1, genes=GENES)
+
+    fail("nan")  # 0: repeats exactly with the same seed: no retry
+    fail("oom")  # 1: may be transient: one retry
+    recover()
+    records = store.read_records(study)
+    assert [r.retry_of for r in records] == [None, None, 1]
+    assert records[2].attrs["failures"] == 1 and records[2].attrs["losses"] == 0
+    fail("oom", study.ask())  # the retry fails again: max_retries=1 is spent
+    recover()
+    assert len(store.read_records(study)) == 3
 
 
 def _start_worker(job):

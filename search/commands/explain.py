@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidnet_jax.commands.train import add_max_image_pixels, check_max_image_pixels
 from covidnet_jax.errors import UserError
 
 
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Grad-CAM (default), integrated gradients, or both (the second file gets _ig)",
     )
     parser.add_argument("--steps", type=int, default=32, help="integrated-gradients path points")
+    add_max_image_pixels(parser)
     parser.set_defaults(func=_run_explain)
 
 
@@ -71,10 +73,15 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     if args.steps < 1:
         raise ExplainError(f"--steps must be >= 1, got {args.steps}")
+    max_pixels = check_max_image_pixels(args.max_image_pixels)
     image_path = Path(args.image)
     outputs = _outputs(image_path, args.out, args.method)
     loaded = load_export(args.model)
-    original_HxW = decode_image(image_path)  # DataError naming the file if unreadable
+    original_HxW = decode_image(  # DataError naming the file if unreadable or too large
+        image_path,
+        max_pixels=max_pixels,
+        limit_name="--max-image-pixels",
+    )
     target = None
     if args.class_name is not None:
         if args.class_name not in loaded.class_names:

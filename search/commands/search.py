@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from covidnet_jax.storage import ensure_writable
 from search import session
 from search.finish import describe_run
 from search.leaderboard import leaderboard_table
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the search (`search.run`) and prints the leaderboard and the verdict."""
     experiment = load_experiment(args.config, tuple(args.overrides))
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    ensure_writable(workdir, "--workdir", create=False)  # fails now, not mid-search
     workers = experiment.search.workers if args.workers is None else args.workers
     # Logs and pipes get a wide console: the leaderboard's columns do not fit 80.
     console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -90,13 +92,28 @@ def run(args: argparse.Namespace) -> int:
     counts = result.counts
     console.print(
         "proposed {proposed}, infeasible (not trained) {infeasible}, duplicates {duplicate}, "
-        "trained {trained}, failed {failed}, feasible {feasible}".format(
+        "trained {trained}, failed {failed}, feasible {feasible}; workers lost {lost} "
+        "time(s), retried {retried}".format(
             **{
                 k: counts.get(k, 0)
-                for k in ("proposed", "infeasible", "duplicate", "trained", "failed", "feasible")
+                for k in (
+                    "proposed",
+                    "infeasible",
+                    "duplicate",
+                    "trained",
+                    "failed",
+                    "feasible",
+                    "lost",
+                    "retried",
+                )
             }
         )
     )
+    if counts.get("unsettled"):
+        console.print(
+            f"{counts['unsettled']} proposal(s) not finished (running elsewhere, or their "
+            "retry is waiting): run the same command again to train them"
+        )
     for run_ in best.tried:
         console.print(f"  {describe_run(run_, settings)}", markup=False, soft_wrap=True)
     console.print(best.message)
