@@ -15,7 +15,11 @@ from collections.abc import Sequence
 
 from covidnet_jax import hostmem
 from covidnet_jax.errors import UserError
-from covidnet_jax.storage import storage_failure
+from covidnet_jax.storage import (
+    quiet_storage_failures,
+    silence_abandoned_writes,
+    storage_failure,
+)
 
 # Modules exposing `register(subparsers)`, in the order they appear in `--help`.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -60,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with quiet_storage_failures():
+            return int(args.func(args) or 0)
     except UserError as err:
         print(f"covidnet {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -74,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         print(f"covidnet {args.command}: error: {message}", file=sys.stderr)
+        silence_abandoned_writes()
         return 2
 
 
@@ -87,8 +93,11 @@ def entry() -> int:
     except ValueError as err:
         print(f"covidnet: error: {err}", file=sys.stderr)
         return 2
-    return main()
+    # For the whole process: futures of a failed checkpoint write are reported at exit.
+    with quiet_storage_failures(restore=False):
+        return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with quiet_storage_failures(restore=False):
+        sys.exit(main())

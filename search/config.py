@@ -230,8 +230,8 @@ class BudgetConfig:
     """What the search may spend.
 
     Attributes:
-        max_trials: candidates proposed (feasible or not, duplicates included; retries of
-            crashed trials are not counted).
+        max_trials: candidates proposed (feasible or not, duplicates included; retries
+            are not proposals).
         max_wall_time_s: stop proposing after this many seconds of one invocation (running
             trials finish).
         rungs: training steps of each fidelity rung, ascending (successive halving).
@@ -239,7 +239,10 @@ class BudgetConfig:
             1/reduction_factor of those that finished the rung.
         final_steps: steps of the best design's full-fidelity retraining (0: the last rung).
         max_consecutive_infeasible: give up after this many infeasible proposals in a row.
-        max_retries: times a trial whose worker died is retried.
+        max_retries: times a candidate whose training failed on its own with a kind that
+            can be transient (out of memory, an unexpected error) is tried again. A trial
+            whose worker died (killed, pre-empted, rebooted) is always retried, however
+            often, and does not count: being killed says nothing about the candidate.
         stop_on_feasible: stop as soon as one design meets every requirement (to find any
             acceptable design fast, and for the search-efficiency benchmark).
         cost_prefilter: reject designs over a hard cost limit before training (false trains

@@ -172,10 +172,48 @@ def run(
     job = prepare_job(experiment, workdir, storage, start, name)
     outcome = run_search(job, workers=count, console=console, lines=lines)
     say(f"stopped: {'; '.join(outcome.stop_reasons)}")
+    records, best, csv_path, json_path = conclude(
+        job, train_seed=experiment.training.seed, console=console
+    )
+    return SearchResult(
+        workdir=workdir,
+        experiment=experiment,
+        records=records,
+        best=best,
+        leaderboard_csv=csv_path,
+        leaderboard_json=json_path,
+        stop_reasons=outcome.stop_reasons,
+        elapsed_s=time.time() - start,
+        trial_store=storage or str(store.journal_path(workdir)),
+    )
+
+
+def conclude(
+    job: SearchJob, *, train_seed: int, console: Console | None = None
+) -> tuple[list[TrialRecord], BestDesign, Path, Path]:
+    """The end of a search invocation, once its own workers stopped.
+
+    Waits until no trial runs anywhere (`search.runner.settle`), then takes the study's
+    finisher lease (`search.store.FinisherLease`; while another process holds it, waits and
+    then reuses its confirmation runs and test score), confirms the best design and tests it
+    once (`search.finish.finish_best`), and writes the leaderboard, all under the lease.
+
+    Args:
+        job: the search.
+        train_seed: the experiment's training seed (confirmation run k uses seed + k).
+        console: where progress is printed (None: silently).
+
+    Returns:
+        (records, best design, leaderboard.csv, leaderboard.json).
+    """
+    settings, workdir = job.settings, Path(job.workdir)
+    say = console.print if console is not None else (lambda *a, **k: None)
     settle(job, on_wait=_waiting_message(console))
+    trial_store = store.open_storage(workdir, job.storage_url)
+    study = store.load_study(trial_store, job.study_name)
     lease = store.FinisherLease(
         trial_store,
-        name,
+        job.study_name,
         grace_s=settings.heartbeat.grace_s,
         interval_s=settings.heartbeat.interval_s,
     )
@@ -193,7 +231,7 @@ def run(
                 records,
                 settings,
                 job.make_evaluator(),
-                train_seed=experiment.training.seed,
+                train_seed=train_seed,
                 log=RunLog(study.user_attrs, study.set_user_attr),
             )
         csv_path, json_path = write_leaderboard(
@@ -205,17 +243,7 @@ def run(
             best=best.summary,
             confirmation=[r.to_dict() for r in best.tried],
         )
-    return SearchResult(
-        workdir=workdir,
-        experiment=experiment,
-        records=records,
-        best=best,
-        leaderboard_csv=csv_path,
-        leaderboard_json=json_path,
-        stop_reasons=outcome.stop_reasons,
-        elapsed_s=time.time() - start,
-        trial_store=storage or str(store.journal_path(workdir)),
-    )
+    return records, best, csv_path, json_path
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,8 @@ class SurrogateEvaluator:
         fail_hashes: spec hashes whose training fails with a NaN loss.
         jobs: (spec hash, start step, steps, init_from) of every training job, in order.
         orbax_every: save an Orbax checkpoint every this many steps (0: the marker file).
+        test_log: a file to which each test-split scoring appends a line (`pid trial-dir`):
+            how tests see that the test split was scored once.
     """
 
     tau: float = 150.0
@@ -104,6 +107,7 @@ class SurrogateEvaluator:
     fail_hashes: frozenset[str] = frozenset()
     jobs: list[tuple[str, int, int, str | None]] = dataclasses.field(default_factory=list)
     orbax_every: int = 0
+    test_log: str | None = None
 
     def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
         """Simulates training `request.spec` to `request.steps`, resuming from the marker."""
@@ -148,6 +152,9 @@ class SurrogateEvaluator:
 
     def test(self, request: EvalRequest) -> EvalMetrics:
         """Test metrics: the surrogate at the trained steps."""
+        if self.test_log is not None:
+            with open(self.test_log, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {request.workdir}\n")
         return self._metrics(request)
 
     def _metrics(self, request: EvalRequest) -> EvalMetrics:
