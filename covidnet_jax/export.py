@@ -34,7 +34,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -47,7 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from covidnet_jax.data.preprocess import PREPROCESS_VERSION, TOP_CROP_FRACTION, preprocess_image
+from covidnet_jax.data.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    PREPROCESS_VERSION,
+    TOP_CROP_FRACTION,
+    preprocess_image,
+)
 from covidnet_jax.errors import UserError
 from covidnet_jax.metrics import EvalMetrics
 
@@ -536,9 +542,25 @@ class LoadedExport:
         """The text of the export's `spec.json`."""
         return (self.path / SPEC_FILE).read_text(encoding="utf-8")
 
-    def preprocess(self, image: str | Path | np.ndarray) -> np.ndarray:
-        """One image file or array -> float32 H x W x C in [0, 1], as the recipe says."""
-        pixels = preprocess_image(image, resolution=self.input_size, channels=self.channels)
+    def preprocess(
+        self,
+        image: str | Path | np.ndarray,
+        *,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        limit_name: str = "max_pixels",
+    ) -> np.ndarray:
+        """One image file or array -> float32 H x W x C in [0, 1], as the recipe says.
+
+        An image file over `max_pixels` (width x height) is refused from its header, as a
+        possible decompression bomb, with a DataError naming it, its size and `limit_name`.
+        """
+        pixels = preprocess_image(
+            image,
+            resolution=self.input_size,
+            channels=self.channels,
+            max_pixels=max_pixels,
+            limit_name=limit_name,
+        )
         return pixels.astype(np.float32) / 255.0
 
     def predict_batch(self, images_BxHxWxC: Any) -> np.ndarray:
@@ -565,23 +587,35 @@ class LoadedExport:
         return np.asarray(self._call(images.astype(np.float32)))
 
     def predict_images(
-        self, images: Sequence[str | Path | np.ndarray], *, batch_size: int = 32
+        self,
+        images: Sequence[str | Path | np.ndarray],
+        *,
+        batch_size: int = 32,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        limit_name: str = "max_pixels",
     ) -> np.ndarray:
         """Class probabilities of image files (or raw arrays), preprocessed as in training.
 
         Args:
             images: image paths or arrays.
             batch_size: images per call of the exported function.
+            max_pixels: largest image file (width x height) decoded.
+            limit_name: the setting that raises `max_pixels`, named in the error.
 
         Returns:
             float32 N x K probabilities, in the order of `images`.
 
         Raises:
-            DataError: naming an unreadable image.
+            DataError: naming an unreadable or too large image.
         """
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = np.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+            batch = np.stack(
+                [
+                    self.preprocess(im, max_pixels=max_pixels, limit_name=limit_name)
+                    for im in images[start : start + batch_size]
+                ]
+            )
             chunks.append(self.predict_batch(batch))
         if not chunks:
             return np.zeros((0, len(self.class_names)), np.float32)
@@ -615,8 +649,10 @@ def load_export(path: str | Path) -> LoadedExport:
         The `LoadedExport`.
 
     Raises:
-        ExportError: if the folder is missing, not an export, of a newer format version, or
-            incomplete.
+        ExportError: one line naming the file (and key) at fault: the folder is missing, not
+            an export, of a newer format version or incomplete, or its `export.json` is not
+            valid JSON, lacks a key, holds a malformed value or disagrees with the model in
+            `model.jax_export`.
     """
     path = Path(path)
     if not path.exists():
@@ -626,30 +662,132 @@ def load_export(path: str | Path) -> LoadedExport:
         raise ExportError(
             f"{path}: not an export (no {MANIFEST_FILE}); create one with `covidnet export`"
         )
+    manifest = _read_export_json(path, MANIFEST_FILE)
+    recipe = _read_export_json(path, RECIPE_FILE)
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        recipe = json.loads((path / RECIPE_FILE).read_text(encoding="utf-8"))
         blob = (path / STABLEHLO_FILE).read_bytes()
-    except FileNotFoundError as err:
-        raise ExportError(f"{path}: incomplete export, missing {Path(err.filename).name}") from None
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: unreadable export ({err})") from None
+    except FileNotFoundError:
+        raise ExportError(f"{path}: incomplete export, missing {STABLEHLO_FILE}") from None
+    except OSError as err:
+        raise ExportError(f"{path / STABLEHLO_FILE}: unreadable ({err})") from None
+    exported = _check_manifest(manifest, manifest_path, blob)
+    return LoadedExport(path=path, manifest=manifest, recipe=recipe, exported=exported)
+
+
+def _read_export_json(path: Path, name: str) -> Any:
+    """The parsed JSON file `name` of the export folder `path` (ExportError if it is missing,
+    unreadable or not JSON)."""
+    try:
+        return json.loads((path / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: incomplete export, missing {name}") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ExportError(f"{path / name}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise ExportError(f"{path / name}: unreadable ({err})") from None
+
+
+_MISSING = object()
+
+
+def _describe(value: Any) -> str:
+    """A JSON value in at most 80 characters, for an error message."""
+    if value is _MISSING:
+        return "nothing (the key is missing)"
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_manifest(manifest: Any, manifest_path: Path, blob: bytes) -> jax.export.Exported:
+    """Validates a parsed `export.json` and deserializes the artifact it describes.
+
+    Checks, in order: a JSON object; `format` and `version`; `class_names` (a list of two
+    or more distinct, non-empty strings); `input.shape` (["batch", H, H, C], H a supported
+    resolution, C 1 or 3); then that the artifact takes B x H x H x C and returns one
+    probability per class name. A tampered or truncated manifest fails here, with the key,
+    rather than later with a KeyError or wrong class labels.
+
+    Args:
+        manifest: the parsed `export.json`.
+        manifest_path: its path, for the messages.
+        blob: the bytes of `model.jax_export`.
+
+    Returns:
+        The deserialized `jax.export.Exported`.
+
+    Raises:
+        ExportError: "<export.json>: <key>: expected ..., got ...", one line.
+    """
+
+    def fail(key: str, expected: str, value: Any) -> ExportError:
+        return ExportError(f"{manifest_path}: {key}: expected {expected}, got {_describe(value)}")
+
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{manifest_path}: expected a JSON object, got {_describe(manifest)}")
     if manifest.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{manifest_path}: not a covidnet-jax export manifest")
-    if int(manifest.get("version", math.inf)) > EXPORT_VERSION:
+        raise fail(
+            "format", f"{EXPORT_FORMAT!r} (a covidnet-jax export)", manifest.get("format", _MISSING)
+        )
+    version = manifest.get("version", _MISSING)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise fail("version", "a format version number", version)
+    if version > EXPORT_VERSION:
         raise ExportError(
-            f"{manifest_path}: export format version {manifest.get('version')} is newer than "
-            f"this covidnet-jax reads ({EXPORT_VERSION}); upgrade covidnet-jax"
+            f"{manifest_path}: export format version {version} is newer than this "
+            f"covidnet-jax reads ({EXPORT_VERSION}); upgrade covidnet-jax"
+        )
+    names = manifest.get("class_names", _MISSING)
+    if (
+        not isinstance(names, list)
+        or len(names) < 2
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise fail("class_names", "a list of two or more distinct class names", names)
+    if not isinstance(manifest.get("input"), dict) or "shape" not in manifest["input"]:
+        raise fail(
+            "input",
+            'an object with "shape": ["batch", H, W, C] (as covidnet export writes it)',
+            manifest.get("input", _MISSING),
+        )
+    shape = manifest["input"]["shape"]
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape[1:])
+        or shape[1] != shape[2]
+        or not MIN_RESOLUTION <= shape[1] <= MAX_RESOLUTION
+        or shape[3] not in (1, 3)
+    ):
+        raise fail(
+            "input.shape",
+            f'["batch", H, H, C] with H in {MIN_RESOLUTION}..{MAX_RESOLUTION} and C 1 or 3',
+            shape,
         )
     try:
         exported = jax.export.deserialize(bytearray(blob))
     except Exception as err:  # corrupt bytes surface as assorted flatbuffer/MLIR errors
-        raise ExportError(f"{path / STABLEHLO_FILE}: cannot deserialize ({err})") from None
-    return LoadedExport(path=path, manifest=manifest, recipe=recipe, exported=exported)
+        where = manifest_path.with_name(STABLEHLO_FILE)
+        raise ExportError(f"{where}: cannot deserialize ({err})") from None
+    takes = tuple(exported.in_avals[0].shape[1:])
+    if takes != tuple(shape[1:]):
+        raise fail(
+            "input.shape",
+            f'the input of {STABLEHLO_FILE}, ["batch", {", ".join(map(str, takes))}]',
+            shape,
+        )
+    outputs = exported.out_avals[0].shape[-1]
+    if outputs != len(names):
+        raise fail("class_names", f"{outputs} names, one per output of {STABLEHLO_FILE}", names)
+    return exported
 
 
 def predict(
-    export_dir: str | Path, images: Sequence[str | Path | np.ndarray], *, batch_size: int = 32
+    export_dir: str | Path,
+    images: Sequence[str | Path | np.ndarray],
+    *,
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Loads an export and returns class probabilities of image files: the one-call API.
 
@@ -657,6 +795,8 @@ def predict(
         export_dir: an export folder written by `covidnet export`.
         images: image paths (or raw image arrays), preprocessed as in training.
         batch_size: images per call of the exported function.
+        max_pixels: largest image file (width x height) decoded; larger ones are refused
+            as possible decompression bombs.
 
     Returns:
         float32 N x K probabilities; the class order is `load_export(export_dir).class_names`.
@@ -668,16 +808,27 @@ def predict(
     Example:
         >>> probs = predict("runs/quickstart/export", ["chest.png"])
     """
-    return load_export(export_dir).predict_images(images, batch_size=batch_size)
+    return load_export(export_dir).predict_images(
+        images, batch_size=batch_size, max_pixels=max_pixels
+    )
 
 
-def predict_files(export_dir: str | Path, images: Sequence[str | Path], *, batch_size: int = 32):
+def predict_files(
+    export_dir: str | Path,
+    images: Sequence[str | Path],
+    *,
+    batch_size: int = 32,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = "max_pixels",
+):
     """Predictions in the form `covidnet predict --workdir` prints (`covidnet_jax.predict`).
 
     Args:
         export_dir: an export folder.
         images: image files.
         batch_size: images per call of the exported function.
+        max_pixels: largest image file (width x height) decoded.
+        limit_name: the setting that raises `max_pixels`, named in the error.
 
     Returns:
         One `covidnet_jax.predict.Prediction` per image, in order.
@@ -689,7 +840,9 @@ def predict_files(export_dir: str | Path, images: Sequence[str | Path], *, batch
     from covidnet_jax.predict import Prediction
 
     loaded = load_export(export_dir)
-    probs_NxK = loaded.predict_images(list(images), batch_size=batch_size)
+    probs_NxK = loaded.predict_images(
+        list(images), batch_size=batch_size, max_pixels=max_pixels, limit_name=limit_name
+    )
     names = loaded.class_names
     return [
         Prediction(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from covidnet_jax.data import preprocess_image
+from covidnet_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from covidnet_jax.evaluate import TrainedModel, load_trained
 
 
@@ -43,6 +44,8 @@ def predict_images(
     step: int | None = None,
     batch_size: int = 32,
     trained: TrainedModel | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = "max_pixels",
 ) -> list[Prediction]:
     """Class probabilities of image files.
 
@@ -52,13 +55,16 @@ def predict_images(
         step: a specific checkpoint step instead of the best.
         batch_size: images per forward pass.
         trained: an already restored model (then `workdir` and `step` are ignored).
+        max_pixels: largest image (width x height) decoded; larger files are refused from
+            their header as possible decompression bombs.
+        limit_name: the setting that raises `max_pixels`, named in that error.
 
     Returns:
         One prediction per image, in order.
 
     Raises:
         CheckpointError: the workdir has no checkpoint.
-        DataError: an image cannot be read (naming the file).
+        DataError: an image cannot be read or is too large (naming the file).
     """
     trained = load_trained(workdir, step=step) if trained is None else trained
     predictions: list[Prediction] = []
@@ -66,7 +72,13 @@ def predict_images(
         paths = list(images[start : start + batch_size])
         batch_BxHxWxC = np.stack(
             [
-                preprocess_image(p, resolution=trained.resolution, channels=trained.channels)
+                preprocess_image(
+                    p,
+                    resolution=trained.resolution,
+                    channels=trained.channels,
+                    max_pixels=max_pixels,
+                    limit_name=limit_name,
+                )
                 for p in paths
             ]
         ).astype(np.float32) * np.float32(1.0 / 255.0)

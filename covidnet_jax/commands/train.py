@@ -83,7 +83,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--step", type=int, help="a checkpoint step instead of the best")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
+    add_max_image_pixels(predict)
     predict.set_defaults(func=_run_predict)
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """Adds `--max-image-pixels` (the largest image decoded) to a command reading images."""
+    from covidnet_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="largest image (width x height) decoded; larger files are refused as possible "
+        f"decompression bombs (default {DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's limit)",
+    )
+
+
+def check_max_image_pixels(value: int) -> int:
+    """`--max-image-pixels` as given, or ConfigError for a count below 1."""
+    if value < 1:
+        from covidnet_jax.errors import ConfigError
+
+        raise ConfigError(f"--max-image-pixels: expected a pixel count >= 1, got {value}")
+    return value
 
 
 def _add_set(parser: argparse.ArgumentParser, what: str = "the config") -> None:
@@ -99,10 +123,12 @@ def _add_set(parser: argparse.ArgumentParser, what: str = "the config") -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from covidnet_jax.config import load_train_config
+    from covidnet_jax.storage import ensure_writable
     from covidnet_jax.train import train_and_evaluate
 
     config = load_train_config(args.config, args.overrides)
     workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config).stem
+    ensure_writable(workdir, "--workdir", create=False)  # fails now, not at the first save
     result = train_and_evaluate(
         config, workdir, init_from=args.init_from, show_progress=not args.no_progress
     )
@@ -147,12 +173,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
+    from covidnet_jax.checkpointing import find_checkpoint_dir
     from covidnet_jax.evaluate import evaluate_workdir, format_evaluation, write_evaluation
+    from covidnet_jax.storage import ensure_writable
 
     if not 0.0 < args.confidence < 1.0:
         from covidnet_jax.errors import ConfigError
 
         raise ConfigError(f"--confidence: expected a level in (0, 1), got {args.confidence}")
+    find_checkpoint_dir(args.workdir)  # CheckpointError for a folder that is not a run
+    # The results go to WORKDIR/evaluation: a read-only workdir fails before the evaluation.
+    out = Path(args.workdir) / "evaluation"
+    ensure_writable(out if out.is_dir() else out.parent, "--workdir", create=False)
     evaluation = evaluate_workdir(
         args.workdir,
         split=args.split,
@@ -172,15 +204,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _run_predict(args: argparse.Namespace) -> int:
     from covidnet_jax.predict import format_predictions, predict_images
 
+    max_pixels = check_max_image_pixels(args.max_image_pixels)
     if args.model is not None:
         from covidnet_jax.errors import ConfigError
         from covidnet_jax.export import predict_files
 
         if args.step is not None:
             raise ConfigError("--step selects a checkpoint of a --workdir run, not of an export")
-        predictions = predict_files(args.model, args.images)
+        predictions = predict_files(
+            args.model, args.images, max_pixels=max_pixels, limit_name="--max-image-pixels"
+        )
     else:
-        predictions = predict_images(args.workdir, args.images, step=args.step)
+        predictions = predict_images(
+            args.workdir,
+            args.images,
+            step=args.step,
+            max_pixels=max_pixels,
+            limit_name="--max-image-pixels",
+        )
     if args.json:
         print(json.dumps({"predictions": [p.to_dict() for p in predictions]}))
     else:

@@ -46,6 +46,7 @@ from covidnet_jax.data import cache as cache_lib
 from covidnet_jax.data.augment import augment_batch
 from covidnet_jax.data.covidx import CovidxFolder, open_covidx_folder, order_class_names
 from covidnet_jax.data.preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     PREPROCESS_VERSION,
     check_resolution,
     crop_and_resize,
@@ -114,6 +115,11 @@ class DataConfig:
             failing on the first one.
         cache_dir: where preprocessed arrays are cached; default `<covidx_dir>/.covidnet_cache`
             (or ~/.cache/covidnet_jax if that is read-only).
+        max_image_pixels: largest image (width x height) decoded; a larger one is refused
+            from its header, before decoding, as a possible decompression bomb (an error
+            naming the file and its size, or a skipped file with `skip_corrupt`). The default
+            is PIL's default limit, 89,478,485 pixels (about 9459 x 9459); raise it for
+            genuinely larger scans. PIL's own process-wide limit is left alone.
     """
 
     covidx_dir: str | None = None
@@ -133,6 +139,7 @@ class DataConfig:
     workers: int = bounded(0, ge=0, le=256)
     skip_corrupt: bool = False
     cache_dir: str | None = None
+    max_image_pixels: int = bounded(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
 
     def __post_init__(self) -> None:
         if (self.covidx_dir is None) == (self.tfds_data_dir is None):
@@ -207,16 +214,18 @@ class DataReport:
 # Reading sources into the cache
 
 
-def _preprocess_one(path: str, resolution: int) -> tuple[np.ndarray | None, str]:
+def _preprocess_one(
+    path: str, resolution: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[np.ndarray | None, str]:
     """Decodes and preprocesses one file; returns (grey HxW or None, error message)."""
     try:
-        return crop_and_resize(decode_image(path), resolution), ""
+        return crop_and_resize(decode_image(path, max_pixels=max_pixels), resolution), ""
     except DataError as err:
         return None, str(err)
 
 
 def _preprocess_files(
-    paths: list[Path], resolution: int, workers: int, desc: str
+    paths: list[Path], resolution: int, workers: int, desc: str, max_pixels: int
 ) -> list[tuple[np.ndarray | None, str]]:
     from tqdm.auto import tqdm
 
@@ -224,10 +233,17 @@ def _preprocess_files(
     if workers > 0 and len(paths) >= 256:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(
-                _preprocess_one, map(str, paths), itertools.repeat(resolution), chunksize=64
+                _preprocess_one,
+                map(str, paths),
+                itertools.repeat(resolution),
+                itertools.repeat(max_pixels),
+                chunksize=64,
             )
             return list(tqdm(results, total=len(paths), desc=desc, disable=not show))
-    return [_preprocess_one(str(p), resolution) for p in tqdm(paths, desc=desc, disable=not show)]
+    return [
+        _preprocess_one(str(p), resolution, max_pixels)
+        for p in tqdm(paths, desc=desc, disable=not show)
+    ]
 
 
 def _cache_from_covidx(
@@ -240,6 +256,9 @@ def _cache_from_covidx(
         "resolution": resolution,
         "preprocess": PREPROCESS_VERSION,
     }
+    if config.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+        # Which files are refused depends on it; the default keeps existing entries valid.
+        key_parts["max_image_pixels"] = config.max_image_pixels
     for name, split in splits.items():
         key_parts[f"{name}_split"] = hashlib.sha256(split.split_file.read_bytes()).hexdigest()
         key_parts[f"{name}_files"] = cache_lib.file_fingerprint(split.image_paths())
@@ -251,7 +270,9 @@ def _cache_from_covidx(
         skipped: dict[str, str] = {}
         for name, split in splits.items():
             paths = split.image_paths()
-            results = _preprocess_files(paths, resolution, config.workers, f"preprocess {name}")
+            results = _preprocess_files(
+                paths, resolution, config.workers, f"preprocess {name}", config.max_image_pixels
+            )
             keep = []
             for entry_, path_, (image, error) in zip(split.entries, paths, results, strict=True):
                 if image is None:

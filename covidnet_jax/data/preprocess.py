@@ -11,10 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from covidnet_jax.errors import DataError
 
@@ -24,6 +26,11 @@ MAX_RESOLUTION = 2048
 TOP_CROP_FRACTION = 0.08
 # Bumped whenever the output of `preprocess_image` changes, so on-disk caches are rebuilt.
 PREPROCESS_VERSION = 1
+# Largest image (width x height) decoded by default: PIL's default `Image.MAX_IMAGE_PIXELS`
+# (1 GiB / 4 bytes / 3), so a decompression bomb is refused before it is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# The setting named by the error for an image over the limit, unless the caller names another.
+MAX_PIXELS_KEY = "data.max_image_pixels"
 
 
 def check_resolution(resolution: int, channels: int) -> None:
@@ -40,24 +47,38 @@ def check_resolution(resolution: int, channels: int) -> None:
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
 
 
-def decode_image(path: str | Path) -> np.ndarray:
+def decode_image(
+    path: str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = MAX_PIXELS_KEY,
+) -> np.ndarray:
     """Reads an image file fully into an 8-bit grayscale array.
 
     Radiographs are grayscale; colour files are converted with the ITU-R 601 luma weights and
-    16-bit files are scaled to 8 bits.
+    16-bit files are scaled to 8 bits. The size in the file's header is checked against
+    `max_pixels` before any pixel is decoded, so a decompression bomb (a small file that
+    decodes to gigabytes) fails in milliseconds. PIL's process-wide `Image.MAX_IMAGE_PIXELS`
+    is left alone and does not stop an image within `max_pixels` (only the few format
+    plugins that check sizes themselves, such as tiled TIFF or GIF frames, still apply it).
 
     Args:
         path: the image file.
+        max_pixels: largest width x height decoded.
+        limit_name: the setting that raises `max_pixels`, named in the error (a config key
+            or a command-line option).
 
     Returns:
         uint8 HxW.
 
     Raises:
-        DataError: naming the file if it is missing, truncated or not an image.
+        DataError: naming the file if it is missing, truncated, not an image, or larger than
+            `max_pixels` (with its size and `limit_name`).
     """
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with path.open("rb") as fp, _open_image(fp, path) as img:
+            check_image_size(path, img.size, max_pixels=max_pixels, limit_name=limit_name)
             img.load()  # decode now, so truncated files fail here, with their name
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(img, dtype=np.float64)
@@ -65,12 +86,60 @@ def decode_image(path: str | Path) -> np.ndarray:
                 array = array * (255.0 / top) if top > 255 else array
                 return np.clip(np.rint(array), 0, 255).astype(np.uint8)
             return np.asarray(img.convert("L"), dtype=np.uint8)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not a readable image (corrupt or unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # A format plugin's own check against PIL's process-wide limit (a backstop).
+        raise DataError(
+            f"{path}: refused by PIL as a possible decompression bomb ({err}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS if it is genuine"
+        ) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: corrupt or truncated image ({err})") from None
+
+
+def check_image_size(
+    path: str | Path, size: tuple[int, int], *, max_pixels: int, limit_name: str = MAX_PIXELS_KEY
+) -> None:
+    """Raises DataError naming the file, its size and `limit_name` if width x height is over
+    `max_pixels`."""
+    width, height = size
+    pixels = width * height
+    if pixels > max_pixels:
+        raise DataError(
+            f"{path}: image of {width} x {height} = {pixels:,} pixels is over the limit of "
+            f"{max_pixels:,} (a decompression bomb?); raise {limit_name} if it is genuine"
+        )
+
+
+def _open_image(fp: BinaryIO, path: Path) -> ImageFile.ImageFile:
+    """Identifies an image file and reads its header, as `PIL.Image.open` does, but without
+    PIL's pixel limit, which `Image.open` applies before the caller can see the size (and
+    which is a process-wide setting, so raising it would change every other user of PIL).
+
+    Raises:
+        UnidentifiedImageError: if no format plugin accepts the file.
+    """
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for name in [n for n in Image.ID if n not in tried]:
+            tried.add(name)
+            factory, accept = Image.OPEN[name]
+            verdict = True if accept is None else accept(prefix)
+            if isinstance(verdict, str) or not verdict:
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, str(path))
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue  # not this format after all (Image.open skips these too)
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
 
 
 def crop_and_resize(image_HxW: np.ndarray, resolution: int) -> np.ndarray:
@@ -100,7 +169,12 @@ def crop_and_resize(image_HxW: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def preprocess_image(
-    path_or_array: str | Path | np.ndarray, *, resolution: int, channels: int
+    path_or_array: str | Path | np.ndarray,
+    *,
+    resolution: int,
+    channels: int,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = MAX_PIXELS_KEY,
 ) -> np.ndarray:
     """The paper's preprocessing of one radiograph.
 
@@ -113,16 +187,19 @@ def preprocess_image(
             [0, 1]).
         resolution: output side length in pixels (16..2048).
         channels: 1 (grayscale) or 3 (grey repeated, for 3-channel models).
+        max_pixels: largest width x height of an image file decoded (`decode_image`).
+        limit_name: the setting that raises `max_pixels`, named in the error.
 
     Returns:
         uint8 resolution x resolution x channels.
 
     Raises:
-        DataError: for an unreadable image (naming the file) or a nonsense resolution.
+        DataError: for an unreadable or too large image (naming the file) or a nonsense
+            resolution.
     """
     check_resolution(resolution, channels)
     if isinstance(path_or_array, str | Path):
-        grey_HxW = decode_image(path_or_array)
+        grey_HxW = decode_image(path_or_array, max_pixels=max_pixels, limit_name=limit_name)
     else:
         grey_HxW = _array_to_grey(np.asarray(path_or_array))
     out_HxW = crop_and_resize(grey_HxW, resolution)
