@@ -11,10 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from search_support import fast_tmp, read  # noqa: F401 (fast_tmp is a fixture)
+from search_support import fast_tmp, read
 
 from covidnet_jax.checkpointing import Checkpoints, finished_steps
 from search.records import proposal_outcomes
+
+__all__ = ["fast_tmp"]  # a fixture
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 MAX_TRIALS = 6
@@ -57,7 +59,7 @@ def _schedule(rng: random.Random, timed: int) -> list[tuple[str, int, float | No
     return kills
 
 
-def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):  # noqa: F811
+def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):
     workdir = fast_tmp / "faults"
     rng = random.Random(20261201)
     killed: Counter[str] = Counter()
@@ -99,7 +101,7 @@ def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):  # noqa: F811
     assert restored >= 1
 
 
-def test_a_kill_between_the_mark_and_the_enqueue_is_repaired(fast_tmp):  # noqa: F811
+def test_a_kill_between_the_mark_and_the_enqueue_is_repaired(fast_tmp):
     # A worker marks a trial lost, then dies before enqueueing its retry: the next recovery
     # pass sees a lost trial without a retry and enqueues it.
     workdir = fast_tmp / "repair"
