@@ -1,7 +1,7 @@
 """The `covidnet` command: assembles subcommands from the library and the search layer.
 
 This is the only module that sees both `covidnet_jax` and `search`. It parses, dispatches,
-and turns `UserError`s, and writes the disk refused (`covidnet_jax.storage.storage_failure`:
+and turns `UserError`s, and writes the disk refused (`covidnet_jax.disk.disk_failure`:
 permission denied, read-only file system, no space left), into one-line messages with exit
 status 2.
 """
@@ -14,12 +14,12 @@ import sys
 from collections.abc import Sequence
 
 from covidnet_jax import hostmem
-from covidnet_jax.errors import UserError
-from covidnet_jax.storage import (
-    quiet_storage_failures,
+from covidnet_jax.disk import (
+    disk_failure,
+    quiet_disk_failures,
     silence_abandoned_writes,
-    storage_failure,
 )
+from covidnet_jax.errors import UserError
 
 # Modules exposing `register(subparsers)`, in the order they appear in `--help`.
 _COMMAND_MODULES: tuple[str, ...] = (
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with quiet_storage_failures():
+        with quiet_disk_failures():
             return int(args.func(args) or 0)
     except UserError as err:
         print(f"covidnet {args.command}: error: {err}", file=sys.stderr)
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         # A write the disk refused (permissions, read-only, full), possibly wrapped by a
         # library's background thread: one line. Anything else is a bug: its traceback.
-        message = storage_failure(err)
+        message = disk_failure(err)
         if message is None:
             raise
         print(f"covidnet {args.command}: error: {message}", file=sys.stderr)
@@ -94,10 +94,10 @@ def entry() -> int:
         print(f"covidnet: error: {err}", file=sys.stderr)
         return 2
     # For the whole process: futures of a failed checkpoint write are reported at exit.
-    with quiet_storage_failures(restore=False):
+    with quiet_disk_failures(restore=False):
         return main()
 
 
 if __name__ == "__main__":
-    with quiet_storage_failures(restore=False):
+    with quiet_disk_failures(restore=False):
         sys.exit(main())

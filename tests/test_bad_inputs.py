@@ -28,14 +28,14 @@ from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.data import DataConfig, load_data, write_synthetic_dataset
 from covidnet_jax.data import cache as cache_lib
 from covidnet_jax.data.preprocess import decode_image
+from covidnet_jax.disk import (
+    DiskError,
+    disk_failure,
+    ensure_writable,
+    quiet_disk_failures,
+)
 from covidnet_jax.errors import DataError
 from covidnet_jax.models import build_model
-from covidnet_jax.storage import (
-    StorageError,
-    ensure_writable,
-    quiet_storage_failures,
-    storage_failure,
-)
 from search.cli import main
 
 # A one-module PEPX design: builds and exports in a second.
@@ -255,7 +255,7 @@ _AS_UNPRIVILEGED = textwrap.dedent(
     """
     import contextlib, io, json, os, sys
     import covidnet_jax.checkpointing, covidnet_jax.config, covidnet_jax.evaluate
-    import covidnet_jax.storage, covidnet_jax.train, search.cli
+    import covidnet_jax.disk, covidnet_jax.train, search.cli
     search.cli.build_parser()  # imports every command module
     if os.geteuid() == 0:
         os.setgroups([])
@@ -342,14 +342,14 @@ def test_ensure_writable_names_what_is_wrong(tmp_path, monkeypatch):
     assert ensure_writable(tmp_path / "c" / "d", "--workdir", create=False)
     assert not (tmp_path / "c").exists(), "create=False creates nothing"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(StorageError, match="file: --out is not a folder; choose another --out"):
+    with pytest.raises(DiskError, match="file: --out is not a folder; choose another --out"):
         ensure_writable(tmp_path / "file", "--out")
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tempfile, "mkstemp", full)
-    with pytest.raises(StorageError) as err:
+    with pytest.raises(DiskError) as err:
         ensure_writable(tmp_path, "--workdir")
     assert str(err.value) == (
         f"{tmp_path}: --workdir is not writable (no space left on device); free some space "
@@ -418,14 +418,14 @@ def test_failed_checkpoint_save_keeps_the_previous_step(tmp_path, caplog):
     assert hasattr(handler, "_save_fn"), "Orbax changed: find another write to fail"
     with (
         pytest.MonkeyPatch.context() as patch,
-        quiet_storage_failures(),
+        quiet_disk_failures(),
         pytest.raises(OSError) as failed,
     ):
         patch.setattr(handler, "_save_fn", disk_full)
         with Checkpoints(directory, keep_latest=2, keep_best=0) as checkpoints:
             checkpoints.save(4, {"w": jnp.zeros(4)}, metadata={"step": 4})
             checkpoints.wait()
-    message = storage_failure(failed.value)
+    message = disk_failure(failed.value)
     assert (
         message == f"{directory}: no space left on device; free some space or use another location"
     )
@@ -439,8 +439,8 @@ def test_failed_checkpoint_save_keeps_the_previous_step(tmp_path, caplog):
         assert checkpoints.read_metadata() == {"step": 2}
 
 
-def test_storage_failure_leaves_other_errors_alone():
-    assert storage_failure(ValueError("shapes (3,) and (4,) do not match")) is None
-    assert storage_failure(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
+def test_disk_failure_leaves_other_errors_alone():
+    assert disk_failure(ValueError("shapes (3,) and (4,) do not match")) is None
+    assert disk_failure(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
     read_only = OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run")
-    assert storage_failure(read_only) == "/mnt/ro/run: read-only file system; use another location"
+    assert disk_failure(read_only) == "/mnt/ro/run: read-only file system; use another location"

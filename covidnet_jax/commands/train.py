@@ -123,7 +123,7 @@ def _add_set(parser: argparse.ArgumentParser, what: str = "the config") -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from covidnet_jax.config import load_train_config
-    from covidnet_jax.storage import ensure_writable
+    from covidnet_jax.disk import ensure_writable
     from covidnet_jax.train import train_and_evaluate
 
     config = load_train_config(args.config, args.overrides)
@@ -174,8 +174,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from covidnet_jax.checkpointing import find_checkpoint_dir
+    from covidnet_jax.disk import ensure_writable
     from covidnet_jax.evaluate import evaluate_workdir, format_evaluation, write_evaluation
-    from covidnet_jax.storage import ensure_writable
 
     if not 0.0 < args.confidence < 1.0:
         from covidnet_jax.errors import ConfigError

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from covidnet_jax.storage import ensure_writable
+from covidnet_jax.disk import ensure_writable
 from search import session
 from search.finish import describe_run
 from search.leaderboard import leaderboard_table

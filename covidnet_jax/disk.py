@@ -3,7 +3,7 @@ write that the disk refused (permissions, read-only file system, full disk, quot
 
 Commands call `ensure_writable` on their output folder before any work, so a read-only
 workdir fails in a second, naming the folder, not after minutes of training. A disk that
-fills up during a run cannot be checked ahead; `storage_failure` recognises such an error
+fills up during a run cannot be checked ahead; `disk_failure` recognises such an error
 (an `OSError`, anywhere in the exception chain, or a TensorStore error from an Orbax
 background thread, which carries the OS error code only in its text) so that the command
 line prints one line instead of a traceback.
@@ -11,7 +11,7 @@ line prints one line instead of a traceback.
 Example:
     >>> ensure_writable("runs/smoke", "--workdir")
     PosixPath('runs/smoke')
-    >>> storage_failure(OSError(errno.ENOSPC, "No space left on device", "runs/x/a.json"))
+    >>> disk_failure(OSError(errno.ENOSPC, "No space left on device", "runs/x/a.json"))
     'runs/x/a.json: no space left on device; free some space or use another location'
 """
 
@@ -48,7 +48,7 @@ _ORBAX_TMP = re.compile(r"/[^/]*\.orbax-checkpoint-tmp.*$")
 _PY_CODE = re.compile(r"\[Errno (\d+)\][^'\n]*(?:'([^'\n]+)')?")
 
 
-class StorageError(UserError):
+class DiskError(UserError):
     """A folder a command must write to cannot be written (permissions, read-only, full)."""
 
 
@@ -65,7 +65,7 @@ def ensure_writable(path: str | Path, what: str, *, create: bool = True) -> Path
         `path`.
 
     Raises:
-        StorageError: "<path>: <what> is not writable (<reason>); <fix>", one line (naming
+        DiskError: "<path>: <what> is not writable (<reason>); <fix>", one line (naming
             the existing folder that refuses, when `path` itself does not exist yet).
     """
     path = Path(path)
@@ -79,7 +79,7 @@ def ensure_writable(path: str | Path, what: str, *, create: bool = True) -> Path
         while not probe_dir.exists() and probe_dir != probe_dir.parent:
             probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise StorageError(f"{probe_dir}: {what} is not a folder; choose another {what}")
+        raise DiskError(f"{probe_dir}: {what} is not a folder; choose another {what}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".covidnet-write-probe-", dir=probe_dir)
         os.close(fd)
@@ -91,14 +91,14 @@ def ensure_writable(path: str | Path, what: str, *, create: bool = True) -> Path
 
 def _not_writable(
     err: OSError, where: Path, what: str, *, refusing: Path | None = None
-) -> StorageError:
+) -> DiskError:
     if isinstance(err, (FileExistsError, NotADirectoryError)):
-        return StorageError(f"{where}: {what} is not a folder; choose another {what}")
+        return DiskError(f"{where}: {what} is not a folder; choose another {what}")
     reason = _REASONS.get(err.errno or 0) or err.strerror or str(err)
     if refusing is not None and refusing != where:
         reason = f"{refusing}: {reason}"  # `where` does not exist yet; its parent refuses
     fix = _fix(err.errno or 0, f"choose another {what}")
-    return StorageError(f"{where}: {what} is not writable ({reason}); {fix}")
+    return DiskError(f"{where}: {what} is not writable ({reason}); {fix}")
 
 
 def _fix(code: int, elsewhere: str) -> str:
@@ -109,7 +109,7 @@ def _fix(code: int, elsewhere: str) -> str:
     return elsewhere
 
 
-def storage_failure(err: BaseException) -> str | None:
+def disk_failure(err: BaseException) -> str | None:
     """A one-line message if `err` is, or was caused by, a write the disk refused.
 
     Looks through the exception chain (`__cause__`, `__context__`, exception groups) for
@@ -147,17 +147,17 @@ _NOISY_LOGGERS = ("absl", "asyncio")
 _LOOP_CLOSED = "Event loop is closed"
 
 
-class _DropStorageFailures(logging.Filter):
+class _DropDiskFailures(logging.Filter):
     """Drops log records about a write the disk refused (the command reports it once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and storage_failure(error) is not None:
+        if error is not None and disk_failure(error) is not None:
             return False
         return _from_text(record.getMessage()) is None
 
 
-_FILTER = _DropStorageFailures()
+_FILTER = _DropDiskFailures()
 
 
 def _unraisable_filter(hook: Callable[[Any], object]) -> Callable[[Any], object]:
@@ -166,7 +166,7 @@ def _unraisable_filter(hook: Callable[[Any], object]) -> Callable[[Any], object]
     def filtered(unraisable: Any) -> object:
         error = unraisable.exc_value
         if error is not None and (
-            storage_failure(error) is not None
+            disk_failure(error) is not None
             or (isinstance(error, RuntimeError) and str(error) == _LOOP_CLOSED)
         ):
             return None
@@ -177,10 +177,10 @@ def _unraisable_filter(hook: Callable[[Any], object]) -> Callable[[Any], object]
 
 
 @contextlib.contextmanager
-def quiet_storage_failures(*, restore: bool = True) -> Iterator[None]:
+def quiet_disk_failures(*, restore: bool = True) -> Iterator[None]:
     """Within the block, libraries' reports of a write the disk refused are dropped.
 
-    The command line reports such a failure itself, in one line (`storage_failure`); Orbax
+    The command line reports such a failure itself, in one line (`disk_failure`); Orbax
     would otherwise log every failed write of a checkpoint from its background threads
     (absl and asyncio log records with tracebacks, and unraisable "Event loop is closed"
     errors from TensorStore callbacks, which are never actionable). Everything else passes.
