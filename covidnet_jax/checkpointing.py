@@ -61,7 +61,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -270,8 +270,18 @@ class Checkpoints:
         self.close()
 
     def steps(self) -> list[int]:
-        """All finished steps, ascending (a save still in progress is not one)."""
-        return sorted(step for step in self._manager.all_steps() if self._is_finished(step))
+        """All finished steps, ascending, as on disk now.
+
+        A save still in progress is not one yet; a step that retention drops stays one
+        until Orbax renames it into the trash, after the save that replaces it finished.
+        """
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(entry.name)
+            for entry in self.directory.iterdir()
+            if _STEP_NAME.fullmatch(entry.name) and self._is_finished(int(entry.name))
+        )
 
     def latest_step(self) -> int | None:
         """The most recent finished step, or None."""
@@ -512,19 +522,13 @@ def _prepare_for_writing(directory: Path) -> set[int]:
 def _empty_trash(directory: Path) -> None:
     """Removes `directory/_todelete` (steps Orbax's retention renamed there) if present."""
     trash = directory / TRASH_DIRNAME
-    if not trash.exists():
-        return
-
-    def ignore_missing(function: Any, path: str, exc_info: Any) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    shutil.rmtree(trash, onerror=ignore_missing)
+    with suppress(FileNotFoundError):
+        shutil.rmtree(trash)
 
 
 def _unfinished_steps_of(checkpoint_dir: Path) -> Callable[[str, list[str]], set[str]]:
-    """A `shutil.copytree` ignore function: in `checkpoint_dir`, everything but finished
-    steps and entries that are no steps at all (temporary saves, trash, unfinished)."""
+    """A `shutil.copytree` ignore function that skips, in `checkpoint_dir` only, Orbax's
+    temporary saves, the trash and step directories that are not finished."""
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         if Path(directory) != checkpoint_dir:
