@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from covidnet_jax.arch import AnySpec, spec_from_json
+from covidnet_jax.checkpointing import copy_finished
 from covidnet_jax.metrics import EvalMetrics
 from search.config import SearchSettings
 from search.evaluation import EvalFailure, EvalRequest, Evaluator
@@ -232,7 +233,8 @@ class _Confirmer:
             # is confirmed is the design whose weights the search trained and ranked.
             source = self.workdir / "trials" / str(record.number)
             if source.exists():
-                shutil.copytree(source, run_dir)
+                # Finished steps only, and all at once: a kill mid-copy leaves no half run.
+                copy_finished(source, run_dir)
         request = EvalRequest(
             spec=spec,
             steps=steps,

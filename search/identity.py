@@ -57,13 +57,18 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def identity_of(resolved: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a resolved config (`config.yaml`'s content) that define its trials."""
-    return {
+def identity_of(resolved: Mapping[str, Any], prototype_hash: str | None = None) -> dict[str, Any]:
+    """The settings of a resolved config (`config.yaml`'s content) that define its trials,
+    plus the prototype's content hash when given (a prototype file edited in place changes
+    the search without changing its path)."""
+    found = {
         key: _plain(value)
         for key, value in flatten(resolved).items()
         if not any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUTABLE)
     }
+    if prototype_hash is not None:
+        found["prototype (content hash)"] = prototype_hash
+    return found
 
 
 def _plain(value: Any) -> Any:
@@ -101,12 +106,18 @@ def resolve_study_name(workdir: Path, configured: str, storage: BaseStorage | No
 
 
 def check_resume(
-    workdir: Path, storage: BaseStorage, study_name: str, resolved: Mapping[str, Any]
+    workdir: Path, storage: BaseStorage, study_name: str, identity: Mapping[str, Any]
 ) -> None:
     """Refuses to resume a study whose trials were recorded under other settings.
 
     Compares against the study's recorded identity, or (for studies started before it was
     recorded) the workdir's previous `config.yaml`. A study without trials accepts anything.
+
+    Args:
+        workdir: the search's working directory.
+        storage: its trial store.
+        study_name: the study.
+        identity: the new run's `identity_of(...)`.
 
     Raises:
         ConfigError: one line naming each differing key with its recorded and new value,
@@ -124,7 +135,7 @@ def check_resume(
         if not previous:
             return
         recorded = identity_of(previous)
-    new = identity_of(resolved)
+    new = dict(identity)
     # Keys only one side has are a version difference (a setting added or removed since the
     # study started), not a change of the search: compared are the keys both record.
     changed = sorted(k for k in set(recorded) & set(new) if recorded[k] != new[k])

@@ -164,11 +164,12 @@ def run(
         **to_dict(experiment.training),
         "search": {**experiment.search_data, "study_name": name},
     }
-    identity.check_resume(workdir, trial_store, name, resolved)  # before anything is written
+    defining = identity.identity_of(resolved, load_prototype(experiment).content_hash())
+    identity.check_resume(workdir, trial_store, name, defining)  # before anything is written
     _write_atomically(workdir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     settings = experiment.search
     study = store.open_study(trial_store, name, settings.objective)
-    study.set_user_attr(identity.IDENTITY_ATTR, identity.identity_of(resolved))
+    study.set_user_attr(identity.IDENTITY_ATTR, defining)
     job = prepare_job(experiment, workdir, storage, start, name)
     outcome = run_search(job, workers=count, console=console, lines=lines)
     say(f"stopped: {'; '.join(outcome.stop_reasons)}")

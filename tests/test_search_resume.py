@@ -14,7 +14,7 @@ import yaml
 from search_support import PROTOTYPE, fast_tmp, read, settings
 from test_search_cli import write_experiment
 
-from covidnet_jax.errors import StoreError
+from covidnet_jax.errors import ConfigError, StoreError
 from search import identity, store
 from search.cli import main
 from search.records import proposal_outcomes
@@ -156,6 +156,21 @@ def test_a_renamed_workdir_resumes_its_own_study(fast_tmp):
     # A shared database holds other searches' studies: the workdir's name, not a guess.
     (new / "config.yaml").unlink()
     assert identity.resolve_study_name(new, "", None) == "renamed"
+
+
+def test_an_edited_prototype_file_is_a_changed_search(fast_tmp):
+    workdir = fast_tmp / "proto"
+    _one_trial(workdir, "proto")
+    storage = store.open_storage(workdir)
+    study = store.load_study(storage, "proto")
+    resolved = {"search": {"space": {"prototype": "p.json"}}}
+    study.set_user_attr(identity.IDENTITY_ATTR, identity.identity_of(resolved, "aaaa"))
+    identity.check_resume(workdir, storage, "proto", identity.identity_of(resolved, "aaaa"))
+    with pytest.raises(ConfigError, match=r"prototype \(content hash\): aaaa -> bbbb"):
+        identity.check_resume(workdir, storage, "proto", identity.identity_of(resolved, "bbbb"))
+    # A setting added by a newer version (only one side has it) is not a change.
+    newer = identity.identity_of({**resolved, "data": {"new_key": 1}}, "aaaa")
+    identity.check_resume(workdir, storage, "proto", newer)
 
 
 def test_identity_compares_only_what_defines_the_trials():
