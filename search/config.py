@@ -232,8 +232,9 @@ class BudgetConfig:
     Attributes:
         max_trials: candidates proposed (feasible or not, duplicates included; retries
             are not proposals).
-        max_wall_time_s: stop proposing after this many seconds of one invocation (running
-            trials finish).
+        max_wall_time_s: stop proposing after this many seconds of proposing, counted over
+            all invocations of the search (a resume continues the clock; running trials
+            finish). Raise it with `--set` to extend a search that spent it.
         rungs: training steps of each fidelity rung, ascending (successive halving).
         reduction_factor: a candidate is promoted to the next rung when it ranks in the top
             1/reduction_factor of those that finished the rung.

@@ -119,6 +119,7 @@ class LiveView:
         interval_s: polling interval.
         rows: recent trials shown.
         lines: print one line per finished trial even on a terminal.
+        spent_s: wall time earlier invocations of the search spent (the clock starts there).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class LiveView:
         interval_s: float = 1.0,
         rows: int = 12,
         lines: bool = False,
+        spent_s: float = 0.0,
     ) -> None:
         self._lines = lines
         self._read = read_records
@@ -140,7 +142,7 @@ class LiveView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._printed: set[int] = set()
-        self._start = time.monotonic()
+        self._start = time.monotonic() - spent_s
 
     def __enter__(self) -> LiveView:
         self._printed = {r.number for r in self._safe_read() if _is_final(r)}

@@ -616,7 +616,13 @@ def run_search(
 
     reasons: list[str] = []
     view = (
-        LiveView(records, job.settings.budget, console, lines=lines)
+        LiveView(
+            records,
+            job.settings.budget,
+            console,
+            lines=lines,
+            spent_s=max(0.0, job.settings.budget.max_wall_time_s - (job.deadline - time.time())),
+        )
         if console is not None
         else contextlib.nullcontext()
     )

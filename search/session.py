@@ -84,6 +84,8 @@ def prepare_job(
     storage_url: str | None,
     start: float,
     study_name: str | None = None,
+    *,
+    wall_time_s: float | None = None,
 ) -> SearchJob:
     """Loads the data once (writing the synthetic set if configured) and builds the job.
 
@@ -94,6 +96,8 @@ def prepare_job(
         start: epoch seconds the invocation started (the wall-time budget counts from it).
         study_name: the study (default: `search.study_name`, else the workdir's name; see
             `search.identity.resolve_study_name`).
+        wall_time_s: proposing time left to this invocation (default: the whole
+            `budget.max_wall_time_s`; `run` passes what earlier invocations left).
 
     Raises:
         ConfigError: the prototype is not a PEPX spec, or a required class is not in the data.
@@ -113,7 +117,8 @@ def prepare_job(
             TrainingEvaluator.from_file, experiment.path, experiment.overrides
         ),
         make_cost_model=functools.partial(AnalyticCost, training.train.batch_size),
-        deadline=start + experiment.search.budget.max_wall_time_s,
+        deadline=start
+        + (experiment.search.budget.max_wall_time_s if wall_time_s is None else wall_time_s),
     )
 
 
@@ -170,8 +175,21 @@ def run(
     settings = experiment.search
     study = store.open_study(trial_store, name, settings.objective)
     study.set_user_attr(identity.IDENTITY_ATTR, defining)
-    job = prepare_job(experiment, workdir, storage, start, name)
-    outcome = run_search(job, workers=count, console=console, lines=lines)
+    spent = store.wall_time_spent(study)
+    remaining = max(0.0, settings.budget.max_wall_time_s - spent)
+    job = prepare_job(experiment, workdir, storage, start, name, wall_time_s=remaining)
+    proposed = count_statuses(store.read_records(study))["proposed"]
+    if remaining <= 0 or proposed >= settings.budget.max_trials:
+        say(
+            f"the search's budget is spent ({proposed}/{settings.budget.max_trials} proposals, "
+            f"{spent:.0f} s of {settings.budget.max_wall_time_s:.0f} s proposing): nothing new "
+            "is proposed. To extend it, raise search.budget.max_trials or "
+            "search.budget.max_wall_time_s with --set"
+        )
+    elif spent > 0:
+        say(f"resuming: {proposed} proposals and {spent:.0f} s of the wall-time budget spent")
+    with store.wall_clock(study, settings.heartbeat.interval_s):
+        outcome = run_search(job, workers=count, console=console, lines=lines)
     say(f"stopped: {'; '.join(outcome.stop_reasons)}")
     records, best, csv_path, json_path = conclude(
         job, train_seed=experiment.training.seed, console=console

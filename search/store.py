@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -519,3 +520,52 @@ class FinisherLease:
                 self.storage.set_study_user_attr(held, "heartbeat", time.time())
             except KeyError:
                 return  # expired (this process stalled past the grace period) and deleted
+
+
+WALL_ATTR_PREFIX = "wall:"
+
+
+def wall_time_spent(study: optuna.Study) -> float:
+    """Seconds the search has spent proposing, over all its invocations: the length of the
+    union of the intervals `wall_clock` recorded (overlapping invocations, e.g. two commands
+    on one workdir, count once)."""
+    intervals = sorted(
+        (float(v[0]), float(v[1]))
+        for k, v in study.user_attrs.items()
+        if k.startswith(WALL_ATTR_PREFIX) and isinstance(v, list) and len(v) == 2
+    )
+    total, end = 0.0, -math.inf
+    for start, stop in intervals:
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+@contextlib.contextmanager
+def wall_clock(study: optuna.Study, interval_s: float) -> Iterator[None]:
+    """Records this invocation's proposal phase as study user attr
+    `wall:<host:pid>:<start>` = [start, last seen], refreshed every `interval_s` while the
+    block runs, so a killed invocation still counts up to its last refresh."""
+    start = time.time()
+    key = f"{WALL_ATTR_PREFIX}{worker_id()}:{start:.3f}"
+    stop = threading.Event()
+
+    def record() -> None:
+        study.set_user_attr(key, [start, time.time()])
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            with contextlib.suppress(Exception):  # a store hiccup must not end the search
+                record()
+
+    record()
+    thread = threading.Thread(target=beat, name="wall-clock", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        record()

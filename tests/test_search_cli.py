@@ -100,7 +100,9 @@ def test_search_command_trains_ranks_and_resumes(tmp_path, capsys):
 
     # The same command again: nothing new is trained and the test split is not scored again.
     assert main(args) == 0
-    assert "already finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "already finished" in out
+    assert "the search's budget is spent (5/5 proposals" in out and "nothing new" in out
     assert len(read_records(load_study(open_storage(workdir), "run"))) == 5
     assert (workdir / "best" / "metrics.json").stat().st_mtime_ns == stamp
 

@@ -179,6 +179,19 @@ def test_identity_compares_only_what_defines_the_trials():
     assert "search.confirm.seeds" not in identity.identity_of({"search": {"confirm": {"seeds": 2}}})
 
 
+def test_the_wall_time_budget_is_the_searchs_over_all_invocations(fast_tmp):
+    study = store.open_study(store.open_storage(fast_tmp / "wall"), "wall", "min_macs")
+    with store.wall_clock(study, interval_s=0.05):
+        time.sleep(0.3)
+    first = store.wall_time_spent(study)
+    assert 0.25 < first < 1.0
+    # A killed invocation counts up to its last refresh; overlapping ones count once.
+    study.set_user_attr("wall:other:1", [100.0, 110.0])
+    study.set_user_attr("wall:other:2", [105.0, 120.0])
+    study.set_user_attr("wall:other:3", [130.0, 131.0])
+    assert store.wall_time_spent(study) == pytest.approx(first + 21.0)
+
+
 # A damaged trial store ------------------------------------------------------------------------
 
 
