@@ -368,9 +368,12 @@ def recover_lost_trials(
         if beat is None and trial.datetime_start is not None:
             beat = trial.datetime_start.timestamp()
         stale = beat is not None and now - float(beat) > grace_s
-        if not (stale or _worker_is_dead(trial.user_attrs.get("worker"))):
+        worker = trial.user_attrs.get("worker")
+        gone = _worker_is_dead(worker)
+        if not (stale or gone):
             continue
-        reason = f"worker {trial.user_attrs.get('worker', '?')} stopped (no heartbeat)"
+        why = "its process is gone" if gone else f"no heartbeat for {now - float(beat):.0f} s"
+        reason = f"worker {worker or '?'} stopped ({why})"
         try:
             tid = trial_id(storage, study, trial.number)
             if genome_of(trial, genes) is None:

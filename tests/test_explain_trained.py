@@ -9,6 +9,7 @@ the blob far more often than random maps do.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,10 @@ def test_explain_command_writes_overlays_of_the_image_size(trained, tmp_path, ca
     for png in (heat_png, tmp_path / "heat_ig.png"):
         with Image.open(png) as overlay:
             assert overlay.format == "PNG" and overlay.size == (40, 56)
+    # Without --out the overlay goes beside the model, not into the current directory.
+    assert main(["explain", "--model", str(out), str(path)]) == 0
+    assert f"{Path(out) / 'explain' / 'scan_gradcam.png'}" in capsys.readouterr().out
+    assert (Path(out) / "explain" / "scan_gradcam.png").exists()
     assert main(["explain", "--model", str(out), str(path), "--class", "nope"]) == 2
     assert "not a class of this model" in capsys.readouterr().err
     assert main(["explain", "--model", str(tmp_path), str(path)]) == 2

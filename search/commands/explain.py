@@ -1,8 +1,9 @@
 """`covidnet explain`: where the model looks, as a heatmap over the image.
 
-    covidnet explain --model runs/quickstart/export chest.png              # chest_gradcam.png
+    covidnet explain --model runs/quickstart/export chest.png
+        # -> runs/quickstart/export/explain/chest_gradcam.png
     covidnet explain --model EXPORT chest.png --out heat.png --class COVID-19
-    covidnet explain --model EXPORT chest.png --method both                # + chest_ig.png
+    covidnet explain --model EXPORT chest.png --method both     # + .../explain/chest_ig.png
 
 Grad-CAM weights the feature maps of the last PEPX stage by the gradient of the class score;
 integrated gradients attributes the score to pixels along the path from a black image. The
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from covidnet_jax.commands.train import add_max_image_pixels, check_max_image_pixels
+from covidnet_jax.disk import ensure_writable
 from covidnet_jax.errors import UserError
 
 
@@ -36,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("image", metavar="IMAGE", help="an image file")
     parser.add_argument("--model", required=True, metavar="EXPORT", help="an export folder")
     parser.add_argument(
-        "--out", metavar="PNG", help="overlay file (default: IMAGE_STEM_gradcam.png here)"
+        "--out",
+        metavar="PNG",
+        help="overlay file (default: EXPORT/explain/IMAGE_STEM_gradcam.png, beside the model)",
     )
     parser.add_argument(
         "--class", dest="class_name", metavar="NAME", help="class to explain (default: predicted)"
@@ -52,17 +56,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_explain)
 
 
-def _outputs(image: Path, out: str | None, method: str) -> dict[str, Path]:
-    """Method -> overlay file: `--out` for the first map; `_ig` added for the second."""
+def _outputs(image: Path, out: str | None, method: str, model: Path) -> dict[str, Path]:
+    """Method -> overlay file: `--out` for the first map (`_ig` added for the second), else
+    `<model>/explain/<image stem>_<method>.png` (never the current directory, where
+    overlays of many images would pile up unnoticed)."""
     if out is not None and not out.lower().endswith(".png"):
         raise ExplainError(f"--out {out}: expected a .png file name")
     first = "ig" if method == "ig" else "gradcam"
-    path = Path(out) if out else Path(f"{image.stem}_{first}.png")
+    folder = model / "explain"
+    path = Path(out) if out else folder / f"{image.stem}_{first}.png"
     if method != "both":
         return {first: path}
     return {
         "gradcam": path,
-        "ig": path.with_name(f"{path.stem}_ig.png") if out else Path(f"{image.stem}_ig.png"),
+        "ig": path.with_name(f"{path.stem}_ig.png") if out else folder / f"{image.stem}_ig.png",
     }
 
 
@@ -75,7 +82,9 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise ExplainError(f"--steps must be >= 1, got {args.steps}")
     max_pixels = check_max_image_pixels(args.max_image_pixels)
     image_path = Path(args.image)
-    outputs = _outputs(image_path, args.out, args.method)
+    outputs = _outputs(image_path, args.out, args.method, Path(args.model))
+    for folder in {out.parent for out in outputs.values()}:
+        ensure_writable(folder, "the overlay folder (--out)")
     loaded = load_export(args.model)
     original_HxW = decode_image(  # DataError naming the file if unreadable or too large
         image_path,
