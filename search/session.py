@@ -188,6 +188,14 @@ def run(
         )
     elif spent > 0:
         say(f"resuming: {proposed} proposals and {spent:.0f} s of the wall-time budget spent")
+    running = [r for r in store.read_records(study) if r.state == "RUNNING"]
+    if running:
+        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        say(
+            f"other processes are running trials of this search ({where}): joining them "
+            "as a worker; the finish waits for them (a dead one's trial is retried once its "
+            f"heartbeat is {settings.heartbeat.grace_s:.0f} s old)"
+        )
     with store.wall_clock(study, settings.heartbeat.interval_s):
         outcome = run_search(job, workers=count, console=console, lines=lines)
     say(f"stopped: {'; '.join(outcome.stop_reasons)}")

@@ -321,3 +321,54 @@ def test_memory_mapped_cache_gives_the_same_batches(synth_dir, tmp_path, monkeyp
         np.testing.assert_array_equal(got["image"], expected["image"])
         np.testing.assert_array_equal(got["label"], expected["label"])
     cache_lib._memory.clear()
+
+
+def test_shared_patients_refused_unless_allowed_then_reported(synth_dir, tmp_path):
+    folder = tmp_path / "shared"
+    shutil.copytree(synth_dir, folder)
+    train_pid = (folder / "train.txt").read_text().splitlines()[0].split()[0]
+    test_lines = (folder / "test.txt").read_text().splitlines()
+    test_lines[1] = " ".join([train_pid, *test_lines[1].split()[1:]])
+    (folder / "test.txt").write_text("\n".join(test_lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_data(_config(folder, tmp_path), seed=0)
+    message = str(err.value)
+    assert message.startswith(f"{folder}: 1 patient(s) have images in both train and test")
+    assert f"{train_pid!r} (train.txt:1, test.txt:2)" in message
+    assert message.endswith("set data.allow_shared_patients: true to load anyway")
+    d = load_data(_config(folder, tmp_path, allow_shared_patients=True), seed=0)
+    assert d.report.shared_patients == (train_pid,)
+    assert (
+        f"warning: 1 patient(s) appear in both train and test (allowed by "
+        f"data.allow_shared_patients): {train_pid!r}" in d.report.summary()
+    )
+
+
+def test_exact_duplicates_dropped_and_counted_cache_key_unchanged_without_them(synth_dir, tmp_path):
+    plain = load_data(_config(synth_dir, tmp_path), seed=0)
+    # The key only changes what a run sees when lines are actually dropped.
+    same = load_data(_config(synth_dir, tmp_path, drop_exact_duplicates=True), seed=0)
+    assert same.report.cache == plain.report.cache and not same.report.dropped_duplicates
+    folder = tmp_path / "dups"
+    shutil.copytree(synth_dir, folder)
+    lines = (folder / "train.txt").read_text().splitlines()
+    (folder / "train.txt").write_text("\n".join([*lines, lines[0], lines[3]]) + "\n")
+    n = len(lines)
+    with pytest.raises(DataError, match=rf"train\.txt:{n + 1}: exact duplicate of line 1; 2 "):
+        load_data(_config(folder, tmp_path), seed=0)
+    d = load_data(_config(folder, tmp_path, drop_exact_duplicates=True), seed=0)
+    assert d.report.dropped_duplicates == {"train": 2}
+    assert d.report.counts == plain.report.counts
+    assert "dropped 2 exact duplicate split-file line(s) (train 2;" in d.report.summary()
+
+
+def test_validation_split_stays_patient_disjoint_in_load_data(synth_dir, tmp_path):
+    from covidnet_jax.data import parse_split_file
+
+    pids = [e.patient_id for e in parse_split_file(synth_dir / "train.txt")]
+    assert len(set(pids)) < len(pids)  # some patients have several images
+    for draw in (0, 1, 2):
+        d = load_data(_config(synth_dir, tmp_path, validation_draw=draw), seed=0)
+        p = d.report.patients
+        assert p["validation"] > 0
+        assert p["train"] + p["validation"] == len(set(pids))  # disjoint: no patient counted twice

@@ -22,9 +22,17 @@ examples:
   covidnet data prepare --covidx-dir data/synth --resolution 64
   covidnet data prepare --covidx-dir ~/covidx --resolution 480 --channels 3 --data-dir ~/tfds
 
+  covidnet data prepare --covidx-dir ~/covidx-v1 --resolution 224 --drop-exact-duplicates
+  covidnet data prepare --covidx-dir ~/covidx --resolution 480 --data-dir ~/tfds --rebuild
+
 Builds the TFDS data set `covidx/r<RES>_c<CH>` (uint8 arrays in ArrayRecord files, no
 TensorFlow needed) from a COVIDx folder holding train/, test/ and their split files. Use it in
 an experiment with `data: {tfds_data_dir: DIR, resolution: RES, channels: CH}`.
+
+A data set already prepared there is reused only if the split files and images (names, sizes,
+modification times) are unchanged; otherwise prepare refuses, and --rebuild replaces it.
+Patients with images in both train and test are stored and reported; runs on the data set
+refuse them unless `data.allow_shared_patients: true`.
 """
 
 
@@ -61,13 +69,28 @@ def _run_prepare(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         train_split_file=args.train_split_file,
         test_split_file=args.test_split_file,
+        classes=args.classes,
+        drop_exact_duplicates=args.drop_exact_duplicates,
+        rebuild=args.rebuild,
         show_progress=True,
+        log=lambda line: print(line, flush=True),
     )
-    print(f"prepared {result.name} in {result.data_dir} ({result.path})")
+    done = "already prepared" if result.reused else "prepared"
+    print(f"{done} {result.name} in {result.data_dir} ({result.path})")
     for split, counts in result.class_counts.items():
         parts = ", ".join(f"{name} {n}" for name, n in counts.items())
         print(f"  {split:<5} {sum(counts.values()):>6} images ({parts})")
     return 0
+
+
+def _class_list(text: str) -> tuple[str, ...]:
+    """Parses --classes: comma-separated class names in label order."""
+    names = tuple(n.strip() for n in text.split(","))
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"expected two or more distinct comma-separated class names, got {text!r}"
+        )
+    return names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -135,4 +158,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train-split-file", default=None, metavar="FILE", help="default train.txt"
     )
     prepare.add_argument("--test-split-file", default=None, metavar="FILE", help="default test.txt")
+    prepare.add_argument(
+        "--classes",
+        type=_class_list,
+        default=None,
+        metavar="A,B,...",
+        help="class names in label order (default: from the data; only COVIDx labels: normal, "
+        "pneumonia, COVID-19, negative, positive, level1, level2)",
+    )
+    prepare.add_argument(
+        "--drop-exact-duplicates",
+        action="store_true",
+        help="drop split-file lines that repeat an earlier line exactly (COVIDx v1 has 2,961)",
+    )
+    prepare.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="delete a data set already prepared at this resolution in DIR and build it again "
+        "(needed when the split files or images changed since)",
+    )
     prepare.set_defaults(func=_run_prepare)

@@ -7,7 +7,15 @@ separated. Older releases have 3 fields; one release has patient ids that contai
 last token unless the last token is a known source, the filename is the token before the
 label, and everything before the filename is the patient id.
 
-Nothing here assumes three classes: class names come from the data or from the config.
+Nothing here assumes three classes: class names come from the data or from the config. Without
+configured classes, every label must be one of `KNOWN_LABELS` (the labels of the public
+releases), so a typo such as `COVID19` is an error instead of a new class.
+
+`open_covidx_folder` refuses, each in one line naming the split file and line: malformed
+lines, images listed twice (exact duplicate lines can be dropped instead), image paths that
+resolve outside the split's image folder (`..`, absolute paths, symlinks out), missing images,
+the same image in train and test, unknown labels and patients with images in both splits
+(patient-level leakage; `allow_shared_patients` loads anyway and reports them).
 
 Example:
     >>> entries = parse_split_file("covidx/train.txt", classes=("normal", "COVID-19"))
@@ -17,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +43,9 @@ _CONVENTIONAL_ORDER: tuple[str, ...] = (
     "level1",
     "level2",
 )
+# Labels accepted without `data.classes`: those of the public COVIDx releases.
+KNOWN_LABELS: frozenset[str] = frozenset(_CONVENTIONAL_ORDER)
+_SHOWN = 5  # items listed in a message before "and N more"
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".dcm")
 
 
@@ -65,12 +77,14 @@ class CovidxSplit:
         split_file: the split file path.
         image_dir: the folder holding the images.
         entries: the parsed lines, in file order.
+        dropped_lines: line numbers dropped as exact duplicates of an earlier line.
     """
 
     name: str
     split_file: Path
     image_dir: Path
     entries: tuple[SplitEntry, ...]
+    dropped_lines: tuple[int, ...] = ()
 
     def image_paths(self) -> list[Path]:
         """The image path of every entry, in file order."""
@@ -90,12 +104,15 @@ class CovidxFolder:
         class_names: class names in label-index order.
         train: the train split.
         test: the test split.
+        shared_patients: patient ids with images in both splits (only non-empty when
+            `open_covidx_folder` was called with `allow_shared_patients=True`).
     """
 
     root: Path
     class_names: tuple[str, ...]
     train: CovidxSplit
     test: CovidxSplit
+    shared_patients: tuple[str, ...] = ()
 
 
 def _looks_like_image(token: str) -> bool:
@@ -211,9 +228,194 @@ def find_leakage(train: Sequence[SplitEntry], test: Sequence[SplitEntry]) -> lis
     return sorted({e.filename for e in train if e.filename in test_names})
 
 
+def find_shared_patients(
+    train: Sequence[SplitEntry], test: Sequence[SplitEntry]
+) -> list[tuple[str, SplitEntry, SplitEntry]]:
+    """Patients with images in both splits (patient-level leakage).
+
+    Args:
+        train: the train entries.
+        test: the test entries.
+
+    Returns:
+        (patient id, its first train entry, its first test entry), sorted by patient id.
+    """
+    first_test: dict[str, SplitEntry] = {}
+    for e in test:
+        first_test.setdefault(e.patient_id, e)
+    first_train: dict[str, SplitEntry] = {}
+    for e in train:
+        if e.patient_id in first_test:
+            first_train.setdefault(e.patient_id, e)
+    return [(pid, first_train[pid], first_test[pid]) for pid in sorted(first_train)]
+
+
+def shared_patients_message(where: str, shared: Sequence[tuple[str, str, str]]) -> str:
+    """The one-line error for patients in both train and test.
+
+    Args:
+        where: the folder or data set, the message's prefix.
+        shared: (patient id, where in train, where in test) per shared patient.
+
+    Returns:
+        The message, naming the count, the first few patients and the opt-out key.
+    """
+    shown = ", ".join(f"{pid!r} ({a}, {b})" for pid, a, b in shared[:_SHOWN])
+    return (
+        f"{where}: {len(shared)} patient(s) have images in both train and test "
+        f"(patient-level leakage): {shown}{_more(len(shared))}; move each patient's images "
+        "to one split, or set data.allow_shared_patients: true to load anyway"
+    )
+
+
+def find_unknown_labels(
+    splits: Sequence[CovidxSplit], known: Iterable[str] = KNOWN_LABELS
+) -> list[tuple[str, int, str]]:
+    """Labels outside `known`: (label, number of lines, "file:line" of the first), by label."""
+    allowed = set(known)
+    count: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for split in splits:
+        for e in split.entries:
+            if e.label not in allowed:
+                count[e.label] += 1
+                first.setdefault(e.label, f"{split.split_file}:{e.line}")
+    return [(label, count[label], first[label]) for label in sorted(count)]
+
+
+def unknown_labels_message(where: str, unknown: Sequence[tuple[str, int, str]]) -> str:
+    """The one-line error for labels outside `KNOWN_LABELS` when no classes are configured.
+
+    Args:
+        where: the folder or data set, the message's prefix.
+        unknown: (label, count, where the first one is) per unknown label.
+
+    Returns:
+        The message, listing every unknown label with its count and first place.
+    """
+    shown = ", ".join(f"{label!r} ({n} line(s), first {at})" for label, n, at in unknown)
+    known = ", ".join(_CONVENTIONAL_ORDER)
+    return (
+        f"{where}: label(s) outside the COVIDx classes ({known}): {shown}; fix the lines, "
+        "or name every class in data.classes (covidnet data prepare: --classes)"
+    )
+
+
 def find_missing_images(split: CovidxSplit) -> list[Path]:
     """Paths of entries whose image file does not exist, in file order."""
     return [p for p in split.image_paths() if not p.is_file()]
+
+
+def find_escaping_paths(split: CovidxSplit) -> list[tuple[SplitEntry, Path]]:
+    """Entries whose image path resolves outside the split's image folder.
+
+    A path escapes with `..`, as an absolute path, or through a symlink (of the file or of a
+    folder on the way) that points outside. The image folder itself may be a symlink.
+
+    Args:
+        split: the split; its image folder must exist.
+
+    Returns:
+        (entry, resolved path) of each escaping entry, in file order.
+    """
+    base = os.path.realpath(split.image_dir)
+    escaping = []
+    for e in split.entries:
+        candidate = os.path.join(base, e.filename)
+        # Fast path (every public release): a plain name that is not a symlink stays inside.
+        if "/" not in e.filename and os.sep not in e.filename and not os.path.islink(candidate):
+            continue
+        resolved = os.path.realpath(candidate)
+        if os.path.commonpath([base, resolved]) != base or resolved == base:
+            escaping.append((e, Path(resolved)))
+    return escaping
+
+
+def _more(n: int) -> str:
+    return f" and {n - _SHOWN} more" if n > _SHOWN else ""
+
+
+def _differences(entry: SplitEntry, earlier: SplitEntry) -> str:
+    fields = (("patient", "patient_id"), ("label", "label"), ("source", "source"))
+    parts = [
+        f"{shown} {getattr(entry, f)!r} (there {getattr(earlier, f)!r})"
+        for shown, f in fields
+        if getattr(entry, f) != getattr(earlier, f)
+    ]
+    return ", ".join(parts)
+
+
+def _same_line(a: SplitEntry, b: SplitEntry) -> bool:
+    return (a.patient_id, a.filename, a.label, a.source) == (
+        b.patient_id,
+        b.filename,
+        b.label,
+        b.source,
+    )
+
+
+def dedupe_entries(
+    split_file: Path, entries: Sequence[SplitEntry], *, drop_exact: bool = False
+) -> tuple[tuple[SplitEntry, ...], tuple[int, ...]]:
+    """Checks that each image is listed once; optionally drops exact duplicate lines.
+
+    An exact duplicate repeats an earlier line's patient id, filename, label and source
+    (whitespace and line endings aside). A line that lists an earlier image with another
+    patient, label or source is always an error: which one is right is not ours to guess.
+
+    Args:
+        split_file: the split file, for messages.
+        entries: its entries in file order.
+        drop_exact: keep the first of each group of exact duplicates instead of failing.
+
+    Returns:
+        The kept entries and the line numbers dropped.
+
+    Raises:
+        DataError: "<file>:<line>: ..." for the first conflicting duplicate (with the count
+            and the next lines), or for the first exact duplicate unless `drop_exact`.
+    """
+    first: dict[str, SplitEntry] = {}
+    kept: list[SplitEntry] = []
+    exact: list[tuple[SplitEntry, SplitEntry]] = []
+    conflicts: list[tuple[SplitEntry, SplitEntry]] = []
+    for e in entries:
+        earlier = first.get(e.filename)
+        if earlier is None:
+            first[e.filename] = e
+            kept.append(e)
+        elif _same_line(e, earlier):
+            exact.append((e, earlier))
+        else:
+            conflicts.append((e, earlier))
+    if conflicts:
+        e, earlier = conflicts[0]
+        others = ""
+        if len(conflicts) > 1:
+            lines = ", ".join(str(c.line) for c, _ in conflicts[1 : 1 + _SHOWN])
+            others = f"; {len(conflicts) - 1} more such line(s): {lines}{_more(len(conflicts) - 1)}"
+        raise DataError(
+            f"{split_file}:{e.line}: {e.filename!r} is already listed on line {earlier.line} "
+            f"with {_differences(e, earlier)}{others}; keep one line per image"
+        )
+    if exact and not drop_exact:
+        e, earlier = exact[0]
+        lines = ", ".join(f"{d.line} (= {o.line})" for d, o in exact[:_SHOWN])
+        raise DataError(
+            f"{split_file}:{e.line}: exact duplicate of line {earlier.line}; {len(exact)} exact "
+            f"duplicate line(s) in all, lines {lines}{_more(len(exact))}; remove them, or set "
+            "data.drop_exact_duplicates: true (covidnet data prepare: --drop-exact-duplicates) "
+            "to keep the first of each"
+        )
+    return tuple(kept), tuple(d.line for d, _ in exact)
+
+
+def _short(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it (for compact messages), else as given."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _resolve_split_file(root: Path, name: str, given: str | None) -> Path:
@@ -241,23 +443,31 @@ def open_covidx_folder(
     classes: Sequence[str] | None = None,
     train_split_file: str | None = None,
     test_split_file: str | None = None,
+    allow_shared_patients: bool = False,
+    drop_exact_duplicates: bool = False,
 ) -> CovidxFolder:
     """Parses and checks a COVIDx folder before any image is read.
 
     Args:
         root: the folder holding `train/`, `test/` and the split files.
         classes: the configured class names (label-index order), or None to take them from
-            the data.
+            the data (then every label must be one of `KNOWN_LABELS`).
         train_split_file: the train split file (relative to `root`), or None for `train.txt`
             (or the single `train*.txt`).
         test_split_file: likewise for the test split.
+        allow_shared_patients: load a folder whose train and test share patients (they are
+            returned in `CovidxFolder.shared_patients`) instead of failing.
+        drop_exact_duplicates: drop lines that repeat an earlier line exactly (their line
+            numbers are in `CovidxSplit.dropped_lines`) instead of failing.
 
     Returns:
         The parsed folder.
 
     Raises:
         DataError: one line, for a folder that is not COVIDx-shaped, a bad split file, images
-            listed twice, missing images (all paths listed), or train/test leakage.
+            listed twice, image paths outside the image folder, missing images (all paths
+            listed), the same file in train and test, labels outside `KNOWN_LABELS` without
+            `classes`, or patients in both train and test.
     """
     root = Path(root)
     if not root.is_dir():
@@ -277,16 +487,21 @@ def open_covidx_folder(
                 f"(found {shown}); point data.covidx_dir (--covidx-dir) at the folder "
                 "holding them"
             )
-        entries = parse_split_file(split_file, classes=classes)
-        seen: dict[str, int] = {}
-        for e in entries:
-            if e.filename in seen:
-                raise DataError(
-                    f"{split_file}:{e.line}: {e.filename!r} is already listed on line "
-                    f"{seen[e.filename]}; remove the duplicate"
-                )
-            seen[e.filename] = e.line
-        splits[name] = CovidxSplit(name, split_file, image_dir, entries)
+        entries, dropped = dedupe_entries(
+            split_file,
+            parse_split_file(split_file, classes=classes),
+            drop_exact=drop_exact_duplicates,
+        )
+        split = CovidxSplit(name, split_file, image_dir, entries, dropped)
+        escaping = find_escaping_paths(split)
+        if escaping:
+            e, resolved = escaping[0]
+            raise DataError(
+                f"{split_file}:{e.line}: image path {e.filename!r} resolves to {resolved}, "
+                f"outside {image_dir}/ ({len(escaping)} such line(s)); list files inside the "
+                "split's image folder (no '..', absolute paths or symlinks pointing out)"
+            )
+        splits[name] = split
 
     missing = find_missing_images(splits["train"]) + find_missing_images(splits["test"])
     if missing:
@@ -304,6 +519,9 @@ def open_covidx_folder(
             f"{shown}{more}; remove them from one split"
         )
     if classes is None:
+        unknown = find_unknown_labels(list(splits.values()))
+        if unknown:
+            raise DataError(unknown_labels_message(str(root), unknown))
         class_names = order_class_names(e.label for s in splits.values() for e in s.entries)
     else:
         class_names = tuple(classes)
@@ -311,4 +529,16 @@ def open_covidx_folder(
         raise DataError(
             f"{root}: found only the class {list(class_names)}; a classifier needs at least two"
         )
-    return CovidxFolder(root, class_names, splits["train"], splits["test"])
+    shared = find_shared_patients(splits["train"].entries, splits["test"].entries)
+    if shared and not allow_shared_patients:
+        train_file = _short(splits["train"].split_file, root)
+        test_file = _short(splits["test"].split_file, root)
+        located = [(pid, f"{train_file}:{a.line}", f"{test_file}:{b.line}") for pid, a, b in shared]
+        raise DataError(shared_patients_message(str(root), located))
+    return CovidxFolder(
+        root,
+        class_names,
+        splits["train"],
+        splits["test"],
+        shared_patients=tuple(pid for pid, _, _ in shared),
+    )

@@ -44,7 +44,14 @@ import numpy as np
 
 from covidnet_jax.data import cache as cache_lib
 from covidnet_jax.data.augment import augment_batch
-from covidnet_jax.data.covidx import CovidxFolder, open_covidx_folder, order_class_names
+from covidnet_jax.data.covidx import (
+    KNOWN_LABELS,
+    CovidxFolder,
+    open_covidx_folder,
+    order_class_names,
+    shared_patients_message,
+    unknown_labels_message,
+)
 from covidnet_jax.data.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     PREPROCESS_VERSION,
@@ -120,6 +127,12 @@ class DataConfig:
             naming the file and its size, or a skipped file with `skip_corrupt`). The default
             is PIL's default limit, 89,478,485 pixels (about 9459 x 9459); raise it for
             genuinely larger scans. PIL's own process-wide limit is left alone.
+        allow_shared_patients: load data whose train and test splits share patients
+            (patient-level leakage, e.g. `ANON191` in COVIDx6 and 7B) and list them as a
+            warning in `Data.report`; by default that is an error naming the patients.
+        drop_exact_duplicates: drop split-file lines that repeat an earlier line exactly
+            (COVIDx v1 has 2,961), counted in `Data.report`; by default they are an error.
+            Lines that list an image twice with different fields are always an error.
     """
 
     covidx_dir: str | None = None
@@ -140,6 +153,8 @@ class DataConfig:
     skip_corrupt: bool = False
     cache_dir: str | None = None
     max_image_pixels: int = bounded(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    allow_shared_patients: bool = False
+    drop_exact_duplicates: bool = False
 
     def __post_init__(self) -> None:
         if (self.covidx_dir is None) == (self.tfds_data_dir is None):
@@ -180,7 +195,10 @@ class DataReport:
         counts: images per class for "train", "validation" and "test".
         patients: number of patients per split.
         skipped: {image path: reason} for unreadable images skipped with `skip_corrupt`.
-        shared_patients: patient ids present in both train(+validation) and test.
+        shared_patients: patient ids present in both train(+validation) and test (only
+            possible with `data.allow_shared_patients: true`).
+        dropped_duplicates: {split: number of exact duplicate split-file lines dropped} with
+            `data.drop_exact_duplicates: true` (splits that had none are left out).
     """
 
     source: str
@@ -189,9 +207,10 @@ class DataReport:
     patients: dict[str, int]
     skipped: dict[str, str]
     shared_patients: tuple[str, ...]
+    dropped_duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
-        """A few lines for the console: counts per split, skipped files, shared patients."""
+        """A few lines for the console: counts, skipped files, dropped lines, shared patients."""
         lines = [f"data: {self.source}"]
         for split, counts in self.counts.items():
             parts = ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -202,10 +221,19 @@ class DataReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} unreadable image(s):")
             lines.extend(f"    {p}: {why}" for p, why in sorted(self.skipped.items()))
-        if self.shared_patients:
+        if self.dropped_duplicates:
+            parts = ", ".join(f"{s} {n}" for s, n in self.dropped_duplicates.items())
             lines.append(
-                f"  warning: {len(self.shared_patients)} patient(s) appear in both train and "
-                f"test, e.g. {self.shared_patients[0]!r}"
+                f"  dropped {sum(self.dropped_duplicates.values())} exact duplicate split-file "
+                f"line(s) ({parts}; data.drop_exact_duplicates)"
+            )
+        if self.shared_patients:
+            n = len(self.shared_patients)
+            shown = ", ".join(repr(p) for p in self.shared_patients[:5])
+            more = f" and {n - 5} more" if n > 5 else ""
+            lines.append(
+                f"  warning: {n} patient(s) appear in both train and test (allowed by "
+                f"data.allow_shared_patients): {shown}{more}"
             )
         return "\n".join(lines)
 
@@ -259,6 +287,11 @@ def _cache_from_covidx(
     if config.max_image_pixels != DEFAULT_MAX_IMAGE_PIXELS:
         # Which files are refused depends on it; the default keeps existing entries valid.
         key_parts["max_image_pixels"] = config.max_image_pixels
+    dropped = {name: len(split.dropped_lines) for name, split in splits.items()}
+    if any(dropped.values()):
+        # Only when lines were dropped (which needs data.drop_exact_duplicates): otherwise the
+        # arrays are the same and existing entries stay valid.
+        key_parts["dropped_duplicates"] = dropped
     for name, split in splits.items():
         key_parts[f"{name}_split"] = hashlib.sha256(split.split_file.read_bytes()).hexdigest()
         key_parts[f"{name}_files"] = cache_lib.file_fingerprint(split.image_paths())
@@ -630,13 +663,20 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
 
     Raises:
         DataError: one line naming the file (and line) at fault and the fix: a folder that is
-            not COVIDx-shaped, a bad split file, missing or unreadable images, leakage, an
-            empty split, a class without images.
+            not COVIDx-shaped, a bad split file, missing or unreadable images, image paths
+            outside the folder, duplicate lines, leakage of files or of patients between
+            train and test, labels outside the COVIDx classes without data.classes, an empty
+            split, a class without images.
     """
     check_resolution(config.resolution, config.channels)
+    dropped: dict[str, int] = {}
     if config.tfds_data_dir is not None:
         entry = _cache_from_tfds(config, config.resolution)
         source = config.tfds_data_dir
+        # A folder is checked with file:line before any image is read; a prepared data set
+        # is checked here, by example, with the same rules and keys.
+        _check_prepared_labels(entry, source, config)
+        _check_prepared_patients(entry, source, config)
     else:
         assert config.covidx_dir is not None
         if config.synth is not None:
@@ -646,9 +686,14 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
             classes=config.classes,
             train_split_file=config.train_split_file,
             test_split_file=config.test_split_file,
+            allow_shared_patients=config.allow_shared_patients,
+            drop_exact_duplicates=config.drop_exact_duplicates,
         )
         entry = _cache_from_covidx(folder, config, config.resolution)
         source = str(folder.root)
+        dropped = {
+            s.name: len(s.dropped_lines) for s in (folder.train, folder.test) if s.dropped_lines
+        }
 
     train, test = entry.splits["train"], entry.splits["test"]
     if config.classes is not None:
@@ -687,6 +732,8 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
     )
     fit = np.flatnonzero(~is_val)
     val = np.flatnonzero(is_val)
+    if {train.patient_ids[i] for i in fit} & {train.patient_ids[i] for i in val}:
+        raise AssertionError("split_validation put a patient on both sides")  # a bug, not data
     if config.rebalance_class is not None and not np.any(
         train_labels[fit] == index[config.rebalance_class]
     ):
@@ -715,6 +762,7 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
         patients={s: len(p) for s, p in pids.items()},
         skipped=dict(entry.skipped),
         shared_patients=tuple(sorted((pids["train"] | pids["validation"]) & pids["test"])),
+        dropped_duplicates=dropped,
     )
     if report.skipped:
         log.warning(
@@ -722,7 +770,51 @@ def load_data(config: DataConfig, *, seed: int) -> Data:
             len(report.skipped),
             ", ".join(sorted(report.skipped)),
         )
+    if report.shared_patients:
+        log.warning(
+            "%s: %d patient(s) in both train and test, allowed by data.allow_shared_patients: %s",
+            source,
+            len(report.shared_patients),
+            ", ".join(report.shared_patients[:5]),
+        )
     return Data(config=config, class_names=class_names, splits=splits, report=report, seed=seed)
+
+
+def _check_prepared_labels(entry: cache_lib.CacheEntry, source: str, config: DataConfig) -> None:
+    """Without data.classes, every label of a prepared data set must be a COVIDx label."""
+    if config.classes is not None:
+        return  # load_data checks the labels against data.classes
+    count: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for name in ("train", "test"):
+        arrays = entry.splits[name]
+        for i, (label, filename) in enumerate(zip(arrays.labels, arrays.filenames, strict=True)):
+            if label not in KNOWN_LABELS:
+                count[label] = count.get(label, 0) + 1
+                first.setdefault(label, f"{name} example {i} ({filename})")
+    if count:
+        unknown = [(label, count[label], first[label]) for label in sorted(count)]
+        raise DataError(unknown_labels_message(source, unknown))
+
+
+def _check_prepared_patients(entry: cache_lib.CacheEntry, source: str, config: DataConfig) -> None:
+    """Patients in both train and test of a prepared data set: an error unless allowed."""
+    if config.allow_shared_patients:
+        return
+    train, test = entry.splits["train"], entry.splits["test"]
+    first_test: dict[str, str] = {}
+    for pid, filename in zip(test.patient_ids, test.filenames, strict=True):
+        first_test.setdefault(pid, filename)
+    first_train: dict[str, str] = {}
+    for pid, filename in zip(train.patient_ids, train.filenames, strict=True):
+        if pid in first_test:
+            first_train.setdefault(pid, filename)
+    if first_train:
+        shared = [
+            (pid, f"train {first_train[pid]}", f"test {first_test[pid]}")
+            for pid in sorted(first_train)
+        ]
+        raise DataError(shared_patients_message(source, shared))
 
 
 def _take(images: np.ndarray, index: np.ndarray) -> np.ndarray:
