@@ -8,6 +8,8 @@ An export is a folder:
                          probabilities B x K, any batch size B, lowered for CPU and CUDA
     spec.json            the architecture spec (`covidnet_jax.arch.spec_from_json`)
     preprocessing.json   the preprocessing recipe as data, so any runtime can reproduce it
+                         (`preprocessing_recipe`: steps in order with every parameter, the
+                         PIL resize call, the bit-depth rule; `recipe_version`)
     checkpoint/          Orbax checkpoint of the inference state (parameters, batch statistics)
     model_card.md        data, requirements and whether they were met, metrics with their
                          split, params/MACs, training recipe, limits
@@ -44,13 +46,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL
 from flax import nnx
 
 from covidnet_jax.data.preprocess import (
+    BIT_DEPTH_RULE,
+    BIT_DEPTH_RULES,
+    BITS_MULTIPLE,
     DEFAULT_MAX_IMAGE_PIXELS,
+    HIGH_BIT_DEPTH_MODES,
+    LEGACY_BIT_DEPTH_RULE,
     MAX_RESOLUTION,
+    MIN_BITS,
     MIN_RESOLUTION,
+    PIL_LUMA_WEIGHTS_Q16,
     PREPROCESS_VERSION,
+    RESIZE_REDUCING_GAP,
+    RESIZE_RESAMPLE,
     TOP_CROP_FRACTION,
     preprocess_image,
 )
@@ -70,6 +82,7 @@ __all__ = [
     "predict",
     "predict_files",
     "preprocessing_recipe",
+    "recipe_bit_depth_rule",
     "render_model_card",
     "restore_inference_state",
     "save_inference_state",
@@ -78,6 +91,9 @@ __all__ = [
 
 EXPORT_FORMAT = "covidnet-jax-export"
 EXPORT_VERSION = 1
+# Version of the `preprocessing.json` format. 1: steps as names and notes (no version field);
+# 2: every detail an independent implementation needs, including the bit-depth rule.
+RECIPE_VERSION = 2
 MANIFEST_FILE = "export.json"
 STABLEHLO_FILE = "model.jax_export"
 SPEC_FILE = "spec.json"
@@ -137,22 +153,130 @@ def export_inference(
 def preprocessing_recipe(*, resolution: int, channels: int) -> dict[str, Any]:
     """The preprocessing of `covidnet_jax.data.preprocess_image` plus scaling, as data.
 
+    Everything an implementation without this package needs to give the exported function
+    the input the model was trained on: the steps in order, with crop rounding, the resize's
+    PIL call and parameters, how each kind of file becomes 8-bit grey (the bit-depth rule
+    for 16-bit files, luma weights, alpha, palette, EXIF orientation) and the final scaling.
+    Machine-readable fields carry the numbers; `pil`, `formula` and `note` fields say the
+    same in words or code.
+
     Args:
         resolution: the model's input side length.
         channels: the model's input channels.
 
     Returns:
-        A JSON-ready mapping: ordered steps and the tensor the exported function takes.
+        A JSON-ready mapping: `recipe_version`, `preprocess_version`, `reference`, ordered
+        `steps` and the tensor the exported function takes (`input`).
     """
+    weights = list(PIL_LUMA_WEIGHTS_Q16)
     return {
+        "recipe_version": RECIPE_VERSION,
         "preprocess_version": PREPROCESS_VERSION,
+        "reference": {
+            "implementation": "covidnet_jax.data.preprocess.preprocess_image",
+            "pillow_version": PIL.__version__,
+            "numpy_version": np.__version__,
+        },
         "steps": [
-            {"op": "decode_grayscale", "note": "8-bit luma (ITU-R 601); 16-bit scaled to 8 bits"},
-            {"op": "drop_top_rows", "fraction": TOP_CROP_FRACTION, "rounding": "floor"},
-            {"op": "center_square_crop", "offset_rounding": "floor"},
-            {"op": "resize", "size": [resolution, resolution], "method": "bilinear_antialias"},
+            {
+                "op": "decode_grayscale",
+                "decoder": "Pillow Image.open; the first frame; pixels in the order stored",
+                "exif_orientation": "ignored",
+                "color_management": "none (ICC profiles, gAMA and sRGB chunks ignored)",
+                "high_bit_depth": {
+                    "pil_modes": list(HIGH_BIT_DEPTH_MODES),
+                    "rule": BIT_DEPTH_RULE,
+                    "bits": {
+                        "of": "max(0, maximum of the image).bit_length()",
+                        "at_least": MIN_BITS,
+                        "round_up_to_multiple_of": BITS_MULTIPLE,
+                    },
+                    "formula": "clip(rint(v * 255 / (2**bits - 1)), 0, 255)",
+                    "arithmetic": "float64",
+                    "rounding": "half_to_even",
+                    "negative_values": "clipped to 0",
+                    "sbit_chunk": "ignored",
+                    "note": (
+                        "16-bit grey (PNG, TIFF, JPEG 2000) is divided by the full range of "
+                        "the bit depth inferred from its maximum (8, 10, 12, 14, 16, ...), "
+                        "not by 65535: 12-bit data stored in 16 bits is divided by 4095, and "
+                        "an image saved as 16-bit by v * 257 gives back its 8-bit values. "
+                        "Exports before recipe_version 2 divided by the image's own maximum "
+                        f"({LEGACY_BIT_DEPTH_RULE!r}) when it was over 255."
+                    ),
+                },
+                "other_modes": {
+                    "pil": "Image.convert('L')",
+                    "rgb_luma": {
+                        "weights_q16": weights,
+                        "add": 1 << 15,
+                        "shift_right": 16,
+                        "formula": (
+                            f"({weights[0]} * R + {weights[1]} * G + {weights[2]} * B + 32768)"
+                            " >> 16 (ITU-R 601-2 luma in Pillow's integer arithmetic)"
+                        ),
+                    },
+                    "alpha": "dropped (not composited onto any background)",
+                    "palette": "indices looked up in the palette's RGB, then rgb_luma",
+                    "bilevel": "0 -> 0, 1 -> 255",
+                    "colour_16_bit": (
+                        "Pillow decodes 16-bit RGB, RGBA and grey+alpha PNGs to 8 bits per "
+                        "channel (the high byte of each sample), then rgb_luma"
+                    ),
+                },
+                "output": {"dtype": "uint8", "layout": "HxW"},
+            },
+            {
+                "op": "drop_top_rows",
+                "fraction": TOP_CROP_FRACTION,
+                "rounding": "floor",
+                "rows": "floor(height * 8 / 100) rows from the top (integer arithmetic)",
+            },
+            {
+                "op": "center_square_crop",
+                "side": "min(height, width) of the image left by drop_top_rows",
+                "offset_rounding": "floor",
+                "offsets": "top = (height - side) // 2, left = (width - side) // 2",
+            },
+            {
+                "op": "resize",
+                "size": [resolution, resolution],
+                "method": "bilinear_antialias",
+                "input_dtype": "uint8",
+                "output_dtype": "uint8",
+                "pil": {
+                    "call": (
+                        f"Image.fromarray(square_uint8).resize(({resolution}, {resolution}), "
+                        f"resample=Image.Resampling.{RESIZE_RESAMPLE}, "
+                        f"reducing_gap={RESIZE_REDUCING_GAP})"
+                    ),
+                    "resample": RESIZE_RESAMPLE,
+                    "reducing_gap": RESIZE_REDUCING_GAP,
+                },
+                "same_size": "unchanged (no resampling when side == resolution)",
+                "note": (
+                    "Pillow's algorithm (7.0 and later) for these arguments: if f = "
+                    "int(side / resolution / reducing_gap) is 2 or more, the square is first "
+                    "reduced by f with Image.reduce (each pixel the rounded mean of an f x f "
+                    "block; blocks cut by the right or bottom edge average the pixels they "
+                    "have), then the box (0, 0, side / f, side / f) of the result is resampled "
+                    "with a separable triangle filter (support 1 pixel, widened by the scale "
+                    "when shrinking) in Pillow's 8-bit fixed-point arithmetic. Plain bilinear "
+                    "interpolation, or the same filter without the reduce step, differs by "
+                    "up to a few grey levels."
+                ),
+            },
             {"op": "repeat_channels", "channels": channels},
-            {"op": "scale", "multiply": 1.0 / 255.0, "dtype": "float32"},
+            {
+                "op": "scale",
+                "divide_by": 255.0,
+                "multiply": 1.0 / 255.0,
+                "dtype": "float32",
+                "formula": (
+                    "float32(pixel) / 255 (multiplying by float32(1 / 255), as training "
+                    "does, differs by at most one float32 ulp)"
+                ),
+            },
         ],
         "input": {
             "layout": "BxHxWxC",
@@ -162,6 +286,43 @@ def preprocessing_recipe(*, resolution: int, channels: int) -> dict[str, Any]:
             "normalization": "none (no mean/std)",
         },
     }
+
+
+def recipe_bit_depth_rule(recipe: Any) -> str:
+    """The bit-depth rule a parsed `preprocessing.json` asks for (see
+    `covidnet_jax.data.preprocess`): its `high_bit_depth.rule`, or the rule of preprocessing
+    version 1 for a recipe written before `recipe_version` 2 (which has neither field).
+
+    Raises:
+        ValueError: "<key>: expected ..., got ..." for a recipe that is not an object, is of
+            a newer recipe_version, or names no known rule.
+    """
+    if not isinstance(recipe, dict):
+        raise ValueError(f"expected a JSON object, got {_describe(recipe)}")
+    version = recipe.get("recipe_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"recipe_version: expected a version number, got {_describe(version)}")
+    if version > RECIPE_VERSION:
+        raise ValueError(
+            f"recipe_version {version} is newer than this covidnet-jax reads "
+            f"({RECIPE_VERSION}); upgrade covidnet-jax"
+        )
+    steps = recipe.get("steps")
+    decode: dict[str, Any] = {}
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("op") == "decode_grayscale":
+            decode = step
+            break
+    high = decode.get("high_bit_depth")
+    rule = high.get("rule", _MISSING) if isinstance(high, dict) else _MISSING
+    if rule is _MISSING and version < 2:
+        return LEGACY_BIT_DEPTH_RULE
+    if rule not in BIT_DEPTH_RULES:
+        raise ValueError(
+            "steps[decode_grayscale].high_bit_depth.rule: expected one of "
+            f"{', '.join(BIT_DEPTH_RULES)}, got {_describe(rule)}"
+        )
+    return rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +497,9 @@ def render_model_card(card: ModelCard) -> str:
         "covidnet explain --model EXPORT_DIR image.png --out heatmap.png",
         "```",
         "",
-        f"With only jax installed (inputs prepared as `{RECIPE_FILE}` says):",
+        f"With only jax and `flatbuffers` installed (jax needs `flatbuffers` to deserialize "
+        f"`{STABLEHLO_FILE}` but does not install it: `pip install jax flatbuffers`), with "
+        f"inputs prepared exactly as `{RECIPE_FILE}` says:",
         "",
         "```python",
         "import jax, numpy as np",
@@ -538,6 +701,12 @@ class LoadedExport:
         """Input channels C."""
         return int(self.manifest["input"]["shape"][3])
 
+    @property
+    def bit_depth_rule(self) -> str:
+        """How high-bit-depth images become 8 bits for this export (`recipe_bit_depth_rule`):
+        exports written before recipe version 2 keep the rule they were trained with."""
+        return recipe_bit_depth_rule(self.recipe)
+
     def spec_json(self) -> str:
         """The text of the export's `spec.json`."""
         return (self.path / SPEC_FILE).read_text(encoding="utf-8")
@@ -551,8 +720,9 @@ class LoadedExport:
     ) -> np.ndarray:
         """One image file or array -> float32 H x W x C in [0, 1], as the recipe says.
 
-        An image file over `max_pixels` (width x height) is refused from its header, as a
-        possible decompression bomb, with a DataError naming it, its size and `limit_name`.
+        High-bit-depth images are scaled by the export's `bit_depth_rule`. An image file over
+        `max_pixels` (width x height) is refused from its header, as a possible
+        decompression bomb, with a DataError naming it, its size and `limit_name`.
         """
         pixels = preprocess_image(
             image,
@@ -560,6 +730,7 @@ class LoadedExport:
             channels=self.channels,
             max_pixels=max_pixels,
             limit_name=limit_name,
+            bit_depth_rule=self.bit_depth_rule,
         )
         return pixels.astype(np.float32) / 255.0
 
@@ -652,7 +823,9 @@ def load_export(path: str | Path) -> LoadedExport:
         ExportError: one line naming the file (and key) at fault: the folder is missing, not
             an export, of a newer format version or incomplete, or its `export.json` is not
             valid JSON, lacks a key, holds a malformed value or disagrees with the model in
-            `model.jax_export`.
+            `model.jax_export`, or its `preprocessing.json` is of a newer recipe version or
+            names no known bit-depth rule (a recipe without `recipe_version`, written before
+            version 2, is read with the rule of its time).
     """
     path = Path(path)
     if not path.exists():
@@ -664,6 +837,10 @@ def load_export(path: str | Path) -> LoadedExport:
         )
     manifest = _read_export_json(path, MANIFEST_FILE)
     recipe = _read_export_json(path, RECIPE_FILE)
+    try:
+        recipe_bit_depth_rule(recipe)
+    except ValueError as err:
+        raise ExportError(f"{path / RECIPE_FILE}: {err}") from None
     try:
         blob = (path / STABLEHLO_FILE).read_bytes()
     except FileNotFoundError:

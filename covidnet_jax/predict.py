@@ -1,8 +1,10 @@
 """Class probabilities for image files from a trained run.
 
 Images go through exactly the training preprocessing (`covidnet_jax.data.preprocess_image`:
-drop the top 8% of rows, centre square crop, resize to the model's input size, scale to
-[0, 1]) and the run's best checkpoint by validation.
+8-bit grey with high-bit-depth files scaled by their inferred bit depth, drop the top 8% of
+rows, centre square crop, resize to the model's input size, scale to [0, 1];
+`model_input`) and the run's best checkpoint by validation. `covidnet export` writes the
+same steps as `preprocessing.json`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,44 @@ class Prediction:
     def to_dict(self) -> dict[str, object]:
         """A JSON-safe dict."""
         return dataclasses.asdict(self)
+
+
+def model_input(
+    images: Sequence[str | Path],
+    *,
+    resolution: int,
+    channels: int,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_name: str = "max_pixels",
+) -> np.ndarray:
+    """The batch the model is given for image files, as in training.
+
+    Args:
+        images: image files.
+        resolution: the model's input side length.
+        channels: the model's input channels.
+        max_pixels: largest image (width x height) decoded.
+        limit_name: the setting that raises `max_pixels`, named in the error.
+
+    Returns:
+        float32 B x resolution x resolution x channels in [0, 1].
+
+    Raises:
+        DataError: an image cannot be read or is too large (naming the file).
+    """
+    pixels_BxHxWxC = np.stack(
+        [
+            preprocess_image(
+                p,
+                resolution=resolution,
+                channels=channels,
+                max_pixels=max_pixels,
+                limit_name=limit_name,
+            )
+            for p in images
+        ]
+    )
+    return pixels_BxHxWxC.astype(np.float32) * np.float32(1.0 / 255.0)
 
 
 def predict_images(
@@ -70,18 +110,13 @@ def predict_images(
     predictions: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         paths = list(images[start : start + batch_size])
-        batch_BxHxWxC = np.stack(
-            [
-                preprocess_image(
-                    p,
-                    resolution=trained.resolution,
-                    channels=trained.channels,
-                    max_pixels=max_pixels,
-                    limit_name=limit_name,
-                )
-                for p in paths
-            ]
-        ).astype(np.float32) * np.float32(1.0 / 255.0)
+        batch_BxHxWxC = model_input(
+            paths,
+            resolution=trained.resolution,
+            channels=trained.channels,
+            max_pixels=max_pixels,
+            limit_name=limit_name,
+        )
         probs_BxK = trained.predict_probabilities(batch_BxHxWxC)
         for path, probs in zip(paths, probs_BxK, strict=True):
             predictions.append(

@@ -114,6 +114,7 @@ def test_export_folder_describes_itself(exported_tiny):
     assert set(manifest["platforms"]) == {"cpu", "cuda"}
     assert (out / "spec.json").read_text().strip() == spec.to_json()
     recipe = json.loads((out / "preprocessing.json").read_text())
+    assert recipe["recipe_version"] == export.RECIPE_VERSION  # tests/test_preprocessing_recipe.py
     assert [step["op"] for step in recipe["steps"]][:3] == [
         "decode_grayscale",
         "drop_top_rows",
@@ -122,6 +123,7 @@ def test_export_folder_describes_itself(exported_tiny):
     card = (out / "model_card.md").read_text()
     for needle in ("accuracy >= 0.9", "Verdict: all met", "| accuracy | 0.95 | 0.9 |", "medical"):
         assert needle in card
+    assert "jax and `flatbuffers` installed" in card  # deserializing needs flatbuffers
     assert not list(out.parent.glob(".export.*")), "staging folders must not be left behind"
 
 
