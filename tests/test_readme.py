@@ -36,8 +36,7 @@ SKIP = {
 }
 # `make search` is the Makefile's command.
 MAKE = {
-    "make search": "covidnet search --config experiments/quickstart.yaml "
-    "--workdir runs/quickstart"
+    "make search": "covidnet search --config experiments/quickstart.yaml --workdir runs/quickstart"
 }
 SHRINK = {
     "covidnet search": [
