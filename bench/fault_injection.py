@@ -15,7 +15,7 @@ lets the last run finish, and reports:
 - how often workers were lost and trials retried;
 - orphan worker processes left after a parent-only kill;
 - whether every finished checkpoint of every trial restores (Orbax, the arrays' shapes);
-- whether the finish ran (best/metrics.json written and scored once).
+- whether the finish ran (leaderboard written; the declared design and its verdict).
 
 The note in bench/README.md, "Kills", records a run. Expect ~1 minute per kill on 2 cores.
 """
@@ -61,6 +61,12 @@ def command(workdir: Path, max_trials: int) -> list[str]:
         "search.confirm.seeds=1",
         "--set",
         "search.heartbeat.grace_s=30",
+        # Requirements short runs meet, so that a design is declared and the finish
+        # (confirmation, full-fidelity training, test scoring) is killed too.
+        "--set",
+        "search.requirements.min_accuracy=0.6",
+        "--set",
+        "search.requirements.classes.COVID-19.min_sensitivity=0.3",
     ]
 
 
@@ -92,12 +98,34 @@ def run_once(cmd: list[str], log, kill_after: float | None, mode: str) -> tuple[
     return code, orphaned
 
 
+def run_killed_in_finish(cmd: list[str], log, workdir: Path, after: float) -> int:
+    """Runs the command and SIGKILLs its process group `after` seconds after it printed that
+    it is confirming the best design (so the kill lands in the confirmation runs, the
+    full-fidelity training or the test scoring); returns its exit code."""
+    marker = "confirming the best design"
+    before = log_text(workdir).count(marker)
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    while process.poll() is None and log_text(workdir).count(marker) == before:
+        time.sleep(0.5)
+    try:
+        process.wait(timeout=after)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.wait()
+
+
 def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def log_text(workdir: Path) -> str:
+    return (workdir.parent / f"{workdir.name}.log").read_text(errors="replace")
 
 
 def check_checkpoints(workdir: Path) -> tuple[int, list[str]]:
@@ -123,6 +151,20 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=float, nargs=2, default=(8.0, 60.0))
     parser.add_argument("--parent-share", type=float, default=0.3, help="kills of the parent only")
+    parser.add_argument(
+        "--finish-kills",
+        type=int,
+        default=4,
+        help="kills during the finish: after the run says it is confirming the best design "
+        "(confirmation runs, full-fidelity training, test scoring)",
+    )
+    parser.add_argument(
+        "--finish-window",
+        type=float,
+        nargs=2,
+        default=(3.0, 60.0),
+        help="seconds after the finish starts at which a finish kill lands",
+    )
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-faults")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -146,6 +188,15 @@ def main() -> int:
             continue
         kills.append({"after_s": round(after, 1), "mode": mode, "exit": code})
         print(f"kill {len(kills):2d}/{args.kills}: {mode:6s} after {after:5.1f}s", flush=True)
+    finish_kills = 0
+    while finish_kills < args.finish_kills:
+        after = rng.uniform(*args.finish_window)
+        code = run_killed_in_finish(cmd, log, args.workdir, after)
+        if code == 0:
+            break  # the finish completed before the kill: nothing left to kill
+        finish_kills += 1
+        kills.append({"after_s": round(after, 1), "mode": "finish", "exit": code})
+        print(f"finish kill {finish_kills}/{args.finish_kills} after {after:5.1f}s", flush=True)
     code, _ = run_once(cmd, log, None, "group")
     elapsed = time.monotonic() - started
 
@@ -155,9 +206,13 @@ def main() -> int:
     outcomes = proposal_outcomes(records)
     restored, broken = check_checkpoints(args.workdir)
     best = args.workdir / "best" / "metrics.json"
+    board = args.workdir / "leaderboard.json"
     result = {
         "kills": len(kills),
-        "kill_modes": {m: sum(1 for k in kills if k["mode"] == m) for m in ("group", "parent")},
+        "confirmations started": log_text(args.workdir).count("confirming the best design"),
+        "kill_modes": {
+            m: sum(1 for k in kills if k["mode"] == m) for m in ("group", "parent", "finish")
+        },
         "final_exit": code,
         "proposals": len(outcomes),
         "unsettled (lost for good)": sum(1 for o in outcomes if not o.settled),
@@ -172,7 +227,9 @@ def main() -> int:
         "orphan workers": orphans,
         "checkpoints restored": restored,
         "checkpoints broken": broken,
-        "finished": best.exists(),
+        "finished (leaderboard written)": board.exists(),
+        "declared (best/metrics.json)": best.exists(),
+        "verdict": json.loads(best.read_text())["verdict"] if best.exists() else None,
         "elapsed_s": round(elapsed),
         "seed": args.seed,
         "command": " ".join(cmd[1:]),
@@ -185,7 +242,7 @@ def main() -> int:
         and not result["unsettled (lost for good)"]
         and not result["trained more than once"]
         and not broken
-        and result["finished"]
+        and result["finished (leaderboard written)"]
     )
     return 0 if ok else 1
 

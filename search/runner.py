@@ -610,6 +610,16 @@ def run_search(
     # The settings of the latest invocation (a resumed search may raise its budget).
     study.set_user_attr("search", dict(job.settings_data))
     study.set_user_attr("prototype", job.prototype_json)
+    # Recover what a killed earlier invocation left before the workers start: otherwise
+    # every worker finds the same lost trials at once and enqueues a retry of each (the
+    # second retry stands down, but costs an ask and a "cancelled" line).
+    store.recover_lost_trials(
+        study,
+        storage,
+        grace_s=job.settings.heartbeat.grace_s,
+        max_retries=job.settings.budget.max_retries,
+        genes=tuple(gene.name for gene in job.space().genes),
+    )
 
     def records() -> list[TrialRecord]:
         return store.read_records(study)

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import multiprocessing
 import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -259,7 +260,11 @@ def _preprocess_files(
 
     show = len(paths) >= 2000
     if workers > 0 and len(paths) >= 256:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Spawned, not forked: the caller may hold JAX's threads (a fork of a
+        # multithreaded process can deadlock).
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             results = pool.map(
                 _preprocess_one,
                 map(str, paths),

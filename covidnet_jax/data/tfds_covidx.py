@@ -39,6 +39,7 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -206,7 +207,11 @@ def make_builder_class() -> type:
             jobs = [(str(p), cfg.resolution, cfg.channels) for p in split.image_paths()]
             workers = min(os.cpu_count() or 1, 8)
             if workers > 1 and len(jobs) >= 256:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                # Spawned, not forked: the caller may hold JAX's threads (a fork of a
+                # multithreaded process can deadlock).
+                with ProcessPoolExecutor(
+                    max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+                ) as pool:
                     images = pool.map(_preprocess_path, jobs, chunksize=32)
                     yield from self._examples(split, images)
             else:
