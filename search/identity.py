@@ -41,6 +41,10 @@ MUTABLE = (
     "train.log_every",
     "compile_cache_dir",
     "data.max_image_pixels",
+    "data.allow_shared_patients",
+    "data.workers",
+    "data.cache_dir",
+    "train.eval_batch_size",
 )
 """Dotted keys (a trailing dot: a whole section) a resume may change."""
 
