@@ -193,6 +193,7 @@ def train_and_evaluate(
     except _Failure as failure:
         run.log_event("failure", step=failure.step, kind=failure.kind, reason=failure.reason)
         log.warning("training stopped at step %d: %s", failure.step, failure.reason)
+        run.checkpoints.wait()  # a save still in flight is the last good step once done
         return TrainFailure(
             kind=failure.kind,
             reason=failure.reason,

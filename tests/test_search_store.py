@@ -218,7 +218,7 @@ def test_a_spec_proposed_while_an_earlier_trial_is_still_unmarked_waits_for_it(f
 
     marker = threading.Thread(target=mark_first)
     marker.start()
-    original = worker._find_original(second.number, "abc")
+    original = worker._find_original(second.number, "abc", origin=second.number)
     marker.join()
     assert original is not None and original.number == first.number
 
