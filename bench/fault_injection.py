@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from covidnet_jax.checkpointing import Checkpoints, finished_steps  # noqa: E402
 from search import store  # noqa: E402
-from search.records import proposal_outcomes  # noqa: E402
+from search.ledger.records import proposal_outcomes  # noqa: E402
 
 
 def command(workdir: Path, max_trials: int) -> list[str]:
@@ -88,7 +88,7 @@ def run_once(cmd: list[str], log, kill_after: float | None, mode: str) -> tuple[
     code = process.wait()
     orphaned = False
     if mode == "parent" and kill_after is not None:
-        # Workers notice their parent is gone (search.runner._end_with_parent) and end.
+        # Workers notice their parent is gone (search.execution.runner._end_with_parent) and end.
         deadline = time.monotonic() + 30
         while group_alive(process.pid) and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -10,7 +10,7 @@ count is reported).
 Two modes:
 
 - `--mode train` (the real thing): the quickstart experiment (`--config`), trained with JAX.
-- `--mode surrogate`: the same loop with `search.surrogate.SurrogateEvaluator` on a fixed
+- `--mode surrogate`: the same loop with `search.execution.surrogate.SurrogateEvaluator` on a fixed
   task around the `tiny` prototype at 64 px, so many seeds and ablations take seconds. Its
   "steps" are the surrogate's simulated training steps; its wall times mean nothing.
 
@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 from covidnet_jax import presets
-from search import store
-from search.records import TrialRecord
+from search.ledger import store
+from search.ledger.records import TrialRecord
 
 SURROGATE_TASK = {
     "space": {
@@ -101,8 +101,8 @@ def _set(data: dict, key: str, value: object) -> None:
 
 def run_surrogate(strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
     """One surrogate search; its first-feasible figures."""
-    from search.runner import run_worker
-    from search.surrogate import SurrogateEvaluator, surrogate_job
+    from search.execution.runner import run_worker
+    from search.execution.surrogate import SurrogateEvaluator, surrogate_job
 
     data = copy.deepcopy(SURROGATE_TASK)
     data["strategy"]["name"] = strategy
@@ -134,9 +134,9 @@ def run_training(config: str, strategy: str, seed: int, changes: dict, root: Pat
 
 
 def _run_training(config: str, strategy: str, seed: int, changes: dict, root: Path) -> dict | None:
-    from search.runner import run_search
-    from search.session import prepare_job
-    from search.training import load_experiment
+    from search.execution.runner import run_search
+    from search.execution.session import prepare_job
+    from search.execution.training import load_experiment
 
     overrides = [
         f"search.strategy.name={strategy}",
@@ -162,9 +162,9 @@ def inheritance_check(config: str, workdir: str, children: int, root: Path) -> l
 
     from covidnet_jax.arch import spec_from_json
     from covidnet_jax.train import train_and_evaluate
-    from search.leaderboard import ranked
-    from search.space import SearchSpace
-    from search.training import candidate_config, load_experiment
+    from search.execution.training import candidate_config, load_experiment
+    from search.reporting.leaderboard import ranked
+    from search.strategies.space import SearchSpace
 
     experiment = load_experiment(config)
     storage = store.open_storage(workdir)

@@ -24,8 +24,8 @@ from pathlib import Path
 import optuna
 from search_support import PROTOTYPE, settings
 
-from search.runner import run_search, settle
-from search.surrogate import surrogate_job
+from search.execution.runner import run_search, settle
+from search.execution.surrogate import surrogate_job
 
 SITES = ("suggest", "tell", "enqueue", "unlink", "save", "none")
 

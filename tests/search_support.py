@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from covidnet_jax import presets
-from search import store
-from search.records import TrialRecord
-from search.runner import run_worker
-from search.surrogate import SurrogateEvaluator, surrogate_job
+from search.execution.runner import run_worker
+from search.execution.surrogate import SurrogateEvaluator, surrogate_job
+from search.ledger import store
+from search.ledger.records import TrialRecord
 
 PROTOTYPE = presets.get_preset("tiny").with_input_size(64)
 

@@ -16,18 +16,18 @@ import pytest
 from PIL import Image
 
 from covidnet_jax.presets import get_preset
-from search import store
 from search.cli import main
-from search.compare import (
+from search.execution.runner import run_worker
+from search.execution.surrogate import surrogate_job
+from search.ledger import store
+from search.reporting.compare import (
     CompareError,
     design_knobs,
     load_run,
     read_training_curve,
     write_comparison,
 )
-from search.leaderboard import write_leaderboard
-from search.runner import run_worker
-from search.surrogate import surrogate_job
+from search.reporting.leaderboard import write_leaderboard
 
 _REQUIREMENTS = {
     "max_macs": 4.0e5,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from covidnet_jax.cost import count_cost
-from search.space import SearchSpace
-from search.training import load_experiment, load_prototype
+from search.execution.training import load_experiment, load_prototype
+from search.strategies.space import SearchSpace
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 SEARCHES = ("quickstart.yaml", "covidx_cxr3b.yaml", "covidx_cxr4c.yaml")

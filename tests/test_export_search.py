@@ -83,7 +83,7 @@ def test_predict_command_reads_exports_like_workdirs(search_workdir, capsys):
 
 
 def test_export_errors_are_one_line(search_workdir, tmp_path, capsys):
-    from search import store
+    from search.ledger import store
 
     empty = tmp_path / "empty"
     store.open_study(store.open_storage(empty), "empty", "min_macs")  # a study, no trials

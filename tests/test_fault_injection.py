@@ -14,7 +14,7 @@ import numpy as np
 from search_support import fast_tmp, read
 
 from covidnet_jax.checkpointing import Checkpoints, finished_steps
-from search.records import proposal_outcomes
+from search.ledger.records import proposal_outcomes
 
 __all__ = ["fast_tmp"]  # a fixture
 

@@ -11,9 +11,9 @@ from search_support import read, run, settings
 from covidnet_jax.metrics import compute_metrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import SearchSettings
-from search.evaluation import EvalRequest, EvalSuccess
-from search.finish import RunLog, feasible_ranked, finish_best
-from search.surrogate import SurrogateEvaluator
+from search.execution.evaluation import EvalRequest, EvalSuccess
+from search.execution.finish import RunLog, feasible_ranked, finish_best
+from search.execution.surrogate import SurrogateEvaluator
 
 
 class Judged(SurrogateEvaluator):

@@ -8,10 +8,10 @@ import json
 from search_support import run, settings
 
 from covidnet_jax.typed_yaml import from_dict
-from search.compare import comparison_rows, load_run, write_comparison
 from search.config import SearchSettings
-from search.finish import feasible_ranked
-from search.leaderboard import write_leaderboard
+from search.execution.finish import feasible_ranked
+from search.reporting.compare import comparison_rows, load_run, write_comparison
+from search.reporting.leaderboard import write_leaderboard
 
 
 def test_leaderboard_comparison_and_finish_rank_alike(tmp_path):
@@ -38,7 +38,7 @@ def test_leaderboard_comparison_and_finish_rank_alike(tmp_path):
         workdir,
         records,
         study=workdir.name,
-        objective=search.objective,
+        objective=search.ledger.objective,
         requirements_data=data["requirements"],
         best=None,
     )

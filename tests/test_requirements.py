@@ -8,7 +8,7 @@ from covidnet_jax.intervals import Estimate, lower_bound
 from covidnet_jax.metrics import compute_metrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import RequirementsConfig
-from search.requirements import (
+from search.ledger.requirements import (
     describe_violations,
     final_verdicts,
     format_verdicts,

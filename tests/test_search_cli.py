@@ -9,7 +9,7 @@ import pytest
 
 import search
 from search.cli import main
-from search.store import load_study, open_storage, read_records
+from search.ledger.store import load_study, open_storage, read_records
 
 EXPERIMENT = """\
 seed: 0

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from search_support import PROTOTYPE, fast_tmp, run, settings
 
-from search import store
-from search.evaluation import EvalFailure, EvalRequest
-from search.surrogate import SurrogateEvaluator
+from search.execution.evaluation import EvalFailure, EvalRequest
+from search.execution.surrogate import SurrogateEvaluator
+from search.ledger import store
 
 __all__ = ["fast_tmp"]
 

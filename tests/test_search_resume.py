@@ -15,12 +15,13 @@ from search_support import PROTOTYPE, fast_tmp, read, settings
 from test_search_cli import write_experiment
 
 from covidnet_jax.errors import ConfigError, StoreError
-from search import identity, store
 from search.cli import main
-from search.records import proposal_outcomes
-from search.runner import run_search
-from search.session import conclude
-from search.surrogate import surrogate_job
+from search.execution import identity
+from search.execution.runner import run_search
+from search.execution.session import conclude
+from search.execution.surrogate import surrogate_job
+from search.ledger import store
+from search.ledger.records import proposal_outcomes
 
 __all__ = ["fast_tmp"]  # a fixture
 

@@ -15,9 +15,9 @@ from covidnet_jax.errors import ConfigError
 from covidnet_jax.metrics import compute_metrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import RequirementsConfig, SearchSettings, SpaceConfig
-from search.fidelity import should_promote
-from search.records import RungResult, TrialRecord
-from search.requirements import (
+from search.execution.fidelity import should_promote
+from search.ledger.records import RungResult, TrialRecord
+from search.ledger.requirements import (
     Cost,
     check_class_names,
     cost_violations,
@@ -25,7 +25,7 @@ from search.requirements import (
     is_feasible,
     outcome_violations,
 )
-from search.space import SearchSpace
+from search.strategies.space import SearchSpace
 
 TINY = presets.get_preset("tiny").with_input_size(64)
 SPACE = {

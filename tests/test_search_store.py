@@ -18,9 +18,9 @@ import pytest
 from search_support import PROTOTYPE, fast_tmp, read, settings
 
 from covidnet_jax.cost import count_cost
-from search import store
-from search.runner import Worker, run_search, run_worker
-from search.surrogate import SurrogateEvaluator, surrogate_job
+from search.execution.runner import Worker, run_search, run_worker
+from search.execution.surrogate import SurrogateEvaluator, surrogate_job
+from search.ledger import store
 
 __all__ = ["fast_tmp"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from search.compare import CompareError, load_run, ranked, write_comparison
+from search.reporting.compare import CompareError, load_run, ranked, write_comparison
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

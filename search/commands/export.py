@@ -24,7 +24,7 @@ from covidnet_jax.export import RequirementCheck, export_training_run
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import RequirementsConfig
-from search.requirements import final_verdicts
+from search.ledger.requirements import final_verdicts
 
 BEST_DIR = "best"
 LEADERBOARD_JSON = "leaderboard.json"
@@ -70,7 +70,7 @@ def requirement_checks(
 ) -> list[RequirementCheck]:
     """The search's requirements with the design's values and whether each holds.
 
-    Outcome requirements are judged as the search judged them (`search.requirements`: the
+    Outcome requirements are judged as the search judged them (`search.ledger.requirements`: the
     decision rule, its confidence and interval method), with the test split's estimate and
     verdict beside them when it was scored.
 
@@ -126,7 +126,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_search_workdir(workdir: Path, storage: str | None) -> None:
-    from search import store
+    from search.ledger import store
 
     if not workdir.is_dir():
         raise ExportCommandError(f"{workdir}: no such folder; pass a search workdir")
@@ -180,8 +180,8 @@ def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
 
 
 def _export_trial(workdir: Path, number: int, storage: str | None, out: Path) -> tuple[Path, str]:
-    from search import store
-    from search.compare import open_search_study
+    from search.ledger import store
+    from search.reporting.compare import open_search_study
 
     study = open_search_study(workdir, storage, None)
     records = {r.number: r for r in store.read_records(study)}

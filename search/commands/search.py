@@ -28,11 +28,11 @@ from pathlib import Path
 from rich.console import Console
 
 from covidnet_jax.disk import ensure_writable
-from search import session
-from search.finish import describe_run
-from search.leaderboard import leaderboard_table
-from search.requirements import format_verdicts
-from search.training import load_experiment
+from search.execution import session
+from search.execution.finish import describe_run
+from search.execution.training import load_experiment
+from search.ledger.requirements import format_verdicts
+from search.reporting.leaderboard import leaderboard_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

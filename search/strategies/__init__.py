@@ -19,10 +19,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
-from search.space import SearchSpace
 from search.strategies.evolution import EvolutionSampler
 from search.strategies.genome import GenomeSampler, Proposal, trial_rng
 from search.strategies.shrink import ShrinkSampler
+from search.strategies.space import SearchSpace
 
 __all__ = ["EvolutionSampler", "GenomeSampler", "Proposal", "ShrinkSampler", "StrategySampler"]
 

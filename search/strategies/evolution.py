@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.records import TrialRecord, rung_rank_key
+from search.ledger.records import TrialRecord, rung_rank_key
 from search.strategies.genome import GenomeSampler, Proposal, trained_records
 
 

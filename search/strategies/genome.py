@@ -22,8 +22,8 @@ from optuna.trial import FrozenTrial
 
 from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
-from search.records import TrialRecord
-from search.space import Genome, SearchSpace
+from search.ledger.records import TrialRecord
+from search.strategies.space import Genome, SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)

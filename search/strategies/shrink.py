@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.records import TrialRecord, rank_key
-from search.requirements import COST_NAMES
+from search.ledger.records import TrialRecord, rank_key
+from search.ledger.requirements import COST_NAMES
 from search.strategies.genome import GenomeSampler, Proposal, seen_hashes, trained_records
 
 

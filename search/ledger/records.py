@@ -47,8 +47,8 @@ import optuna
 
 from covidnet_jax.metrics import EvalMetrics, netscore
 from search.config import Objective
-from search.objective import design_order
-from search.requirements import COST_NAMES
+from search.ledger.objective import design_order
+from search.ledger.requirements import COST_NAMES
 
 TERMINAL_STATUSES = (
     "trained",
@@ -286,7 +286,7 @@ def rank_key(record: TrialRecord, objective: Objective) -> tuple[float, ...]:
 
     Feasible designs come first, then by how little the cost limits are exceeded (only
     designs trained without the cost pre-filter exceed them), then by how little the outcome
-    requirements are missed; within that, by the objective (`search.objective.design_order`).
+    requirements are missed; within that, by the objective (`search.ledger.objective.design_order`).
     The one rank of the search: the leaderboard, `covidnet compare`, the finish's
     confirmation order and the strategies use it.
 

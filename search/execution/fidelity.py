@@ -2,7 +2,7 @@
 
 A trained candidate starts at rung 0 (the fewest steps). When it finishes a rung, it is
 compared with every candidate that finished the same rung so far, by the search's rank (see
-`search.records.rung_rank_key`: requirements met first, then the objective). It continues to
+`search.ledger.records.rung_rank_key`: requirements met first, then the objective). It continues to
 the next rung, resuming from its own checkpoint, when it ranks in the top
 `max(1, n // reduction_factor)` of those n candidates; otherwise it stops there. The decision
 uses only what the trial store holds at that moment, so it needs no synchronization between
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from search.config import Objective
-from search.records import TrialRecord, rung_rank_key
+from search.ledger.records import TrialRecord, rung_rank_key
 
 
 def should_promote(

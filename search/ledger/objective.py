@@ -7,7 +7,7 @@ Three objectives rank designs that meet every requirement (`search.config.Object
 - `pareto`: validation accuracy against MACs; ordered by accuracy, then MACs.
 
 `directions` and `trial_values` are what the Optuna study holds (samplers learn from them);
-`design_order` is the objective's part of the rank (`search.records.rank_key`, which puts
+`design_order` is the objective's part of the rank (`search.ledger.records.rank_key`, which puts
 requirements first). Every consumer (runner, store, records, fidelity, strategies,
 leaderboard, compare, finish) goes through these three functions.
 

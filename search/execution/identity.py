@@ -24,7 +24,7 @@ import yaml
 from optuna.storages import BaseStorage
 
 from covidnet_jax.errors import ConfigError
-from search import store
+from search.ledger import store
 
 IDENTITY_ATTR = "identity"
 MUTABLE = (

@@ -11,7 +11,7 @@ directly:
 What it does, in order: validate the experiment (before any JAX work), write the resolved
 `config.yaml`, load the data once (writing the synthetic set if configured), run the workers
 against the trial store, confirm the best feasible design and score it on the test split once
-(`search.finish`), and write the leaderboard.
+(`search.execution.finish`), and write the leaderboard.
 """
 
 from __future__ import annotations
@@ -30,19 +30,20 @@ from rich.console import Console
 from covidnet_jax.data import load_data
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import to_dict
-from search import identity, store
-from search.evaluation import AnalyticCost
-from search.finish import BestDesign, RunLog, finish_best
-from search.leaderboard import count_statuses, write_leaderboard
-from search.records import TrialRecord
-from search.requirements import check_class_names
-from search.runner import SearchJob, run_search, settle
-from search.training import (
+from search.execution import identity
+from search.execution.evaluation import AnalyticCost
+from search.execution.finish import BestDesign, RunLog, finish_best
+from search.execution.runner import SearchJob, run_search, settle
+from search.execution.training import (
     SearchExperiment,
     TrainingEvaluator,
     load_experiment,
     load_prototype,
 )
+from search.ledger import store
+from search.ledger.records import TrialRecord
+from search.ledger.requirements import check_class_names
+from search.reporting.leaderboard import count_statuses, write_leaderboard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ def prepare_job(
         storage_url: a database URL, or None for the workdir's journal.
         start: epoch seconds the invocation started (the wall-time budget counts from it).
         study_name: the study (default: `search.study_name`, else the workdir's name; see
-            `search.identity.resolve_study_name`).
+            `search.execution.identity.resolve_study_name`).
         wall_time_s: proposing time left to this invocation (default: the whole
             `budget.max_wall_time_s`; `run` passes what earlier invocations left).
 
@@ -220,10 +221,10 @@ def conclude(
 ) -> tuple[list[TrialRecord], BestDesign, Path, Path]:
     """The end of a search invocation, once its own workers stopped.
 
-    Waits until no trial runs anywhere (`search.runner.settle`), then takes the study's
-    finisher lease (`search.store.FinisherLease`; while another process holds it, waits and
+    Waits until no trial runs anywhere (`search.execution.runner.settle`), then takes the study's
+    finisher lease (`search.ledger.store.FinisherLease`; while another process holds it, waits and
     then reuses its confirmation runs and test score), confirms the best design and tests it
-    once (`search.finish.finish_best`), and writes the leaderboard, all under the lease.
+    once (`search.execution.finish.finish_best`), and writes the leaderboard, all under the lease.
 
     Args:
         job: the search.

@@ -5,7 +5,7 @@ is continued to the full-fidelity budget, and `confirm.seeds` further runs train
 scratch, each with another training seed and judged on another patient-disjoint validation
 split (`validation_draw`), so that neither a lucky initialization nor the validation images the
 design was chosen on decide. Every run must meet the requirements by the search's decision
-rule (`search.requirements.outcome_violations`: each run's interval is valid for that run;
+rule (`search.ledger.requirements.outcome_violations`: each run's interval is valid for that run;
 pooling the runs' counts would treat the same images as independent evidence several times).
 When one fails, the next-ranked feasible candidate is tried, up to `confirm.max_candidates`.
 Each confirmation run is recorded in the trial store as a study user attribute
@@ -13,7 +13,7 @@ Each confirmation run is recorded in the trial store as a study user attribute
 
 Then the confirmed design's own run is scored on the test split, once, and every outcome
 requirement is reported on validation and test with intervals and a verdict
-(`search.requirements.final_verdicts`). Nothing is decided on the test split.
+(`search.ledger.requirements.final_verdicts`). Nothing is decided on the test split.
 
 Files written in the workdir (see docs/CONTRACTS.md):
 
@@ -44,10 +44,9 @@ from covidnet_jax.arch import AnySpec, spec_from_json
 from covidnet_jax.checkpointing import copy_finished
 from covidnet_jax.metrics import EvalMetrics
 from search.config import SearchSettings
-from search.evaluation import EvalFailure, EvalRequest, Evaluator
-from search.leaderboard import ranked
-from search.records import TrialRecord
-from search.requirements import (
+from search.execution.evaluation import EvalFailure, EvalRequest, Evaluator
+from search.ledger.records import TrialRecord
+from search.ledger.requirements import (
     Cost,
     RequirementReport,
     cost_violations,
@@ -56,6 +55,7 @@ from search.requirements import (
     is_feasible,
     outcome_violations,
 )
+from search.reporting.leaderboard import ranked
 
 BEST_DIR = "best"
 CONFIRM_DIR = "confirmation"

@@ -12,7 +12,7 @@ Files written in the workdir (compare/export read them; see docs/CONTRACTS.md):
   train_s, checkpoint, parent, operator`. Every metric is that of the trial's last checkpoint
   at its last rung (`judged_on`); `intervals` are two-sided at `intervals.level`. `best` is
   the content of `best/metrics.json` (or null when no design was confirmed), `confirmation`
-  every confirmation run of the finish (`search.finish.ConfirmationRun.to_dict()`).
+  every confirmation run of the finish (`search.execution.finish.ConfirmationRun.to_dict()`).
 - `leaderboard.csv`: the same rows flattened: per-class `sensitivity:<class>` and
   `ppv:<class>` columns, intervals as `<rate>:low` and `<rate>:high`, violations as
   `name=value;...`.
@@ -33,8 +33,8 @@ from rich.table import Table
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.typed_yaml import from_dict
 from search.config import Objective, RequirementsConfig
-from search.records import TrialRecord, pareto_front, proposal_outcomes, rank_key
-from search.requirements import describe_violations
+from search.ledger.records import TrialRecord, pareto_front, proposal_outcomes, rank_key
+from search.ledger.requirements import describe_violations
 
 CSV_NAME = "leaderboard.csv"
 JSON_NAME = "leaderboard.json"

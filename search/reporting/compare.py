@@ -1,6 +1,6 @@
 """Comparing searches: one leaderboard across runs, plots, tables and a self-contained report.
 
-`load_run(workdir)` reads one search's trial store (its Optuna study; see `search.records`)
+`load_run(workdir)` reads one search's trial store (its Optuna study; see `search.ledger.records`)
 and its `leaderboard.json` (requirements, objective, best design); `write_comparison(runs,
 out_dir)` writes:
 
@@ -38,10 +38,10 @@ from covidnet_jax.errors import ConfigError, SpecError, UserError
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.report_html import Figure, Paragraph, Section, Table, render_html
 from covidnet_jax.typed_yaml import from_dict
-from search import store
 from search.config import RequirementsConfig
-from search.records import TrialRecord, pareto_indices, rank_key
-from search.requirements import final_verdicts, format_verdicts
+from search.ledger import store
+from search.ledger.records import TrialRecord, pareto_indices, rank_key
+from search.ledger.requirements import final_verdicts, format_verdicts
 
 __all__ = [
     "PAPER_REFERENCES",
@@ -83,7 +83,7 @@ class Candidate:
     Attributes:
         run: the run's name.
         trial: the Optuna trial number.
-        status: "trained", "infeasible", "failed", ... (see `search.records`).
+        status: "trained", "infeasible", "failed", ... (see `search.ledger.records`).
         spec_hash: the spec's content hash ("" when never decoded).
         summary: the spec's one-line summary.
         spec_json: the spec JSON ("" when unknown).
@@ -100,7 +100,7 @@ class Candidate:
         val_interval: the validation accuracy's two-sided interval at the run's confidence
             (None untrained).
         test_interval: likewise for the test accuracy (the best design only).
-        record: the trial record (ranking goes through `search.records.rank_key`, the one
+        record: the trial record (ranking goes through `search.ledger.records.rank_key`, the one
             rank of the search, so the comparison orders designs as the leaderboard does).
     """
 
@@ -323,7 +323,7 @@ def _requirements_config(data: Mapping[str, Any]) -> RequirementsConfig:
 
 
 def ranked(runs: Sequence[RunData]) -> list[Candidate]:
-    """Trained candidates of all runs, best first, by `search.records.rank_key` (the
+    """Trained candidates of all runs, best first, by `search.ledger.records.rank_key` (the
     leaderboard's rank) under the objective the runs share, or "pareto" when they differ."""
     objectives = {run.objective for run in runs}
     objective = objectives.pop() if len(objectives) == 1 else "pareto"

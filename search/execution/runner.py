@@ -19,7 +19,7 @@ Each worker repeats, against the shared trial store:
 A training failure (NaN, out of memory, compile error, or an exception from the evaluator)
 ends that trial with its reason; the search goes on. With several workers the main process
 only watches the store (live view) and then finishes: leaderboard, best design at full
-fidelity, test metrics once (`search.finish`).
+fidelity, test metrics once (`search.execution.finish`).
 """
 
 from __future__ import annotations
@@ -45,14 +45,13 @@ from covidnet_jax.arch import AnySpec, ArchSpec, spec_from_json
 from covidnet_jax.checkpointing import copy_finished
 from covidnet_jax.errors import SpecError
 from covidnet_jax.typed_yaml import from_dict
-from search import store
 from search.config import SearchSettings
-from search.evaluation import EvalFailure, EvalRequest, Evaluator
-from search.fidelity import should_promote
-from search.live import LiveView
-from search.objective import trial_values
-from search.records import TERMINAL_STATUSES, RungResult, TrialRecord
-from search.requirements import (
+from search.execution.evaluation import EvalFailure, EvalRequest, Evaluator
+from search.execution.fidelity import should_promote
+from search.ledger import store
+from search.ledger.objective import trial_values
+from search.ledger.records import TERMINAL_STATUSES, RungResult, TrialRecord
+from search.ledger.requirements import (
     Cost,
     cost_violations,
     describe_violations,
@@ -61,8 +60,9 @@ from search.requirements import (
     outcome_violations,
     untrained_outcome_violations,
 )
-from search.space import SearchSpace
+from search.reporting.live import LiveView
 from search.strategies import StrategySampler
+from search.strategies.space import SearchSpace
 
 CostModel = Callable[[AnySpec], Cost]
 

@@ -38,8 +38,8 @@ from optuna.trial import TrialState
 
 from covidnet_jax.errors import ConfigError, StoreError
 from search.config import Objective
-from search.objective import directions
-from search.records import TrialRecord
+from search.ledger.objective import directions
+from search.ledger.records import TrialRecord
 
 JOURNAL_NAME = "study.journal"
 HEARTBEAT_ATTR = "search:heartbeat"

@@ -28,8 +28,8 @@ import numpy as np
 from covidnet_jax.arch import AnySpec, ArchSpec
 from covidnet_jax.cost import count_cost
 from covidnet_jax.metrics import EvalMetrics, compute_metrics
-from search.evaluation import AnalyticCost, EvalFailure, EvalRequest, EvalSuccess
-from search.runner import SearchJob
+from search.execution.evaluation import AnalyticCost, EvalFailure, EvalRequest, EvalSuccess
+from search.execution.runner import SearchJob
 
 _PER_CLASS = 100
 

@@ -3,7 +3,7 @@
 The loop never trains by itself. It hands an `EvalRequest` (a spec, the rung's step budget,
 the trial's checkpoint directory, an optional parent checkpoint to inherit weights from) to
 an evaluator and gets back validation metrics or a failure with its reason. The real
-evaluator (`search.training.TrainingEvaluator`) runs `covidnet_jax.train.train_and_evaluate`;
+evaluator (`search.execution.training.TrainingEvaluator`) runs `covidnet_jax.train.train_and_evaluate`;
 tests pass cheap fakes.
 """
 
@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from covidnet_jax import cost as cost_lib
 from covidnet_jax.arch import AnySpec
 from covidnet_jax.metrics import EvalMetrics
-from search.requirements import Cost
+from search.ledger.requirements import Cost
 
 
 @dataclasses.dataclass(frozen=True)

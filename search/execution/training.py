@@ -24,7 +24,7 @@ from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.train import TrainFailure, train_and_evaluate
 from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
 from search.config import SearchSettings
-from search.evaluation import EvalFailure, EvalRequest, EvalSuccess
+from search.execution.evaluation import EvalFailure, EvalRequest, EvalSuccess
 
 _FAILURE_KINDS = {"non_finite": "nan", "out_of_memory": "oom", "compile_error": "compile"}
 

@@ -20,8 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from search.config import BudgetConfig
-from search.leaderboard import clip, count_statuses, format_count
-from search.records import TrialRecord
+from search.ledger.records import TrialRecord
+from search.reporting.leaderboard import clip, count_statuses, format_count
 
 _STATUS_STYLE = {
     "trained": "green",
