@@ -38,7 +38,7 @@ def test_leaderboard_comparison_and_finish_rank_alike(tmp_path):
         workdir,
         records,
         study=workdir.name,
-        objective=search.ledger.objective,
+        objective=search.objective,
         requirements_data=data["requirements"],
         best=None,
     )
