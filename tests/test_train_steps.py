@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -197,3 +198,131 @@ def test_calibrate_batch_norm_sets_population_statistics_of_the_current_weights(
     normed = np.concatenate([np.asarray(eval_model.norm(eval_model.conv(b))) for b in batches])
     np.testing.assert_allclose(normed.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
     np.testing.assert_allclose(normed.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+
+
+# -- The hand-written optimizer that optax's pieces replaced, kept verbatim as the reference.
+# `_reference_train_step` is `steps._train_step` as it was before the switch: L2 decay (adam)
+# or decoupled decay (adamw) of ndim > 1 parameters assembled around `optax.scale_by_adam`,
+# the learning rate applied by hand, and the Adam moments as the whole optimizer state.
+
+
+def _reference_learning_rate(step, hyper, lr_scale, schedule):
+    if schedule != "warmup_cosine":
+        return hyper.learning_rate * lr_scale
+    step_f = step.astype(jnp.float32)
+    warmup = hyper.warmup_steps.astype(jnp.float32)
+    warm = hyper.learning_rate * (step_f + 1.0) / jnp.maximum(warmup, 1.0)
+    decay_len = jnp.maximum(hyper.total_steps.astype(jnp.float32) - warmup, 1.0)
+    progress = jnp.clip((step_f - warmup) / decay_len, 0.0, 1.0)
+    cosine = hyper.min_learning_rate + (hyper.learning_rate - hyper.min_learning_rate) * 0.5 * (
+        1.0 + jnp.cos(math.pi * progress)
+    )
+    return jnp.where(step_f < warmup, warm, cosine) * lr_scale
+
+
+def _reference_decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _reference_adam():
+    return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def _reference_state(state):
+    """A copy of `state` (any optimizer layout) with fresh Adam moments as optimizer state."""
+    state = _copy(state)  # the train step donates the original
+    return state.replace(opt_state=_reference_adam().init(state.params))
+
+
+def _reference_train_step(state, batch, hyper, *, graphdef, settings):
+    images = batch["image"].astype(settings.compute_dtype)
+    labels = batch["label"]
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(hyper.rng_key), state.step)
+
+    def loss_fn(params, model_state):
+        model_state = jax.tree.map(lambda x: x, model_state)
+        model = nnx.merge(graphdef, params, model_state)
+        nnx.reseed(model, dropout=step_key)
+        logits = model(images)
+        loss = steps.weighted_cross_entropy(logits, labels, hyper.class_weights)
+        return loss, (logits, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.model_state
+    )
+    decay = jax.tree.map(
+        lambda p, m: p * hyper.weight_decay if m else jnp.zeros_like(p),
+        state.params,
+        _reference_decay_mask(state.params),
+    )
+    if settings.optimizer == "adam":
+        grads = jax.tree.map(jnp.add, grads, decay)
+    updates, opt_state = _reference_adam().update(grads, state.opt_state, state.params)
+    if settings.optimizer == "adamw":
+        updates = jax.tree.map(jnp.add, updates, decay)
+    lr = _reference_learning_rate(state.step, hyper, state.lr_scale, settings.schedule)
+    params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "correct": jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32),
+        "grad_norm": grad_norm,
+        "learning_rate": lr,
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def _assert_trees_close(actual, expected, **tolerance):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **tolerance)
+
+
+def _reference_hyper():
+    # Decay on, a warm-up and a budget shorter than the run (the cosine's floor is reached),
+    # unequal class weights: every traced field matters.
+    return _hyper(
+        learning_rate=0.02,
+        weight_decay=0.05,
+        warmup_steps=5,
+        total_steps=18,
+        min_learning_rate=1e-3,
+        class_weights=np.array([1.0, 2.0, 0.5]),
+    )
+
+
+@pytest.mark.parametrize("schedule", ["constant", "warmup_cosine", "plateau"])
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_optax_steps_equal_the_hand_written_ones(optimizer, schedule):
+    settings = StepSettings(optimizer=optimizer, schedule=schedule)
+    model, fns, mesh = _setup(f"steps-reference-{optimizer}-{schedule}", settings)
+    batch = parallel.shard_batch(_batch(4), mesh)
+    hyper = _reference_hyper()
+    reference = jax.jit(
+        functools.partial(_reference_train_step, graphdef=fns.graphdef_train, settings=settings)
+    )
+    state = fns.init_state(model)
+    expected = _reference_state(state)
+    for step in range(24):
+        if step == 12:  # what a plateau reduction does between steps
+            state = state.replace(lr_scale=jnp.float32(0.7))
+            expected = expected.replace(lr_scale=jnp.float32(0.7))
+        state, metrics = fns.train_step(state, batch, hyper)
+        expected, expected_metrics = reference(expected, batch, hyper)
+        for name in ("loss", "learning_rate", "correct"):
+            np.testing.assert_allclose(metrics[name], expected_metrics[name], rtol=1e-6)
+    tolerance = {"rtol": 1e-5, "atol": 1e-7}
+    _assert_trees_close(state.params, expected.params, **tolerance)
+    _assert_trees_close(state.model_state, expected.model_state, **tolerance)
+    for moment in ("mu", "nu"):
+        _assert_trees_close(
+            optax.tree.get(state.opt_state, moment),
+            getattr(expected.opt_state, moment),
+            **tolerance,
+        )
+    adam = optax.tree.get(state.opt_state, "ScaleByAdamState")
+    assert int(state.step) == int(adam.count) == int(expected.opt_state.count) == 24
