@@ -45,7 +45,7 @@ def should_promote(
         for r in records
         if len(r.rungs) > rung
         and r.status not in ("lost", "duplicate")
-        and not r.attrs.get("second_retry")
+        and not r.second_retry
     }
     competitors[candidate.origin] = candidate
     ranked = sorted(

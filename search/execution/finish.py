@@ -204,7 +204,7 @@ class _Confirmer:
     def confirm(self, record: TrialRecord) -> list[ConfirmationRun] | None:
         """The candidate's runs when every one holds, else None (it stops at the first
         failing run, so a weak candidate costs one run)."""
-        spec = spec_from_json(record.attrs["spec"])
+        spec = spec_from_json(record.spec_json)
         steps = max(self.settings.budget.full_fidelity_steps, record.last.steps)
         runs = []
         for index in range(self.settings.confirm.seeds + 1):
@@ -273,7 +273,7 @@ class _Confirmer:
 
 def _cost_of(record: TrialRecord) -> Cost:
     return Cost(
-        record.macs or 0, record.params_count or 0, int(record.attrs.get("activation_bytes", 0))
+        record.macs or 0, record.params_count or 0, record.activation_bytes or 0
     )
 
 
@@ -386,7 +386,7 @@ def _declare(
         confirmer.log.put(own)
         confirmer.tried = [own if r.key == own.key else r for r in confirmer.tried]
     tried = confirmer.tried
-    spec = spec_from_json(record.attrs["spec"])
+    spec = spec_from_json(record.spec_json)
     request = EvalRequest(spec=spec, steps=own.steps, workdir=train_dir, init_from=None, rung=-1)
     test = evaluator.test(request)
     assert own.metrics is not None
@@ -395,7 +395,7 @@ def _declare(
     summary = {
         "trial": record.number,
         "spec_hash": record.spec_hash,
-        "summary": record.attrs.get("summary", ""),
+        "summary": record.summary,
         "macs": record.macs,
         "params": record.params_count,
         "steps": own.steps,

@@ -50,7 +50,7 @@ from search.execution.evaluation import EvalFailure, EvalRequest, Evaluator
 from search.execution.fidelity import should_promote
 from search.ledger import store
 from search.ledger.objective import trial_values
-from search.ledger.records import TERMINAL_STATUSES, RungResult, TrialRecord
+from search.ledger.records import Candidate, Proposal, RungResult, TrialRecord
 from search.ledger.requirements import (
     Cost,
     cost_violations,
@@ -148,7 +148,7 @@ class Worker:
         self.settings = job.settings
         self.workdir = Path(job.workdir)
         self.space = job.space()
-        self.cost_model = job.make_cost_model()
+        self.cost_model = _costed_once(job.make_cost_model())
         self.evaluator = evaluator if evaluator is not None else job.make_evaluator()
         self.sampler = StrategySampler(
             self.space,
@@ -156,6 +156,7 @@ class Worker:
             self.settings.objective,
             self.settings.seed,
             within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
+            on_proposal=self._record_proposal,
         )
         self.genes = tuple(gene.name for gene in self.space.genes)
         self.storage = store.open_storage(self.workdir, job.storage_url)
@@ -173,6 +174,12 @@ class Worker:
             )
             if limit is not None
         ] + outcome_names(reqs)
+
+    def _record_proposal(self, number: int, proposal: Proposal) -> None:
+        # Called inside `study.ask()`: the trial exists in the storage, its genome not yet.
+        tid = store.trial_id(self.storage, self.study, number)
+        for key, value in proposal.to_attrs().items():
+            self.storage.set_trial_user_attr(tid, key, value)
 
     def _within_cost(self, spec: AnySpec) -> bool:
         return is_feasible(cost_violations(self.settings.requirements, self.cost_model(spec)))
@@ -215,12 +222,11 @@ class Worker:
 
     def run_trial(self, trial: optuna.Trial) -> None:
         """Takes one asked trial to a final status (see the module docstring)."""
-        attrs = trial.user_attrs
-        retry_of = attrs.get("retry_of")
+        retry_of = TrialRecord.of_running(trial).retry_of
         if retry_of is None:
             records = store.read_records(self.study)
             index = sum(1 for r in records if r.number < trial.number and r.is_proposal)
-            trial.set_user_attr("proposal", index)
+            _write(trial, TrialRecord.proposal_index_attrs(index))
             if index >= self.settings.budget.max_trials:
                 self._finish(trial, "cancelled", "proposed after the trial budget was spent")
                 return
@@ -229,11 +235,10 @@ class Worker:
             # (`store.recover_lost_trials`): the first trains, the others stand down.
             first = min(r.number for r in store.read_records(self.study) if r.retry_of == retry_of)
             if first != trial.number:
-                trial.set_user_attr("second_retry", True)
+                _write(trial, TrialRecord.stand_down_attrs())
                 self._finish(trial, "cancelled", f"trial {first} already retries {retry_of}")
                 return
-        trial.set_user_attr("worker", store.worker_id())
-        trial.set_user_attr("status", "running")
+        _write(trial, TrialRecord.running_attrs(store.worker_id()))
         self._trial_id = store.trial_id(self.storage, self.study, trial.number)
         with store.heartbeat(self.storage, self._trial_id, self.settings.heartbeat.interval_s):
             try:
@@ -244,23 +249,14 @@ class Worker:
 
     def _evaluate(self, trial: optuna.Trial) -> None:
         genome = self.space.suggest(trial)
-        proposal = self.sampler.proposal(trial.number)
-        if proposal is not None:
-            if proposal.parent is not None:
-                trial.set_user_attr("parent", proposal.parent)
-            trial.set_user_attr("operator", proposal.operator)
         try:
             spec = self.space.decode(genome)
         except SpecError as err:
             self._finish(trial, "invalid", f"genome decodes to no valid spec: {err}")
             return
-        cost = self.cost_model(spec)
-        trial.set_user_attr("spec", spec.to_json(indent=None))
-        trial.set_user_attr("spec_hash", spec.content_hash())
-        trial.set_user_attr("summary", spec.summary())
-        trial.set_user_attr("macs", cost.macs)
-        trial.set_user_attr("params", cost.params)
-        trial.set_user_attr("activation_bytes", cost.activation_bytes)
+        candidate = Candidate.build(spec, self.cost_model)
+        _write(trial, candidate.to_attrs())
+        cost = candidate.cost
 
         over = cost_violations(self.settings.requirements, cost)
         if not is_feasible(over) and self.settings.budget.cost_prefilter:
@@ -275,16 +271,17 @@ class Worker:
             )
             return
 
-        origin = int(trial.user_attrs.get("origin", trial.number))
-        original = self._find_original(trial.number, spec.content_hash(), origin)
+        origin = TrialRecord.of_running(trial).origin
+        original = self._find_original(trial.number, candidate.spec_hash, origin)
         if original is not None:
             self._record_duplicate(trial, original)
             return
-        self._train(trial, spec, cost, over)
+        self._train(trial, candidate, over)
 
     def _train(
-        self, trial: optuna.Trial, spec: AnySpec, cost: Cost, cost_over: dict[str, float]
+        self, trial: optuna.Trial, candidate: Candidate, cost_over: dict[str, float]
     ) -> None:
+        spec, cost = candidate.spec, candidate.cost
         settings = self.settings
         rungs = settings.budget.rungs
         trial_dir = self.workdir / "trials" / str(trial.number)
@@ -314,7 +311,7 @@ class Worker:
             )
             outcome = self._call_evaluator(request)
             if isinstance(outcome, EvalFailure):
-                trial.set_user_attr("failure_kind", outcome.kind)
+                _write(trial, TrialRecord.failure_attrs(outcome.kind))
                 self._finish(trial, "failed", outcome.reason)
                 return
             checkpoint = ""
@@ -332,7 +329,7 @@ class Worker:
                     **outcome_violations(settings.requirements, outcome.metrics),
                 },
             )
-            trial.set_user_attr(f"rung.{rung}", result.to_attr())
+            _write(trial, TrialRecord.rung_attrs(result))
             self._report(trial, cost, result)
             totals[0] += outcome.compile_s
             totals[1] += outcome.train_s
@@ -341,12 +338,7 @@ class Worker:
                 break
         last = done[-1]
         pruned = last.rung < len(rungs) - 1  # successive halving stopped it at a low rung
-        trial.set_user_attr("rung", last.rung)
-        trial.set_user_attr("steps", last.steps)
-        trial.set_user_attr("val_accuracy", last.metrics.accuracy)
-        trial.set_user_attr("checkpoint", last.checkpoint)
-        trial.set_user_attr("compile_s", totals[0])
-        trial.set_user_attr("train_s", totals[1])
+        _write(trial, TrialRecord.trained_attrs(last, compile_s=totals[0], train_s=totals[1]))
         violations = dict(last.violations)
         reason = describe_violations(violations, settings.requirements)
         self._complete(
@@ -388,14 +380,12 @@ class Worker:
     def _inherited_checkpoint(self, record: TrialRecord) -> Path | None:
         if not self.settings.strategy.inherit_weights:
             return None
-        parent = record.attrs.get("parent")
-        if parent is None:
+        if record.parent is None:
             return None
-        parent_trial = self.study.get_trials(deepcopy=False)[int(parent)]
-        checkpoint = parent_trial.user_attrs.get("checkpoint")
-        if parent_trial.user_attrs.get("status") != "trained" or not checkpoint:
+        parent = TrialRecord.from_trial(self.study.get_trials(deepcopy=False)[record.parent])
+        if parent.status != "trained" or not parent.checkpoint:
             return None
-        path = self.workdir / checkpoint
+        path = self.workdir / parent.checkpoint
         return path if path.exists() else None
 
     # Dedupe ---------------------------------------------------------------------------------
@@ -426,25 +416,22 @@ class Worker:
             time.sleep(0.05)
 
     def _record_duplicate(self, trial: optuna.Trial, original: TrialRecord) -> None:
-        trial.set_user_attr("duplicate_of", original.number)
         reason = f"same spec as trial {original.number}"
         frozen = self.study.get_trials(deepcopy=False)[original.number]
         if original.status == "trained" and frozen.state in (
             TrialState.COMPLETE,
             TrialState.PRUNED,
         ):
-            for key in ("rung", "steps", "val_accuracy", "checkpoint", "violations", "feasible"):
-                if key in original.attrs:
-                    trial.set_user_attr(key, original.attrs[key])
+            _write(trial, original.duplicate_attrs(result=True))
             for name, value in frozen.constraints.items():
                 trial.set_constraint(name, value)
             for step, value in sorted(frozen.intermediate_values.items()):
                 trial.report(value, step=step)
-            trial.set_user_attr("status", "duplicate")
-            trial.set_user_attr("reason", reason)
+            _write(trial, TrialRecord.end_attrs("duplicate", reason))
             values = frozen.values if frozen.state == TrialState.COMPLETE else None
             self._tell(trial, frozen.state, values)
             return
+        _write(trial, original.duplicate_attrs(result=False))
         self._finish(trial, "duplicate", reason)
 
     # Recording ------------------------------------------------------------------------------
@@ -467,10 +454,7 @@ class Worker:
         `min_macs`), and learning "small pruned designs are good" cost it 7 of 10 seeds on
         the surrogate task (bench/README.md, "Optuna's trial states"). NSGA-II considers
         only COMPLETE trials, so it no longer learns a short run as a finished design."""
-        trial.set_user_attr("violations", violations)
-        trial.set_user_attr("feasible", is_feasible(violations))
-        trial.set_user_attr("reason", reason)
-        trial.set_user_attr("status", status)
+        _write(trial, TrialRecord.end_attrs(status, reason, violations))
         for name in self.constraint_names:
             trial.set_constraint(name, float(violations.get(name, 0.0)))
         if pruned:
@@ -487,9 +471,7 @@ class Worker:
 
     def _finish(self, trial: optuna.Trial, status: str, reason: str) -> None:
         """Ends a trial without values (failed, invalid, cancelled, duplicate of a failure)."""
-        assert status in TERMINAL_STATUSES
-        trial.set_user_attr("status", status)
-        trial.set_user_attr("reason", reason)
+        _write(trial, TrialRecord.end_attrs(status, reason))
         self._tell(trial, TrialState.FAIL, None)
 
     def _tell(self, trial: optuna.Trial, state: TrialState, values: Sequence[float] | None):
@@ -497,6 +479,26 @@ class Worker:
         # heartbeat) and retried it; the retry's result counts.
         with contextlib.suppress(UpdateFinishedTrialError):
             self.study.tell(trial, values=values, state=state)
+
+
+def _costed_once(cost_model: CostModel) -> CostModel:
+    """`cost_model` memoised by spec hash: the strategy's cost check of a child and the
+    candidate's record cost one count (the analytic counter walks every layer)."""
+    costs: dict[str, Cost] = {}
+
+    def cost(spec: AnySpec) -> Cost:
+        key = spec.content_hash()
+        if key not in costs:
+            costs[key] = cost_model(spec)
+        return costs[key]
+
+    return cost
+
+
+def _write(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """Stores attributes built by the ledger (`TrialRecord.*_attrs`, `Candidate.to_attrs`)."""
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 
 
 def run_worker(job: SearchJob, evaluator: Evaluator | None = None) -> WorkerSummary:

@@ -114,9 +114,7 @@ def prepare_job(
         study_name=study_name or experiment.search.study_name or workdir.resolve().name,
         prototype_json=prototype.to_json(indent=None),
         class_names=tuple(data.class_names),
-        make_evaluator=functools.partial(
-            TrainingEvaluator.from_file, experiment.path, experiment.overrides
-        ),
+        make_evaluator=functools.partial(TrainingEvaluator.from_experiment, experiment),
         make_cost_model=functools.partial(AnalyticCost, training.train.batch_size),
         deadline=start
         + (experiment.search.budget.max_wall_time_s if wall_time_s is None else wall_time_s),
@@ -156,6 +154,8 @@ def run(
         experiment = load_experiment(experiment, tuple(overrides))
     elif overrides:
         raise ConfigError("overrides: pass them to load_experiment with the file")
+    if workdir is None and not experiment.path:
+        raise ConfigError("workdir: required for an experiment built in Python (no file name)")
     workdir = Path(workdir or Path("runs") / Path(experiment.path).stem)
     count = experiment.search.workers if workers is None else workers
     if count < 1:
@@ -191,7 +191,7 @@ def run(
         say(f"resuming: {proposed} proposals and {spent:.0f} s of the wall-time budget spent")
     running = [r for r in store.read_records(study) if r.state == "RUNNING"]
     if running:
-        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        where = ", ".join(f"{r.number} ({r.worker or '?'})" for r in running)
         say(
             f"other processes are running trials of this search ({where}): joining them "
             "as a worker; the finish waits for them (a dead one's trial is retried once its "
@@ -290,7 +290,7 @@ def _waiting_message(console: Console | None) -> Callable[[Sequence[TrialRecord]
         if console is None or numbers in said:
             return
         said.add(numbers)
-        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        where = ", ".join(f"{r.number} ({r.worker or '?'})" for r in running)
         console.print(f"waiting for trials other processes are running: {where}")
 
     return on_wait

@@ -40,15 +40,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import optuna
 
+from covidnet_jax.arch import AnySpec
 from covidnet_jax.metrics import EvalMetrics, netscore
 from search.config import Objective
 from search.ledger.objective import design_order
-from search.ledger.requirements import COST_NAMES
+from search.ledger.requirements import COST_NAMES, Cost, is_feasible
+
+Genome = dict[str, int]
+"""A point of the search space: gene name -> index (Optuna's parameters of a trial)."""
 
 TERMINAL_STATUSES = (
     "trained",
@@ -59,6 +63,60 @@ TERMINAL_STATUSES = (
     "cancelled",
     "invalid",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    """A proposed genome and where it came from.
+
+    Attributes:
+        genome: gene name -> index.
+        parent: the trial number it was derived from (None for fresh designs).
+        operator: how it was derived, e.g. "random", "prototype", "narrow s1.m0.width".
+    """
+
+    genome: Genome
+    parent: int | None
+    operator: str
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes recording the proposal's origin (the genome is Optuna's
+        parameters)."""
+        attrs: dict[str, Any] = {"operator": self.operator}
+        if self.parent is not None:
+            attrs["parent"] = self.parent
+        return attrs
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A decoded design and its analytic cost, built once per trial (`Candidate.build`).
+
+    Attributes:
+        spec: the architecture.
+        spec_hash: `spec.content_hash()`, the dedupe key.
+        cost: its analytic cost.
+    """
+
+    spec: AnySpec
+    spec_hash: str
+    cost: Cost
+
+    @classmethod
+    def build(cls, spec: AnySpec, cost_model: Callable[[AnySpec], Cost]) -> Candidate:
+        """Hashes and costs `spec` (once)."""
+        return cls(spec=spec, spec_hash=spec.content_hash(), cost=cost_model(spec))
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes describing the design."""
+        return {
+            "spec": self.spec.to_json(indent=None),
+            "spec_hash": self.spec_hash,
+            "summary": self.spec.summary(),
+            "macs": self.cost.macs,
+            "params": self.cost.params,
+            "activation_bytes": self.cost.activation_bytes,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +194,19 @@ class TrialRecord:
     completed: float | None = None
 
     @classmethod
+    def of_running(cls, trial: optuna.Trial) -> TrialRecord:
+        """The record of a trial this process is running (an asked `optuna.Trial`)."""
+        return cls(
+            number=trial.number,
+            state="RUNNING",
+            status=str(trial.user_attrs.get("status", "")),
+            params={k: int(v) for k, v in trial.params.items()},
+            attrs=dict(trial.user_attrs),
+            rungs=(),
+            heartbeat=None,
+        )
+
+    @classmethod
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
         """Reads a record from an Optuna `FrozenTrial`."""
         attrs = dict(trial.user_attrs)
@@ -161,10 +232,22 @@ class TrialRecord:
             ),
         )
 
+    # Reading: typed views of the attributes ----------------------------------------------
+
     @property
     def spec_hash(self) -> str | None:
         """The spec's content hash, once known."""
         return self.attrs.get("spec_hash")
+
+    @property
+    def spec_json(self) -> str:
+        """The spec as JSON ("" before it is known)."""
+        return str(self.attrs.get("spec", ""))
+
+    @property
+    def summary(self) -> str:
+        """The spec's one-line summary ("" before it is known)."""
+        return str(self.attrs.get("summary", ""))
 
     @property
     def macs(self) -> int | None:
@@ -177,6 +260,73 @@ class TrialRecord:
         """Analytic parameter count, once known."""
         value = self.attrs.get("params")
         return None if value is None else int(value)
+
+    @property
+    def activation_bytes(self) -> int | None:
+        """Analytic activation memory, once known."""
+        value = self.attrs.get("activation_bytes")
+        return None if value is None else int(value)
+
+    @property
+    def reason(self) -> str:
+        """Why the trial ended as it did (one line; "" when it needs no reason)."""
+        return str(self.attrs.get("reason", "") or "")
+
+    @property
+    def parent(self) -> int | None:
+        """The trial the strategy derived this one from."""
+        value = self.attrs.get("parent")
+        return None if value is None else int(value)
+
+    @property
+    def operator(self) -> str:
+        """How the strategy derived it ("" when unknown)."""
+        return str(self.attrs.get("operator", ""))
+
+    @property
+    def worker(self) -> str:
+        """`host:pid` of the worker that ran it ("" before one took it)."""
+        return str(self.attrs.get("worker", ""))
+
+    @property
+    def failure_kind(self) -> str:
+        """ "nan" | "oom" | "compile" | "error" for a failed trial, else ""."""
+        return str(self.attrs.get("failure_kind", ""))
+
+    @property
+    def checkpoint(self) -> str:
+        """The last rung's checkpoint, relative to the workdir ("" when none)."""
+        return str(self.attrs.get("checkpoint", ""))
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling, over the rungs."""
+        return float(self.attrs.get("compile_s", 0.0) or 0.0)
+
+    @property
+    def train_s(self) -> float:
+        """Seconds spent training and evaluating, over the rungs."""
+        return float(self.attrs.get("train_s", 0.0) or 0.0)
+
+    @property
+    def abandoned(self) -> bool:
+        """Lost before its genome was complete (not a proposal)."""
+        return bool(self.attrs.get("abandoned", False))
+
+    @property
+    def second_retry(self) -> bool:
+        """A retry that stood down because another retry of the same trial runs."""
+        return bool(self.attrs.get("second_retry", False))
+
+    @property
+    def losses(self) -> int:
+        """Times the chain up to this trial was lost."""
+        return int(self.attrs.get("losses", 0))
+
+    @property
+    def failures(self) -> int:
+        """Times the chain up to this trial failed on its own."""
+        return int(self.attrs.get("failures", 0))
 
     @property
     def last(self) -> RungResult | None:
@@ -210,7 +360,7 @@ class TrialRecord:
     def is_proposal(self) -> bool:
         """True for a proposal: a trial the strategy asked for (not a retry), with its whole
         genome drawn (not `abandoned` by a kill before that), no longer waiting."""
-        return self.retry_of is None and self.state != "WAITING" and not self.attrs.get("abandoned")
+        return self.retry_of is None and self.state != "WAITING" and not self.abandoned
 
     @property
     def is_trained(self) -> bool:
@@ -222,6 +372,87 @@ class TrialRecord:
         if self.last is None or not self.macs or not self.params_count:
             return -math.inf
         return netscore(self.last.metrics.accuracy, self.params_count, self.macs)
+
+    # Writing: with `from_trial`, the only code that knows the attribute names ------------
+
+    @staticmethod
+    def running_attrs(worker: str) -> dict[str, Any]:
+        """Attributes of a trial a worker has taken."""
+        return {"worker": worker, "status": "running"}
+
+    @staticmethod
+    def end_attrs(
+        status: str, reason: str, violations: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Attributes of a trial's end: its status and reason, and, for a judged candidate,
+        its requirement shortfalls and whether all hold."""
+        assert status in TERMINAL_STATUSES, status
+        attrs: dict[str, Any] = {}
+        if violations is not None:
+            attrs["violations"] = dict(violations)
+            attrs["feasible"] = is_feasible(violations)
+        return {**attrs, "reason": reason, "status": status}
+
+    @staticmethod
+    def rung_attrs(result: RungResult) -> dict[str, Any]:
+        """The attribute of one completed rung."""
+        return {f"rung.{result.rung}": result.to_attr()}
+
+    @staticmethod
+    def trained_attrs(last: RungResult, *, compile_s: float, train_s: float) -> dict[str, Any]:
+        """The summary attributes of a trained candidate (its last rung and the totals)."""
+        return {
+            "rung": last.rung,
+            "steps": last.steps,
+            "val_accuracy": last.metrics.accuracy,
+            "checkpoint": last.checkpoint,
+            "compile_s": compile_s,
+            "train_s": train_s,
+        }
+
+    @staticmethod
+    def failure_attrs(kind: str) -> dict[str, Any]:
+        """The attribute naming a failure's kind."""
+        return {"failure_kind": kind}
+
+    @staticmethod
+    def proposal_index_attrs(index: int) -> dict[str, Any]:
+        """The attribute numbering a proposal among proposals."""
+        return {"proposal": index}
+
+    @staticmethod
+    def stand_down_attrs() -> dict[str, Any]:
+        """The attribute of a retry that stands down for an earlier retry of its trial."""
+        return {"second_retry": True}
+
+    @staticmethod
+    def lost_attrs(reason: str, *, abandoned: bool) -> dict[str, Any]:
+        """The mark of a trial whose worker died (`abandoned`: before its genome was
+        complete, so it is no proposal)."""
+        return {"abandoned": True, "lost": reason} if abandoned else {"lost": reason}
+
+    def duplicate_attrs(self, *, result: bool) -> dict[str, Any]:
+        """The attributes of a duplicate of this record: which trial it duplicates and, with
+        `result` (this one trained), its result, not its identity."""
+        keys = ("rung", "steps", "val_accuracy", "checkpoint", "violations", "feasible")
+        copied = {key: self.attrs[key] for key in keys if key in self.attrs} if result else {}
+        return {"duplicate_of": self.number, **copied}
+
+    def retry_attrs(self, *, losses: int, failures: int) -> dict[str, Any]:
+        """The attributes of this trial's retry: its proposal (origin, parent, operator,
+        index), its completed rungs, and the chain's counts."""
+        carried = {
+            k: v
+            for k, v in self.attrs.items()
+            if k.startswith("rung.") or k in ("parent", "operator", "proposal")
+        }
+        return {
+            **carried,
+            "retry_of": self.number,
+            "origin": self.origin,
+            "losses": losses,
+            "failures": failures,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +489,7 @@ def proposal_outcomes(records: Sequence[TrialRecord]) -> list[ProposalOutcome]:
     for r in records:
         if r.is_proposal:
             chains.setdefault(r.number, []).insert(0, r)
-        elif r.retry_of is not None and not r.attrs.get("second_retry"):
+        elif r.retry_of is not None and not r.second_retry:
             chains.setdefault(r.origin, []).append(r)
     outcomes = []
     for origin, chain in sorted(chains.items()):

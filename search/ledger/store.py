@@ -302,28 +302,16 @@ def _retry_attrs(trial: optuna.trial.FrozenTrial, max_retries: int) -> dict[str,
     `max_retries` times, and only for `RETRYABLE_FAILURES`.
     """
     record = TrialRecord.from_trial(trial)
-    attrs = record.attrs
-    losses, failures = int(attrs.get("losses", 0)), int(attrs.get("failures", 0))
+    losses, failures = record.losses, record.failures
     if record.status == "lost":
         losses += 1
-    elif record.status == "failed" and attrs.get("failure_kind") in RETRYABLE_FAILURES:
+    elif record.status == "failed" and record.failure_kind in RETRYABLE_FAILURES:
         failures += 1
         if failures > max_retries:
             return None
     else:
         return None
-    carried = {
-        k: v
-        for k, v in attrs.items()
-        if k.startswith("rung.") or k in ("parent", "operator", "proposal")
-    }
-    return {
-        **carried,
-        "retry_of": trial.number,
-        "origin": int(attrs.get("origin", trial.number)),
-        "losses": losses,
-        "failures": failures,
-    }
+    return record.retry_attrs(losses=losses, failures=failures)
 
 
 def recover_lost_trials(
@@ -368,7 +356,7 @@ def recover_lost_trials(
         if beat is None and trial.datetime_start is not None:
             beat = trial.datetime_start.timestamp()
         stale = beat is not None and now - float(beat) > grace_s
-        worker = trial.user_attrs.get("worker")
+        worker = TrialRecord.from_trial(trial).worker or None
         gone = _worker_is_dead(worker)
         if not (stale or gone):
             continue
@@ -376,15 +364,15 @@ def recover_lost_trials(
         reason = f"worker {worker or '?'} stopped ({why})"
         try:
             tid = trial_id(storage, study, trial.number)
-            if genome_of(trial, genes) is None:
-                storage.set_trial_user_attr(tid, "abandoned", True)
-            storage.set_trial_user_attr(tid, "lost", reason)
+            mark = TrialRecord.lost_attrs(reason, abandoned=genome_of(trial, genes) is None)
+            for key, value in mark.items():  # "lost" last: it makes the trial read as lost
+                storage.set_trial_user_attr(tid, key, value)
             storage.set_trial_state_values(tid, TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another worker got there first, or the trial just ended
         lost.append(trial.number)
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {TrialRecord.from_trial(t).retry_of for t in trials}
     for trial in trials:
         if trial.state != TrialState.FAIL or trial.number in retried:
             continue

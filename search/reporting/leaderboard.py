@@ -59,7 +59,7 @@ def count_statuses(records: Sequence[TrialRecord]) -> dict[str, int]:
     result["feasible"] = sum(1 for r in records if r.is_trained and r.feasible)
     result["retried"] = sum(1 for r in records if r.retry_of is not None)
     result["unsettled"] = sum(1 for o in outcomes if not o.settled)
-    result["abandoned"] = sum(1 for r in records if r.attrs.get("abandoned"))
+    result["abandoned"] = sum(1 for r in records if r.abandoned)
     return result
 
 
@@ -95,12 +95,12 @@ def leaderboard_rows(
                 "rank": rank,
                 "trial": r.number,
                 "spec_hash": r.spec_hash,
-                "summary": r.attrs.get("summary", ""),
+                "summary": r.summary,
                 "feasible": r.feasible,
                 "pareto": r.number in front,
                 "macs": r.macs,
                 "params": r.params_count,
-                "activation_bytes": r.attrs.get("activation_bytes"),
+                "activation_bytes": r.activation_bytes,
                 "rung": r.last.rung,
                 "steps": r.last.steps,
                 "val_accuracy": metrics.accuracy,
@@ -111,11 +111,11 @@ def leaderboard_rows(
                 "netscore": r.netscore(),
                 "violations": r.violations,
                 "reason": describe_violations(r.violations, reqs),
-                "compile_s": r.attrs.get("compile_s", 0.0),
-                "train_s": r.attrs.get("train_s", 0.0),
-                "checkpoint": r.attrs.get("checkpoint", ""),
-                "parent": r.attrs.get("parent"),
-                "operator": r.attrs.get("operator", ""),
+                "compile_s": r.compile_s,
+                "train_s": r.train_s,
+                "checkpoint": r.checkpoint,
+                "parent": r.parent,
+                "operator": r.operator,
             }
         )
     return rows

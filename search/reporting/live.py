@@ -46,9 +46,8 @@ def trial_line(record: TrialRecord) -> str:
         parts.append(f"rung {record.last.rung} ({record.last.steps} steps)")
         parts.append(f"val acc {record.last.metrics.accuracy:.3f}")
         parts.append("feasible" if record.feasible else "misses requirements")
-    reason = record.attrs.get("reason")
-    if reason and record.status != "trained":
-        parts.append(str(reason))
+    if record.reason and record.status != "trained":
+        parts.append(record.reason)
     return "  ".join(parts)
 
 
@@ -92,11 +91,7 @@ def render(records: Sequence[TrialRecord], budget: BudgetConfig, elapsed_s: floa
         table.add_column(name, justify=justify, no_wrap=True, min_width=max(len(name), 5))
     for r in list(records)[-rows:]:
         last = r.last
-        note = (
-            r.attrs.get("summary", "")
-            if r.status in ("trained", "running")
-            else r.attrs.get("reason", "")
-        )
+        note = r.summary if r.status in ("trained", "running") else r.reason
         table.add_row(
             str(r.number),
             Text(r.status or "waiting", style=_STATUS_STYLE.get(r.status, "")),

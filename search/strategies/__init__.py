@@ -19,8 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
+from search.ledger.records import Proposal
 from search.strategies.evolution import EvolutionSampler
-from search.strategies.genome import GenomeSampler, Proposal, trial_rng
+from search.strategies.genome import GenomeSampler, trial_rng
 from search.strategies.shrink import ShrinkSampler
 from search.strategies.space import SearchSpace
 
@@ -36,6 +37,9 @@ class StrategySampler(BaseSampler):
         objective: the search objective.
         seed: the search's root seed.
         within_cost: whether a spec meets the hard cost limits (for evolution and shrink).
+        on_proposal: called with (trial number, `Proposal`) when evolution or shrink decides
+            a genome (inside `study.ask()`); Optuna's own samplers propose parameter by
+            parameter and have no parent or operator to report.
     """
 
     def __init__(
@@ -45,8 +49,10 @@ class StrategySampler(BaseSampler):
         objective: Objective,
         seed: int,
         within_cost: Callable[[AnySpec], bool] | None = None,
+        on_proposal: Callable[[int, Proposal], None] | None = None,
     ) -> None:
         self.within_cost = within_cost
+        self.on_proposal = on_proposal
         self.space = space
         self.strategy = strategy
         self.objective = objective
@@ -70,13 +76,14 @@ class StrategySampler(BaseSampler):
                 seed=seed, population_size=self.strategy.population_size
             )
         cls = EvolutionSampler if name == "evolution" else ShrinkSampler
-        return cls(self.space, self.strategy, self.objective, self.seed, self.within_cost)
-
-    def proposal(self, number: int) -> Proposal | None:
-        """Parent and operator of trial `number` when a genome strategy proposed it."""
-        if isinstance(self._inner, GenomeSampler):
-            return self._inner.proposal(number)
-        return None
+        return cls(
+            self.space,
+            self.strategy,
+            self.objective,
+            self.seed,
+            self.within_cost,
+            self.on_proposal,
+        )
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Builds this trial's sampler, then lets it prepare."""

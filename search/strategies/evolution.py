@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.ledger.records import TrialRecord, rung_rank_key
-from search.strategies.genome import GenomeSampler, Proposal, trained_records
+from search.ledger.records import Proposal, TrialRecord, rung_rank_key
+from search.strategies.genome import GenomeSampler, trained_records
 
 
 class EvolutionSampler(GenomeSampler):

@@ -10,7 +10,6 @@ continues the same strategy, and one worker's proposals are deterministic for a 
 from __future__ import annotations
 
 import abc
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,23 +21,8 @@ from optuna.trial import FrozenTrial
 
 from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
-from search.ledger.records import TrialRecord
-from search.strategies.space import Genome, SearchSpace
-
-
-@dataclasses.dataclass(frozen=True)
-class Proposal:
-    """A proposed genome and where it came from.
-
-    Attributes:
-        genome: gene name -> index.
-        parent: the trial number it was derived from (None for fresh designs).
-        operator: how it was derived, e.g. "random", "prototype", "narrow s1.m0.width".
-    """
-
-    genome: Genome
-    parent: int | None
-    operator: str
+from search.ledger.records import Genome, Proposal, TrialRecord
+from search.strategies.space import SearchSpace
 
 
 def trial_rng(seed: int, number: int) -> np.random.Generator:
@@ -57,6 +41,9 @@ class GenomeSampler(BaseSampler, abc.ABC):
         within_cost: whether a spec meets the hard cost limits (None: no check). Children are
             resampled to meet them, so a strategy spends few proposals on designs that the
             cost pre-filter would reject anyway.
+        on_proposal: called with (trial number, proposal) as soon as a genome is decided,
+            inside `study.ask()`: the runner records the proposal's origin in the trial
+            itself, so it survives a worker killed right after the ask.
     """
 
     def __init__(
@@ -66,21 +53,19 @@ class GenomeSampler(BaseSampler, abc.ABC):
         objective: Objective,
         seed: int,
         within_cost: Callable[[AnySpec], bool] | None = None,
+        on_proposal: Callable[[int, Proposal], None] | None = None,
     ) -> None:
         self.space = space
         self.strategy = strategy
         self.objective = objective
         self.seed = seed
         self.within_cost = within_cost
-        self._proposals: dict[int, Proposal] = {}
+        self.on_proposal = on_proposal
+        self._genomes: dict[int, Genome] = {}
 
     @abc.abstractmethod
     def propose(self, records: Sequence[TrialRecord], rng: np.random.Generator) -> Proposal:
         """The next genome, given every earlier trial's record (ordered by number)."""
-
-    def proposal(self, number: int) -> Proposal | None:
-        """The proposal made for trial `number` by this sampler (None for fixed trials)."""
-        return self._proposals.get(number)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Decides the genome of `trial` unless its parameters are fixed (enqueued)."""
@@ -91,7 +76,10 @@ class GenomeSampler(BaseSampler, abc.ABC):
             for t in study.get_trials(deepcopy=False)
             if t.number < trial.number
         ]
-        self._proposals[trial.number] = self.propose(records, trial_rng(self.seed, trial.number))
+        proposal = self.propose(records, trial_rng(self.seed, trial.number))
+        self._genomes[trial.number] = proposal.genome
+        if self.on_proposal is not None:
+            self.on_proposal(trial.number, proposal)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
@@ -116,7 +104,7 @@ class GenomeSampler(BaseSampler, abc.ABC):
         param_distribution: BaseDistribution,
     ) -> Any:
         """The proposed value of one gene."""
-        return self._proposals[trial.number].genome[param_name]
+        return self._genomes[trial.number][param_name]
 
     def fresh_genome(self, records: Sequence[TrialRecord], rng: np.random.Generator) -> Genome:
         """A random genome whose spec has not been proposed before (if one is found)."""

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search.ledger.records import TrialRecord, rank_key
+from search.ledger.records import Proposal, TrialRecord, rank_key
 from search.ledger.requirements import COST_NAMES
-from search.strategies.genome import GenomeSampler, Proposal, seen_hashes, trained_records
+from search.strategies.genome import GenomeSampler, seen_hashes, trained_records
 
 
 class ShrinkSampler(GenomeSampler):
@@ -115,13 +115,13 @@ class ShrinkSampler(GenomeSampler):
         """A new shrink of `anchor` not yet known to break a requirement (None: none left)."""
         blocked: set[str] = set()
         for r in records:
-            if r.attrs.get("parent") != anchor.number:
+            if r.parent != anchor.number:
                 continue
             broke = r.status in ("failed", "infeasible", "invalid") or (
                 r.is_trained and not r.feasible
             )
             if broke:
-                blocked.update(str(r.attrs.get("operator", "")).removeprefix("shrink ").split("+"))
+                blocked.update(r.operator.removeprefix("shrink ").split("+"))
         options = [(n, g) for n, g in self.space.shrink_options(anchor.params) if n not in blocked]
         seen = seen_hashes(records)
         for _ in range(self.strategy.max_resample):

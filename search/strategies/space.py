@@ -32,12 +32,10 @@ from typing import Literal
 import numpy as np
 import optuna
 
-from covidnet_jax.arch import ArchSpec, HeadSpec, ModuleSpec, StageSpec
+from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
 from covidnet_jax.errors import ConfigError
-from search.config import HeadChoice, SpaceConfig
-
-Genome = dict[str, int]
-"""Gene name -> index into that gene's choices."""
+from search.config import SpaceConfig
+from search.ledger.records import Genome
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +76,6 @@ def _round_width(value: float, divisor: int) -> int:
     return max(divisor, round(value / divisor) * divisor)
 
 
-def _head_spec(choice: HeadChoice) -> HeadSpec:
-    return HeadSpec(pool=choice.pool, hidden=tuple(choice.hidden), dropout=choice.dropout)
-
-
 class SearchSpace:
     """Genes around a prototype, decoding, and the mutation operators.
 
@@ -119,7 +113,7 @@ class SearchSpace:
         self._depth_choices = tuple(tuple(range(lo, hi + 1)) for lo, hi in depth_ranges)
         self._kernel_choices = tuple(sorted(config.kernel_sizes))
         self._connectivity = tuple(config.connectivity) or (prototype.connectivity,)
-        self._heads = tuple(_head_spec(h) for h in config.heads) or (prototype.head,)
+        self._heads = tuple(config.heads) or (prototype.head,)
         self._resolutions = tuple(sorted(config.resolutions)) or (prototype.input_size,)
 
         genes: list[Gene] = []
