@@ -18,16 +18,18 @@ import base64
 import dataclasses
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["Figure", "Paragraph", "Section", "Table", "png_data_uri", "render_html"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_COLUMN_STYLES = ("number", "wrap")
 
 _STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
-       max-width: 1200px; padding: 0 1rem; color: #1b1f24; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem 1.5rem;
+       color: #1b1f24; }
+p, pre { max-width: 95ch; }
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
 h2 { font-size: 1.25rem; border-bottom: 1px solid #d0d7de; padding-bottom: 0.2rem;
      margin-top: 2rem; }
@@ -36,9 +38,14 @@ table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
 th, td { border: 1px solid #d0d7de; padding: 0.25rem 0.5rem; text-align: right; }
 th { background: #f6f8fa; position: sticky; top: 0; }
 td.text { text-align: left; font-family: ui-monospace, monospace; white-space: nowrap; }
-tr.bad td { color: #8c959f; }
+td.number { font-family: ui-monospace, monospace; font-variant-numeric: tabular-nums;
+            white-space: nowrap; }
+td.wrap { text-align: left; white-space: normal; min-width: 18ch; max-width: 45ch; }
+tr.bad td { color: #6e7781; background: #f6f8fa; }
+tr.bad td.wrap { color: #9a3412; }
 figure { margin: 0.5rem 0 1.5rem; }
 figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figure { max-width: 1400px; }
 figcaption { color: #57606a; font-size: 0.85rem; }
 div.scroll { overflow-x: auto; }
 """
@@ -54,6 +61,9 @@ class Table:
         title: an optional caption.
         dim_rows: indices of rows to show greyed out (e.g. infeasible designs).
         table_id: the HTML id of the table element.
+        column_styles: column heading -> "number" (text already formatted as a number:
+            right-aligned, digits lined up) or "wrap" (prose such as a reason: left-aligned,
+            wrapped instead of widening the table).
     """
 
     columns: Sequence[str]
@@ -61,8 +71,15 @@ class Table:
     title: str = ""
     dim_rows: frozenset[int] = frozenset()
     table_id: str = ""
+    column_styles: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for column, style in self.column_styles.items():
+            if column not in self.columns or style not in _COLUMN_STYLES:
+                raise ValueError(
+                    f"table {self.title!r}: column_styles[{column!r}] = {style!r}; expected a "
+                    f"column of the table and one of {', '.join(_COLUMN_STYLES)}"
+                )
         for i, row in enumerate(self.rows):
             if len(row) != len(self.columns):
                 raise ValueError(
@@ -134,11 +151,13 @@ def _render_table(table: Table) -> str:
     parts.append("<thead><tr>")
     parts += [f"<th>{html.escape(str(col))}</th>" for col in table.columns]
     parts.append("</tr></thead><tbody>")
+    styles = [table.column_styles.get(column) for column in table.columns]
     for i, row in enumerate(table.rows):
         parts.append('<tr class="bad">' if i in table.dim_rows else "<tr>")
-        for value in row:
+        for value, style in zip(row, styles, strict=True):
             text, is_text = _cell(value)
-            parts.append(f'<td class="text">{text}</td>' if is_text else f"<td>{text}</td>")
+            css = style or ("text" if is_text else "")
+            parts.append(f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>")
         parts.append("</tr>")
     parts.append("</tbody></table></div>")
     return "".join(parts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -25,8 +26,15 @@ from search.reporting.compare import (
     design_knobs,
     load_run,
     read_training_curve,
-    write_comparison,
 )
+from search.reporting.compare_figures import (
+    PAPER_REFERENCES,
+    curves_figure,
+    knob_label,
+    knobs_figure,
+    pareto_figure,
+)
+from search.reporting.compare_report import write_comparison
 from search.reporting.leaderboard import write_leaderboard
 
 _REQUIREMENTS = {
@@ -35,6 +43,11 @@ _REQUIREMENTS = {
     "classes": {"COVID-19": {"min_sensitivity": 0.5}},
     "decision": "point",  # the surrogate's metrics are exact, not samples
 }
+
+
+def _train_loss(trial: int, step: int) -> float:
+    """The fixture's training loss: falling, at a different pace per trial."""
+    return 1.2 * math.exp(-step / (60 + 9 * trial))
 
 
 def _search(workdir: Path, seed: int) -> Path:
@@ -65,12 +78,16 @@ def _search(workdir: Path, seed: int) -> Path:
     for r in records:
         if not r.is_trained:
             continue
-        # The training log format of covidnet_jax.train (metrics.jsonl events).
+        # The training log format of covidnet_jax.train (metrics.jsonl events), one stretch
+        # per fidelity rung: a promoted design resumes where its last rung ended.
         with open(workdir / "trials" / str(r.number) / "metrics.jsonl", "w") as f:
-            for step in (10, 20, 30, 40, 50):
-                f.write(json.dumps({"event": "train", "step": step, "loss": 1.2 - step / 100}))
+            for rung in r.rungs:
+                for step in range(10, rung.steps + 1, 10):
+                    loss = _train_loss(r.number, step)
+                    f.write(json.dumps({"event": "train", "step": step, "loss": loss}) + "\n")
+                validation = {"accuracy": rung.metrics.accuracy, "loss": loss + 0.1}
+                f.write(json.dumps({"event": "validation", "step": rung.steps, **validation}))
                 f.write("\n")
-            f.write(json.dumps({"event": "validation", "step": 50, "accuracy": 0.5}) + "\n")
             f.write('{"event": "train", "step": 6')  # a write cut short by a kill
         if r.feasible and best is None:
             best = {"trial": r.number, "test": {"accuracy": 0.625}}
@@ -217,9 +234,13 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
 def test_training_curves_and_knobs_are_read(two_runs):
     trained = next(c for c in load_run(two_runs[0]).candidates if c.trained)
     curve = read_training_curve(two_runs[0] / "trials" / str(trained.trial))
-    assert curve["loss"][0] == (10, pytest.approx(1.1)) and len(curve["loss"]) == 5
-    assert curve["val_accuracy"] == [(50, 0.5)]
-    assert read_training_curve(two_runs[0] / "nowhere") == {"loss": [], "val_accuracy": []}
+    rungs = trained.record.rungs
+    assert curve["loss"][0] == (10, pytest.approx(_train_loss(trained.trial, 10)))
+    assert len(curve["loss"]) == rungs[-1].steps // 10  # each step once, the torn line skipped
+    assert curve["val_accuracy"] == [(r.steps, pytest.approx(r.metrics.accuracy)) for r in rungs]
+    assert [step for step, _ in curve["val_loss"]] == [r.steps for r in rungs]
+    empty = {"loss": [], "val_loss": [], "val_accuracy": []}
+    assert read_training_curve(two_runs[0] / "nowhere") == empty
     knobs = design_knobs(get_preset("tiny").to_json())
     assert knobs["s1 depth"] == 2 and knobs["s2 kernel"] == 5 and knobs["input"] == 32
     assert design_knobs(get_preset("resnet50").to_json()) == {}
@@ -247,3 +268,78 @@ def test_bad_paths_give_one_line_errors(two_runs, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
     with pytest.raises(CompareError, match="not a folder"):
         write_comparison([load_run(two_runs[0])], two_runs[0] / "leaderboard.json")
+
+
+def _cells(html: str, table_id: str, css: str) -> list[list[str]]:
+    """Per body row of one table, the text of its cells with class `css`."""
+    table = html.split(f'<table id="{table_id}">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr( class=\"bad\")?>(.*?)</tr>", table.split("<tbody>", 1)[1])
+    return [re.findall(rf'<td class="{css}">(.*?)</td>', row) for _, row in rows]
+
+
+def test_html_rejected_rows_say_why_and_numbers_share_one_format(written):
+    _, paths = written
+    html = paths["html"].read_text()
+    assert "max-width: 1200px" not in html  # wide tables are not cut off at 1200 px
+    table = html.split('<table id="leaderboard">', 1)[1].split("</table>", 1)[0]
+    heads = re.findall(r"<th>(.*?)</th>", table)
+    # "why not" sits beside "feasible", not after the long design column.
+    assert heads.index("why not") == heads.index("feasible") + 1 < heads.index("design")
+    bad = re.findall(r'<tr class="bad">(.*?)</tr>', table)
+    assert bad, "the fixture has infeasible trained designs"
+    for row in bad:
+        (why,) = re.findall(r'<td class="wrap">(.*?)</td>', row)
+        assert "below minimum" in why, row
+    untrained = _cells(html, "untrained", "wrap")
+    assert untrained and all(len(why) == 1 and "over limit" in why[0] for why in untrained)
+    number = re.compile(
+        r"-|\d+(\.\d{1,2})?[kMG]?|\d\.\d{3}( \[\d\.\d{3}, \d\.\d{3}\])?|\d+\.\d|\d+ \(\d+\)"
+    )
+    numbers = [cell for row in _cells(html, "leaderboard", "number") for cell in row]
+    assert numbers and all(number.fullmatch(cell) for cell in numbers), numbers
+
+
+def test_paper_references_are_not_on_the_validation_axis(two_runs):
+    runs = [load_run(d) for d in two_runs]
+    fig = pareto_figure(runs)
+    validation_ax, paper_ax = fig.axes
+    assert validation_ax.get_ylabel().startswith("validation accuracy")
+    designs = [c.macs for run in runs for c in run.candidates if c.macs]
+    low, high = validation_ax.get_xlim()
+    # The axis spans the designs, not the paper's 5e9..9e10 MACs.
+    assert low <= min(designs) and max(designs) <= high < 2 * max(designs)
+    for artist in validation_ax.collections:
+        offsets = np.asarray(artist.get_offsets())
+        assert not offsets.size or offsets[:, 0].max() < 1e9
+    assert "test accuracy" in paper_ax.get_xlabel() and "COVIDx3" in paper_ax.get_xlabel()
+    bars = [p for p in paper_ax.patches if p.get_gid() == "paper"]
+    assert [round(b.get_width(), 3) for b in bars] == [r[3] for r in PAPER_REFERENCES]
+
+
+def test_knobs_have_value_ticks_names_and_a_colour_bar(two_runs):
+    runs = [load_run(d) for d in two_runs]
+    fig = knobs_figure(runs)
+    assert any(ax.get_ylabel() == "validation accuracy" for ax in fig.axes[1:])  # colour bar
+    ticks = [t.get_text() for t in fig.axes[0].texts if t.get_gid() == "knob-tick"]
+    assert {"dense", "residual"} <= set(ticks)
+    assert "12" in ticks and "20" in ticks  # values between an axis's ends are labelled
+    assert knob_label("connectivity", 2.0) == "dense"
+    assert knob_label("s1 depth", 3.0) == "3" and knob_label("s1 expand", 5.333) == "5.33"
+    assert knob_label("MACs (log)", np.log10(2.5e5)) == "250k"
+
+
+def test_curves_show_every_design_validation_loss_and_rungs(two_runs):
+    runs = [load_run(d) for d in two_runs]
+    trained = [c for run in runs for c in run.candidates if c.trained]
+    fig = curves_figure(runs, top=3)
+    loss_ax, acc_ax = fig.axes
+    training = [line for line in loss_ax.lines if line.get_gid() is None]
+    assert len(training) == len(trained)  # every trained design, not only the top 3
+    assert len([line for line in loss_ax.lines if line.get_gid() == "val-loss"]) == len(trained)
+    for ax in (loss_ax, acc_ax):
+        rungs = sorted(line.get_xdata()[0] for line in ax.lines if line.get_gid() == "rung")
+        assert rungs == [50, 150]
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == 4 and labels[-1] == f"{len(trained) - 3} other trained designs"
+    assert all("MACs" in label and "val acc" in label for label in labels[:3])

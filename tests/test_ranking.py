@@ -10,7 +10,8 @@ from search_support import run, settings
 from covidnet_jax.typed_yaml import from_dict
 from search.config import SearchSettings
 from search.execution.finish import feasible_ranked
-from search.reporting.compare import comparison_rows, load_run, write_comparison
+from search.reporting.compare import comparison_rows, load_run
+from search.reporting.compare_report import write_comparison
 from search.reporting.leaderboard import write_leaderboard
 
 

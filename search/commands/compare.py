@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from search.reporting.compare import CompareError, load_run, ranked, write_comparison
+from search.reporting.compare import CompareError, load_run, ranked
+from search.reporting.compare_report import write_comparison
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--storage", metavar="URL", help="trial store URL of searches that did not use a journal"
     )
-    parser.add_argument("--top", type=int, default=5, help="designs whose curves are drawn")
+    parser.add_argument(
+        "--top", type=int, default=8, help="designs whose training curves are drawn in colour"
+    )
     parser.set_defaults(func=_run_compare)
 
 
