@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 from covidnet_jax.errors import SpecError
+from covidnet_jax.typed_yaml import JSON_SPEC, describe, from_dict, to_dict
 
 COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 """Class names of the 3-class COVIDx releases, in label-index order."""
@@ -59,42 +59,37 @@ MAX_INPUT_SIZE = 4096
 S = TypeVar("S", bound="_SpecMethods")
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _check_int(field: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise SpecError(f"{field}: expected an int in [{lo}, {hi}], got {_describe(value)}")
+        raise SpecError(f"{field}: expected an int in [{lo}, {hi}], got {describe(value)}")
 
 
 def _check_kernel(field: str, value: Any) -> None:
     _check_int(field, value, 1, MAX_KERNEL)
     if value % 2 == 0:
-        raise SpecError(f"{field}: expected an odd kernel size, got {_describe(value)}")
+        raise SpecError(f"{field}: expected an odd kernel size, got {describe(value)}")
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices or not isinstance(value, str):
         options = ", ".join(repr(c) for c in choices)
-        raise SpecError(f"{field}: expected one of {options}, got {_describe(value)}")
+        raise SpecError(f"{field}: expected one of {options}, got {describe(value)}")
 
 
 def _check_tuple(field: str, value: Any) -> None:
     if not isinstance(value, tuple):
-        raise SpecError(f"{field}: expected a tuple, got {_describe(value)}")
+        raise SpecError(f"{field}: expected a tuple, got {describe(value)}")
 
 
 def _check_class_names(field: str, names: Any) -> None:
     _check_tuple(field, names)
     if len(names) < 2:
-        raise SpecError(f"{field}: expected at least 2 class names, got {_describe(names)}")
+        raise SpecError(f"{field}: expected at least 2 class names, got {describe(names)}")
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
-            raise SpecError(f"{field}[{i}]: expected a non-empty string, got {_describe(name)}")
+            raise SpecError(f"{field}[{i}]: expected a non-empty string, got {describe(name)}")
     if len(set(names)) != len(names):
-        raise SpecError(f"{field}: class names must be unique, got {_describe(names)}")
+        raise SpecError(f"{field}: class names must be unique, got {describe(names)}")
 
 
 def _check_input(spec: Any) -> None:
@@ -152,7 +147,7 @@ class StageSpec:
             raise SpecError("modules: expected at least one module, got ()")
         for i, module in enumerate(self.modules):
             if not isinstance(module, ModuleSpec):
-                raise SpecError(f"modules[{i}]: expected a ModuleSpec, got {_describe(module)}")
+                raise SpecError(f"modules[{i}]: expected a ModuleSpec, got {describe(module)}")
 
     @property
     def width(self) -> int:
@@ -212,7 +207,7 @@ class HeadSpec:
             or not isinstance(self.dropout, (int, float))
             or not 0.0 <= self.dropout < 1.0
         ):
-            raise SpecError(f"dropout: expected a number in [0, 1), got {_describe(self.dropout)}")
+            raise SpecError(f"dropout: expected a number in [0, 1), got {describe(self.dropout)}")
 
 
 class _SpecMethods:
@@ -230,7 +225,7 @@ class _SpecMethods:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-ready data, with its `"type"` tag first."""
-        return {"type": self.TYPE, **_to_plain(self)}
+        return {"type": self.TYPE, **to_dict(self)}
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The spec as JSON text (`spec_from_json` reads it back to an equal spec)."""
@@ -306,18 +301,18 @@ class ArchSpec(_SpecMethods):
     def __post_init__(self) -> None:
         _check_input(self)
         if not isinstance(self.stem, StemSpec):
-            raise SpecError(f"stem: expected a StemSpec, got {_describe(self.stem)}")
+            raise SpecError(f"stem: expected a StemSpec, got {describe(self.stem)}")
         _check_tuple("stages", self.stages)
         if not self.stages:
             raise SpecError("stages: expected at least one stage, got ()")
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, StageSpec):
-                raise SpecError(f"stages[{i}]: expected a StageSpec, got {_describe(stage)}")
+                raise SpecError(f"stages[{i}]: expected a StageSpec, got {describe(stage)}")
         _check_choice("connectivity", self.connectivity, CONNECTIVITIES)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         if not isinstance(self.head, HeadSpec):
-            raise SpecError(f"head: expected a HeadSpec, got {_describe(self.head)}")
+            raise SpecError(f"head: expected a HeadSpec, got {describe(self.head)}")
         if self.connectivity == "dense":
             for i, stage in enumerate(self.stages):
                 for j, module in enumerate(stage.modules):
@@ -382,7 +377,7 @@ class ResNetSpec(_SpecMethods):
         if len(self.widths) != len(self.depths):
             raise SpecError(
                 f"widths: expected {len(self.depths)} widths (one per stage in depths), "
-                f"got {_describe(self.widths)}"
+                f"got {describe(self.widths)}"
             )
         for i, depth in enumerate(self.depths):
             _check_int(f"depths[{i}]", depth, 1, 256)
@@ -395,7 +390,7 @@ class ResNetSpec(_SpecMethods):
                     f"widths[{i}]: expected a multiple of expansion {self.expansion}, got {width}"
                 )
         if not isinstance(self.head, HeadSpec):
-            raise SpecError(f"head: expected a HeadSpec, got {_describe(self.head)}")
+            raise SpecError(f"head: expected a HeadSpec, got {describe(self.head)}")
 
     def summary(self) -> str:
         """One compact line, e.g. `resnet 224px 1000cls stem 64 | 3-4-6-3 @ 256-...`."""
@@ -448,7 +443,7 @@ class VGGSpec(_SpecMethods):
                 _check_int(f"stages[{i}][{j}]", width, 1, MAX_WIDTH)
         _check_choice("norm", self.norm, NORMS)
         if not isinstance(self.head, HeadSpec):
-            raise SpecError(f"head: expected a HeadSpec, got {_describe(self.head)}")
+            raise SpecError(f"head: expected a HeadSpec, got {describe(self.head)}")
 
     def summary(self) -> str:
         """One compact line, e.g. `vgg 224px 1000cls | 64x2 128x2 ... | flatten->4096-4096`."""
@@ -472,58 +467,6 @@ def _head_summary(head: HeadSpec) -> str:
     return f"{chain} drop{head.dropout:g}" if head.dropout else chain
 
 
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Converts parsed JSON `value` to type `tp`, raising SpecError that names `path`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _from_plain(tp, value, path)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise SpecError(f"{path}: expected a list, got {_describe(value)}")
-        return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is Literal:
-        return value  # the dataclass checks the choice and names the field
-    if tp is float:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, float) and math.isfinite(value):
-            return value
-        raise SpecError(f"{path}: expected a finite number, got {_describe(value)}")
-    return value  # ints and strings are checked by the dataclass itself
-
-
-def _from_plain(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{path or 'spec'}: expected an object, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prefix = f"{path}." if path else ""
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise SpecError(f"{prefix}{unknown[0]}: unknown field; expected one of {', '.join(fields)}")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in data:
-            kwargs[name] = _convert(hints[name], data[name], prefix + name)
-        elif field.default is dataclasses.MISSING:
-            raise SpecError(f"{prefix}{name}: required field is missing")
-    try:
-        return cls(**kwargs)
-    except SpecError as err:
-        if path and not str(err).startswith(path):
-            raise SpecError(f"{prefix}{err}") from None
-        raise
-
-
 def spec_from_dict(data: Any) -> AnySpec:
     """Builds a spec from plain data (as `to_dict` writes it), dispatching on `"type"`.
 
@@ -532,13 +475,13 @@ def spec_from_dict(data: Any) -> AnySpec:
             message starts with the field path, e.g. `stages[0].modules[1].kernel_size`.
     """
     if not isinstance(data, Mapping):
-        raise SpecError(f"spec: expected a JSON object, got {_describe(data)}")
+        raise SpecError(f"spec: expected a JSON object, got {describe(data)}")
     fields = dict(data)
     tag = fields.pop("type", None)
     if tag not in SPEC_TYPES:
         options = ", ".join(repr(t) for t in SPEC_TYPES)
-        raise SpecError(f"type: expected one of {options}, got {_describe(tag)}")
-    return _from_plain(SPEC_TYPES[tag], fields, "")
+        raise SpecError(f"type: expected one of {options}, got {describe(tag)}")
+    return from_dict(SPEC_TYPES[tag], fields, dialect=JSON_SPEC)
 
 
 def spec_from_json(text: str) -> AnySpec:

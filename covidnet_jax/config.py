@@ -11,6 +11,17 @@ schedule: {kind: plateau}
 train: {steps: 60, batch_size: 16, eval_every: 20, log_every: 10}
 ```
 
+The same config built in Python (no YAML needed) is validated at construction by the same
+rules, with the same messages, and pickles (a spawned worker process receives it as it is):
+
+```python
+config = TrainConfig(
+    model=ModelConfig(arch="tiny"),
+    data=DataConfig(covidx_dir="data/synth", resolution=32),
+    train=LoopConfig(steps=60, batch_size=16),
+)
+```
+
 The model's input size and channels come from `data.resolution` / `data.channels` and its
 class names from the data, so one spec file serves every resolution of a multi-fidelity
 search. Class weighting and batch re-balancing live in the `data:` section
@@ -26,7 +37,7 @@ from typing import Literal
 from covidnet_jax.data import DataConfig
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.metrics import check_selection_metric
-from covidnet_jax.typed_yaml import bounded, load_yaml_config
+from covidnet_jax.typed_yaml import bounded, check, load_yaml_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +179,9 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     seed: int = bounded(0, ge=0, lt=2**31)
     compile_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check(self)  # built in Python: every section is validated as a file would be
 
 
 def load_train_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:

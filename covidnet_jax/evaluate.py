@@ -11,7 +11,6 @@ read it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,7 +39,7 @@ from covidnet_jax.score_metrics import (
     plot_reliability,
 )
 from covidnet_jax.steps import StepFunctions, StepSettings
-from covidnet_jax.typed_yaml import apply_overrides, from_dict
+from covidnet_jax.typed_yaml import apply_overrides, from_dict, to_dict
 
 Split = Literal["validation", "test"]
 
@@ -115,7 +114,7 @@ class TrainedModel:
         checkpoint_dir: where it was restored from.
         step: the checkpoint's step.
         spec: the spec as trained.
-        config: the resolved experiment config (a plain dict, as saved).
+        config: the run's experiment config, as saved beside the checkpoint.
         class_names: class names in label order.
         fns: the model's step functions (eval, predict).
         params: restored parameters.
@@ -125,7 +124,7 @@ class TrainedModel:
     checkpoint_dir: Path
     step: int
     spec: AnySpec
-    config: dict[str, Any]
+    config: TrainConfig
     class_names: tuple[str, ...]
     fns: StepFunctions
     params: nnx.State
@@ -172,13 +171,16 @@ def load_trained(workdir: str | Path, *, step: int | None = None) -> TrainedMode
         step = ckpts.selected_step() if step is None else step
         meta = ckpts.read_metadata(step)
         spec = spec_from_dict(meta["spec"])
-        config = meta["config"]
-        compute_dtype = config["model"]["compute_dtype"]
+        try:
+            config = from_dict(TrainConfig, meta["config"])
+        except ConfigError as err:
+            raise ConfigError(f"config saved in {ckpts.directory}: {err}") from None
+        compute_dtype = config.model.compute_dtype
         dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
         model = build_model(spec, rngs=nnx.Rngs(0), dtype=dtype)
         settings = StepSettings(
-            optimizer=config["optimizer"]["name"],
-            schedule=config["schedule"]["kind"],
+            optimizer=config.optimizer.name,
+            schedule=config.schedule.kind,
             compute_dtype=compute_dtype,
         )
         fns = StepFunctions.for_model(
@@ -279,15 +281,15 @@ def evaluate_workdir(
     """
     trained = load_trained(workdir, step=step)
     if data is None:
-        saved = apply_overrides(copy.deepcopy(trained.config), overrides)
-        try:
-            config = from_dict(TrainConfig, saved)
-        except ConfigError as err:
-            raise ConfigError(f"config saved in {trained.checkpoint_dir}: {err}") from None
+        config = trained.config
+        if overrides:
+            saved = apply_overrides(to_dict(config), overrides)
+            try:
+                config = from_dict(TrainConfig, saved)
+            except ConfigError as err:
+                raise ConfigError(f"config saved in {trained.checkpoint_dir}: {err}") from None
         data = load_data(config.data, seed=config.seed)
-    batch_size = int(
-        trained.config["train"]["eval_batch_size"] or trained.config["train"]["batch_size"]
-    )
+    batch_size = trained.config.train.eval_batch_size or trained.config.train.batch_size
     batch_size += -batch_size % trained.fns.mesh.devices.size
     metrics = evaluate_batches(
         trained.fns,

@@ -1,14 +1,25 @@
-"""YAML at the edge, frozen typed dataclasses inside.
+"""The one converter between frozen dataclasses and plain data (YAML, JSON, Python).
 
-Experiment files (training and search) are parsed once into frozen dataclasses. Every
-problem is reported before any JAX work, as one line naming the file, the key path and the
-bad value: unknown keys, missing required keys, wrong types, out-of-range values.
+Experiment files (YAML) and architecture specs (JSON) are parsed by the same code into
+frozen dataclasses, and written back by the same `to_dict`. Every problem is reported before
+any JAX work, as one line naming the key path and the bad value: unknown keys, missing
+required keys, wrong types, out-of-range values (`train.batch_size: expected int, got 'big'`,
+`stages[1].modules[0].expand: expected an int in [1, 65536], got 0`).
 
 A schema is a frozen dataclass whose fields are annotated with: `bool`, `int`, `float`,
-`str`, `Literal[...]`, `X | None`, `tuple[X, ...]`, `tuple[X, Y]`, `dict[str, X]` or another
-schema dataclass. Numeric bounds go in field metadata (`bounded(ge=..., lt=...)`); checks
-across fields go in `__post_init__`, raising `ConfigError("key: message")`, which gets the
-parent path prefixed.
+`str`, `Literal[...]`, `X | None`, `tuple[X, ...]`, `tuple[X, Y]`, `dict[str, X]` (or
+`Mapping[str, X]`) or another schema dataclass. Numeric bounds go in field metadata
+(`bounded(ge=..., lt=...)`); checks across fields go in `__post_init__`, raising
+`ConfigError("key: message")` (or `SpecError`), which gets the parent path prefixed.
+
+Three dialects say how lenient the input is and how messages speak (`Dialect`):
+`YAML` (experiment files: numbers written as text such as `6.0e5`, whole floats for ints),
+`JSON_SPEC` (spec files: exact JSON types; the spec dataclasses check their own ints and
+strings, with their ranges) and `PYTHON` (`check`: sections already built in Python, as a
+Python API user passes them: no conversion, tuples must be tuples).
+
+Parsed mappings become a `FrozenDict` (immutable, hashable, picklable), so a parsed config
+can be sent to a spawned worker process as it is.
 
 Example:
     >>> @dataclasses.dataclass(frozen=True)
@@ -21,20 +32,90 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
-from covidnet_jax.errors import ConfigError
+from covidnet_jax.errors import ConfigError, SpecError, UserError
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 _MISSING = dataclasses.MISSING
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """What input a conversion accepts and the words its messages use.
+
+    Attributes:
+        error: the exception raised (`ConfigError` for configs, `SpecError` for specs).
+        key: what a mapping entry is called ("key" in YAML, "field" in a JSON spec).
+        mapping: what a mapping is called ("a mapping", "an object").
+        root: the whole document's name, when the error is at the top level.
+        text_numbers: YAML 1.1 leniency: numbers written as text (`6.0e5`, which PyYAML
+            reads as a string) and whole floats (`1e6`) are taken for numbers and ints.
+        check_scalars: ints, strings, bools and choices are checked here; False leaves them
+            to the dataclass (the spec types check them with their ranges).
+        built: the values are Python objects already: a section must be an instance of
+            its dataclass, a sequence a tuple (nothing is converted).
+    """
+
+    error: type[UserError]
+    key: str
+    mapping: str
+    root: str
+    text_numbers: bool = False
+    check_scalars: bool = True
+    built: bool = False
+
+
+YAML = Dialect(ConfigError, "key", "a mapping", "top level", text_numbers=True)
+"""Experiment files, `--set` overrides and the configs saved beside checkpoints."""
+
+JSON_SPEC = Dialect(SpecError, "field", "an object", "spec", check_scalars=False)
+"""Architecture spec JSON (`covidnet_jax.arch.spec_from_dict`)."""
+
+PYTHON = Dialect(ConfigError, "field", "a mapping", "config", built=True)
+"""Configs built from Python objects (`check`)."""
+
+
+class FrozenDict(Mapping[K, V]):
+    """An immutable, hashable and picklable mapping: what a `dict[str, X]` field holds.
+
+    `types.MappingProxyType` is immutable too, but can be neither pickled (a config must
+    reach spawned worker processes) nor hashed. Equal to a `dict` with the same items.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: K) -> V:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple[type, tuple[dict[K, V]]]:
+        return FrozenDict, (self._items,)
 
 
 def bounded(
@@ -46,7 +127,7 @@ def bounded(
     lt: float | None = None,
     doc: str = "",
 ) -> Any:
-    """A dataclass field with numeric bounds checked by `from_dict` (and `validate_bounds`)."""
+    """A dataclass field with numeric bounds checked by `from_dict` and `check`."""
     metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
     if default is _MISSING:
         return dataclasses.field(metadata=metadata)
@@ -55,23 +136,27 @@ def bounded(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """The bad value as an error message quotes it: its repr, cut to 80 characters."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _type_name(tp: Any) -> str:
+_type_hints = functools.cache(typing.get_type_hints)
+
+
+def _type_name(tp: Any, dialect: Dialect) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (types.UnionType, typing.Union):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        return " | ".join(_type_name(a, dialect) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
+        return tp.__name__ if dialect.built else f"{dialect.mapping} ({tp.__name__})"
     if origin is tuple:
-        return "a list"
+        return "a tuple" if dialect.built else "a list"
     if origin in (dict, Mapping):
         return "a mapping"
     return getattr(tp, "__name__", str(tp))
@@ -87,19 +172,19 @@ def _yaml11_number(value: Any) -> Any:
     return value
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Converts a YAML value to `tp`, raising ConfigError naming `path` on mismatch."""
+def _convert(tp: Any, value: Any, path: str, dialect: Dialect) -> Any:
+    """Converts `value` to `tp`, raising `dialect.error` naming `path` on a mismatch."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    wrong = ConfigError(f"{path}: expected {_type_name(tp)}, got {_describe(value)}")
+    wrong = dialect.error(f"{path}: expected {_type_name(tp, dialect)}, got {describe(value)}")
 
     if tp is Any:
         return value
     if origin is Literal:
-        if value in args and type(value) in {type(a) for a in args}:
+        if not dialect.check_scalars or (value in args and type(value) in {type(a) for a in args}):
             return value
-        raise ConfigError(
-            f"{path}: expected one of {', '.join(repr(a) for a in args)}, got {_describe(value)}"
+        raise dialect.error(
+            f"{path}: expected one of {', '.join(repr(a) for a in args)}, got {describe(value)}"
         )
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
@@ -109,55 +194,66 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _convert(option, value, path)
-            except ConfigError as err:
+                return _convert(option, value, path, dialect)
+            except dialect.error as err:
                 errors.append(err)
         if len(errors) == 1:
             raise errors[0]
         raise wrong
     if dataclasses.is_dataclass(tp):
+        if dialect.built:
+            if not isinstance(value, tp):
+                raise wrong
+            check(value, path=path)
+            return value
         if not isinstance(value, Mapping):
             raise wrong
-        return from_dict(tp, value, path=path)
+        return from_dict(tp, value, path=path, dialect=dialect)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
+        if not isinstance(value, tuple if dialect.built else (list, tuple)):
             raise wrong
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+            return tuple(_convert(args[0], v, f"{path}[{i}]", dialect) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(
-                f"{path}: expected a list of {len(args)} items, got {_describe(value)}"
+            raise dialect.error(
+                f"{path}: expected a list of {len(args)} items, got {describe(value)}"
             )
         return tuple(
-            _convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            _convert(a, v, f"{path}[{i}]", dialect)
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
         )
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise wrong
         key_tp, val_tp = args
-        return types.MappingProxyType(
+        return FrozenDict(
             {
-                _convert(key_tp, k, f"{path}"): _convert(val_tp, v, f"{path}.{k}")
+                _convert(key_tp, k, path, dialect): _convert(val_tp, v, f"{path}.{k}", dialect)
                 for k, v in value.items()
             }
         )
+    if dialect.text_numbers and tp in (int, float):
+        value = _yaml11_number(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise dialect.error(f"{path}: expected a finite number, got {describe(value)}")
+    if not dialect.check_scalars:
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise wrong
-    if tp in (int, float):
-        value = _yaml11_number(value)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        if (
+            dialect.text_numbers
+            and isinstance(value, float)
+            and value.is_integer()
+            and abs(value) < 2**53
+        ):
             return int(value)  # YAML writes 1e6 as a float
-        raise wrong
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{path}: expected a finite number, got {_describe(value)}")
-            return float(value)
         raise wrong
     if tp is str:
         if isinstance(value, str):
@@ -167,7 +263,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 
 
 def validate_bounds(obj: Any, path: str = "") -> None:
-    """Checks the `bounded` metadata of a dataclass's own fields."""
+    """Checks the `bounded` metadata of a dataclass's own fields.
+
+    Raises:
+        ConfigError: "<path>.<field>: expected a value >= <bound>, got <value>".
+    """
     for field in dataclasses.fields(obj):
         meta = field.metadata
         value = getattr(obj, field.name)
@@ -182,51 +282,87 @@ def validate_bounds(obj: Any, path: str = "") -> None:
         ):
             bound = meta.get(name)
             if bound is not None and not ok(value, bound):
-                raise ConfigError(f"{key}: expected a value {sign} {bound}, got {_describe(value)}")
+                raise ConfigError(f"{key}: expected a value {sign} {bound}, got {describe(value)}")
 
 
-def from_dict(schema: type[T], data: Mapping[str, Any], *, path: str = "") -> T:
-    """Builds the frozen dataclass `schema` from a parsed YAML mapping.
+def from_dict(
+    schema: type[T], data: Mapping[str, Any], *, path: str = "", dialect: Dialect = YAML
+) -> T:
+    """Builds the frozen dataclass `schema` from plain data (parsed YAML or JSON).
 
     Args:
         schema: a dataclass type.
-        data: the mapping read from YAML (after overrides).
-        path: the key path of `data` inside the whole file, for messages.
+        data: the mapping read from YAML (after overrides) or JSON.
+        path: the key path of `data` inside the whole document, for messages.
+        dialect: how lenient the input is and how messages speak (`YAML`, `JSON_SPEC`).
 
     Returns:
         An instance of `schema`.
 
     Raises:
-        ConfigError: naming the key path and the bad value.
+        ConfigError (`dialect.error`): naming the key path and the bad value.
     """
     if not isinstance(data, Mapping):
-        where = path or "top level"
-        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
-    hints = typing.get_type_hints(schema)
+        where = path or dialect.root
+        raise dialect.error(
+            f"{where}: expected {dialect.mapping} ({schema.__name__}), got {describe(data)}"
+        )
+    hints = _type_hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))
+    prefix = f"{path}." if path else ""
     if unknown:
-        key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"{key}: unknown key; expected one of {', '.join(sorted(fields))}")
+        raise dialect.error(
+            f"{prefix}{unknown[0]}: unknown {dialect.key}; expected one of {', '.join(fields)}"
+        )
     kwargs = {}
     for name, field in fields.items():
-        key = f"{path}.{name}" if path else name
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], key)
+            kwargs[name] = _convert(hints[name], data[name], prefix + name, dialect)
         elif field.default is _MISSING and field.default_factory is _MISSING:
-            raise ConfigError(f"{key}: required key is missing")
+            raise dialect.error(f"{prefix}{name}: required {dialect.key} is missing")
     try:
         obj = schema(**kwargs)
         validate_bounds(obj, path)
-    except ConfigError as err:
-        if path and not str(err).startswith(path):
-            raise ConfigError(f"{path}.{err}") from None
-        raise
+    except (ConfigError, SpecError) as err:
+        # A section's own checks name its fields; the section's place is prefixed here.
+        message = str(err)
+        if path and not message.startswith(path):
+            message = prefix + message
+        if message == str(err) and isinstance(err, dialect.error):
+            raise
+        raise dialect.error(message) from None
     return obj
 
 
+def check(obj: Any, *, path: str = "") -> None:
+    """Checks a dataclass built from Python objects as `from_dict` checks parsed data.
+
+    Every field, nested sections included, must already have its annotated type (a tuple,
+    not a list; an instance of the section's dataclass, not a mapping) and lie within its
+    `bounded` range. A config's top-level `__post_init__` calls it, so an experiment built
+    in Python is validated at construction like one read from a file.
+
+    Args:
+        obj: a dataclass instance.
+        path: its key path, for messages.
+
+    Raises:
+        ConfigError: "<key.path>: expected <type>, got <value>" or a bound.
+    """
+    hints = _type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        key = f"{path}.{field.name}" if path else field.name
+        _convert(hints[field.name], getattr(obj, field.name), key, PYTHON)
+    validate_bounds(obj, path)
+
+
 def to_dict(obj: Any) -> Any:
-    """The inverse of `from_dict`: plain dicts, lists and scalars (JSON and YAML safe)."""
+    """The inverse of `from_dict`: plain dicts, lists and scalars (JSON and YAML safe).
+
+    Dataclass fields keep their declaration order (a spec's JSON, and so its content hash,
+    depends on it).
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -283,7 +419,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {_describe(data)}")
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {describe(data)}")
     return data
 
 

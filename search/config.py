@@ -30,12 +30,12 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Literal
 
+from covidnet_jax.arch import HeadSpec
 from covidnet_jax.errors import ConfigError
-from covidnet_jax.typed_yaml import bounded
+from covidnet_jax.typed_yaml import bounded, check
 
 Objective = Literal["min_macs", "max_netscore", "pareto"]
 StrategyName = Literal["random", "evolution", "shrink", "tpe", "nsga2"]
-Pool = Literal["avg", "flatten"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,26 +70,6 @@ class WidthRange:
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadChoice:
-    """One classifier-head option (see `covidnet_jax.arch.HeadSpec`).
-
-    Attributes:
-        pool: "avg" (global average pooling) or "flatten".
-        hidden: widths of hidden FC layers.
-        dropout: dropout rate before each FC layer.
-    """
-
-    pool: Pool = "avg"
-    hidden: tuple[int, ...] = ()
-    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
-
-    def __post_init__(self) -> None:
-        for i, width in enumerate(self.hidden):
-            if width < 1:
-                raise ConfigError(f"hidden[{i}]: expected a width >= 1, got {width}")
-
-
-@dataclasses.dataclass(frozen=True)
 class SpaceConfig:
     """The search space around a prototype architecture.
 
@@ -109,7 +89,8 @@ class SpaceConfig:
             prototype's.
         connectivity: connectivity choices ("dense", "residual", "none"); empty keeps the
             prototype's.
-        heads: classifier-head choices; empty keeps the prototype's.
+        heads: classifier-head choices (`covidnet_jax.arch.HeadSpec`: pool, hidden,
+            dropout); empty keeps the prototype's.
         resolutions: input resolution choices; empty keeps the prototype's.
     """
 
@@ -120,7 +101,7 @@ class SpaceConfig:
     width_divisor: int = bounded(4, ge=1)
     kernel_sizes: tuple[int, ...] = ()
     connectivity: tuple[Literal["dense", "residual", "none"], ...] = ()
-    heads: tuple[HeadChoice, ...] = ()
+    heads: tuple[HeadSpec, ...] = ()
     resolutions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -347,3 +328,6 @@ class SearchSettings:
     seed: int = 0
     workers: int = bounded(1, ge=1)
     study_name: str = ""
+
+    def __post_init__(self) -> None:
+        check(self, path="search")  # built in Python: validated as the file's section is

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import pickle
 from pathlib import Path
 
 import pytest
 
-from covidnet_jax.config import TrainConfig, load_train_config
+from covidnet_jax.arch import HeadSpec
+from covidnet_jax.config import LoopConfig, ModelConfig, TrainConfig, load_train_config
+from covidnet_jax.data import DataConfig
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import from_dict, to_dict
+from search.config import ClassRequirement, RequirementsConfig, SearchSettings, SpaceConfig
+from search.execution.training import SearchExperiment, TrainingEvaluator, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +103,70 @@ def test_epoch_budget_rounds_up_to_whole_steps():
     config = from_dict(TrainConfig, _with(train={"steps": None, "epochs": 1.5, "batch_size": 8}))
     assert _total_steps(config, FakeData()) == 19  # ceil(1.5 * 100 / 8)
     assert _total_steps(from_dict(TrainConfig, BASE), FakeData()) == 10
+
+
+def test_configs_and_experiments_pickle_to_equal_objects():
+    # Worker processes are spawned: the parsed configs must pickle. Before, a `dict` field
+    # (data.class_weights, search.requirements.classes) held a mappingproxy, which does not.
+    config = from_dict(TrainConfig, _with(data={"class_weights": {"normal": 1.0}}))
+    assert pickle.loads(pickle.dumps(config)) == config
+    experiment = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+    assert experiment.search.requirements.classes  # a mapping section is exercised
+    again = pickle.loads(pickle.dumps(experiment))
+    assert again == experiment and again.training == experiment.training
+
+
+def test_train_config_built_in_python_equals_the_parsed_one_and_is_validated():
+    built = TrainConfig(
+        model=ModelConfig(arch="tiny"),
+        data=DataConfig(covidx_dir="data/synth"),
+        train=LoopConfig(steps=10),
+    )
+    assert built == from_dict(TrainConfig, BASE)
+    assert from_dict(TrainConfig, to_dict(built)) == built
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: expected a value >= 1, got 0$"):
+        dataclasses.replace(built, train=LoopConfig(steps=10, batch_size=0))
+    with pytest.raises(ConfigError, match=r"^data\.classes: expected a tuple, got \['a', 'b'\]$"):
+        dataclasses.replace(built, data=DataConfig(covidx_dir="d", classes=["a", "b"]))
+    with pytest.raises(ConfigError, match=r"^optimizer: expected OptimizerConfig, got 'adam'$"):
+        dataclasses.replace(built, optimizer="adam")
+
+
+def test_search_evaluator_from_an_experiment_built_in_python(tmp_path):
+    # No YAML file: the experiment is built from objects and reaches a (spawned) worker by
+    # pickling, where the evaluator is made from it.
+    training = TrainConfig(
+        model=ModelConfig(arch="tiny"),
+        data=DataConfig(covidx_dir=str(tmp_path / "data")),
+        train=LoopConfig(steps=10, batch_size=4),
+    )
+    settings = SearchSettings(
+        space=SpaceConfig(prototype="tiny", heads=(HeadSpec(), HeadSpec(hidden=(8,)))),
+        requirements=RequirementsConfig(classes={"COVID-19": ClassRequirement(min_ppv=0.5)}),
+    )
+    experiment = SearchExperiment(training, settings)
+    make = pickle.loads(
+        pickle.dumps(functools.partial(TrainingEvaluator.from_experiment, experiment))
+    )
+    assert make().config == training
+    with pytest.raises(ConfigError, match=r"^search\.space\.heads\[0\]: expected HeadSpec"):
+        SearchSettings(space=SpaceConfig(prototype="tiny", heads=({"pool": "avg"},)))
+    with pytest.raises(ConfigError, match=r"^training: expected a TrainConfig, got dict"):
+        SearchExperiment({"model": {}}, settings)
+
+
+def test_search_heads_are_the_library_head_spec(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "model: {arch: tiny}\ndata: {covidx_dir: d}\n"
+        "search: {space: {heads: [{pool: flatten, hidden: [16], dropout: 0.2}]}}\n"
+    )
+    head = load_experiment(path).search.space.heads[0]
+    assert head == HeadSpec(pool="flatten", hidden=(16,), dropout=0.2)
+    for value, message in [
+        ("{dropout: 1.5}", r"heads\[0\]\.dropout: expected a number in \[0, 1\), got 1\.5$"),
+        ("{hidden: [0]}", r"heads\[0\]\.hidden\[0\]: expected an int in \[1, 65536\], got 0$"),
+        ("{pool: max}", r"heads\[0\]\.pool: expected one of 'avg', 'flatten', got 'max'$"),
+    ]:
+        with pytest.raises(ConfigError, match=r"exp\.yaml: search\.space\." + message):
+            load_experiment(path, (f"search.space.heads=[{value}]",))

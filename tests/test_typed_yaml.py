@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Literal
 
 import pytest
 
-from covidnet_jax.errors import ConfigError
-from covidnet_jax.typed_yaml import bounded, from_dict, load_yaml_config, to_dict
+from covidnet_jax.errors import ConfigError, SpecError
+from covidnet_jax.typed_yaml import (
+    JSON_SPEC,
+    FrozenDict,
+    bounded,
+    check,
+    from_dict,
+    load_yaml_config,
+    to_dict,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,3 +92,63 @@ def test_scientific_notation_that_yaml_reads_as_text():
         from_dict(Exp, {"name": "a", "steps": "1e3x"})
     with pytest.raises(ConfigError, match=r"steps: expected int, got '2\.5'"):
         from_dict(Exp, {"name": "a", "steps": "2.5"})
+
+
+def test_parsed_mappings_are_frozen_hashable_and_pickle():
+    # A parsed config goes to spawned worker processes as it is: types.MappingProxyType
+    # (what dict fields held before) could not be pickled.
+    exp = from_dict(Exp, {"name": "a", "weights": {"x": 2, "y": 0.5}})
+    assert isinstance(exp.weights, FrozenDict) and exp.weights == {"x": 2.0, "y": 0.5}
+    with pytest.raises(TypeError):
+        exp.weights["x"] = 3.0  # type: ignore[index]
+    again = pickle.loads(pickle.dumps(exp))
+    assert again == exp and isinstance(again.weights, FrozenDict)
+    assert hash(again) == hash(exp)
+    assert to_dict(exp)["weights"] == {"x": 2.0, "y": 0.5}
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+    exp: Exp
+    seed: int = bounded(0, ge=0)
+
+    def __post_init__(self):
+        check(self)
+
+
+def test_check_validates_objects_built_in_python():
+    # The same rules and messages as a file, for sections passed as Python objects.
+    root = Root(Exp("a", widths=(4,), weights={"x": 1.0}), seed=3)
+    assert root == from_dict(
+        Root, {"exp": {"name": "a", "widths": [4], "weights": {"x": 1}}, "seed": 3}
+    )
+    cases = [
+        (lambda: Root(Exp("a", steps=0)), "exp.steps: expected a value >= 1, got 0"),
+        (lambda: Root(Exp("a", widths=[4])), "exp.widths: expected a tuple, got [4]"),
+        (lambda: Root(Exp("a", widths=(4, "x"))), "exp.widths[1]: expected int, got 'x'"),
+        (lambda: Root(Exp("a", optim=Optim(lr=0))), "exp.optim.lr: expected a value > 0, got 0"),
+        (lambda: Root(Exp("a", optim={"lr": 1.0})), "exp.optim: expected Optim, got {'lr': 1.0}"),
+        (lambda: Root(Exp("a", optim=Optim(name="sgd"))), "exp.optim.name: expected one of"),
+        (lambda: Root(Exp("a"), seed=1.0), "seed: expected int, got 1.0"),
+        (lambda: Root(Exp("a", weights={"x": "big"})), "exp.weights.x: expected a finite number"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ConfigError) as info:
+            make()
+        assert str(info.value).startswith(message), (str(info.value), message)
+
+
+def test_spec_dialect_speaks_of_fields_and_objects():
+    # One converter reads YAML configs and JSON specs; only the words and the leniency differ.
+    with pytest.raises(SpecError, match=r"^stepz: unknown field; expected one of name, steps"):
+        from_dict(Exp, {"name": "a", "stepz": 1}, dialect=JSON_SPEC)
+    with pytest.raises(SpecError, match=r"^optim: expected an object \(Optim\), got 3$"):
+        from_dict(Exp, {"name": "a", "optim": 3}, dialect=JSON_SPEC)
+    with pytest.raises(SpecError, match=r"^name: required field is missing$"):
+        from_dict(Exp, {}, dialect=JSON_SPEC)
+    # JSON has real numbers: text is not read as a number there.
+    with pytest.raises(SpecError, match=r"^optim\.lr: expected a finite number, got '1e-3'$"):
+        from_dict(Exp, {"name": "a", "optim": {"lr": "1e-3"}}, dialect=JSON_SPEC)
+    # A section's own ConfigError is prefixed and raised in the dialect's type.
+    with pytest.raises(SpecError, match=r"^widths: expected at least one width$"):
+        from_dict(Exp, {"name": "a", "widths": []}, dialect=JSON_SPEC)

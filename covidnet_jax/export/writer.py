@@ -43,6 +43,7 @@ from covidnet_jax.export.model_card import (
     render_model_card,
 )
 from covidnet_jax.export.recipe import preprocessing_recipe
+from covidnet_jax.typed_yaml import to_dict
 
 
 def _inference_fn(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
@@ -227,10 +228,10 @@ def export_training_run(
         params=int(cost.params),
         macs=int(cost.macs),
         activation_bytes=activation_bytes(spec, 1, training=False),
-        data=describe_data(trained.config.get("data", {}), metrics),
+        data=describe_data(to_dict(trained.config.data), metrics),
         requirements=tuple(requirements),
         metrics={split: card_metrics(values) for split, values in metrics.items()},
-        training=describe_training(trained.config, trained.step),
+        training=describe_training(to_dict(trained.config), trained.step),
         provenance={
             "training workdir": str(workdir),
             "checkpoint step": trained.step,

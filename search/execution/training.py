@@ -31,19 +31,35 @@ _FAILURE_KINDS = {"non_finite": "nan", "out_of_memory": "oom", "compile_error": 
 
 @dataclasses.dataclass(frozen=True)
 class SearchExperiment:
-    """A validated search experiment file.
+    """A validated search experiment: how candidates train, and the search itself.
+
+    `load_experiment` reads one from a YAML file; Python code builds one directly, no file
+    needed (both sections validate themselves at construction, with the file's messages):
+
+        experiment = SearchExperiment(
+            training=TrainConfig(model=ModelConfig(arch="tiny"), data=..., train=...),
+            search=SearchSettings(space=SpaceConfig(prototype="tiny")),
+        )
+
+    It pickles, so spawned worker processes receive it as it is.
 
     Attributes:
-        path: the YAML file.
-        overrides: the `--set` overrides applied.
         training: how every candidate trains.
         search: the `search:` section.
+        path: the YAML file it was read from ("" when built in Python).
+        overrides: the `--set` overrides applied to the file.
     """
 
-    path: str
-    overrides: tuple[str, ...]
     training: TrainConfig
     search: SearchSettings
+    path: str = ""
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, kind in (("training", TrainConfig), ("search", SearchSettings)):
+            value = getattr(self, name)
+            if not isinstance(value, kind):
+                raise ConfigError(f"{name}: expected a {kind.__name__}, got {type(value).__name__}")
 
     @property
     def search_data(self) -> dict[str, Any]:
@@ -78,7 +94,7 @@ def load_experiment(path: str | Path, overrides: tuple[str, ...] = ()) -> Search
         training = from_dict(TrainConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    return SearchExperiment(str(path), tuple(overrides), training, settings)
+    return SearchExperiment(training, settings, str(path), tuple(overrides))
 
 
 def load_prototype(experiment: SearchExperiment) -> ArchSpec:
@@ -138,13 +154,21 @@ class TrainingEvaluator:
     """
 
     def __init__(self, config: TrainConfig) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config: expected a TrainConfig, got {type(config).__name__}")
         self.config = config
         self._data: dict[tuple[int, int], Data] = {}
 
     @classmethod
+    def from_experiment(cls, experiment: SearchExperiment) -> TrainingEvaluator:
+        """Builds the evaluator from a validated experiment, read from a file or built in
+        Python (pickled into a spawned worker process, no file read there)."""
+        return cls(experiment.training)
+
+    @classmethod
     def from_file(cls, path: str, overrides: tuple[str, ...] = ()) -> TrainingEvaluator:
-        """Builds the evaluator from an experiment file (in a worker process)."""
-        return cls(load_experiment(path, overrides).training)
+        """Builds the evaluator from an experiment file (read again in the calling process)."""
+        return cls.from_experiment(load_experiment(path, overrides))
 
     def data(self, resolution: int, validation_draw: int = 0) -> Data:
         """The data set at `resolution` with validation split `validation_draw` (loaded on

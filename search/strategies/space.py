@@ -35,7 +35,9 @@ import optuna
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
 from covidnet_jax.errors import ConfigError
 from search.config import SpaceConfig
-from search.ledger.records import Genome
+
+Genome = dict[str, int]
+"""Gene name -> index into that gene's choices."""
 
 
 @dataclasses.dataclass(frozen=True)
