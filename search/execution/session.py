@@ -191,7 +191,7 @@ def run(
         say(f"resuming: {proposed} proposals and {spent:.0f} s of the wall-time budget spent")
     running = [r for r in store.read_records(study) if r.state == "RUNNING"]
     if running:
-        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        where = ", ".join(f"{r.number} ({r.worker or '?'})" for r in running)
         say(
             f"other processes are running trials of this search ({where}): joining them "
             "as a worker; the finish waits for them (a dead one's trial is retried once its "
@@ -290,7 +290,7 @@ def _waiting_message(console: Console | None) -> Callable[[Sequence[TrialRecord]
         if console is None or numbers in said:
             return
         said.add(numbers)
-        where = ", ".join(f"{r.number} ({r.attrs.get('worker', '?')})" for r in running)
+        where = ", ".join(f"{r.number} ({r.worker or '?'})" for r in running)
         console.print(f"waiting for trials other processes are running: {where}")
 
     return on_wait

@@ -35,9 +35,7 @@ import optuna
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
 from covidnet_jax.errors import ConfigError
 from search.config import SpaceConfig
-
-Genome = dict[str, int]
-"""Gene name -> index into that gene's choices."""
+from search.ledger.records import Genome
 
 
 @dataclasses.dataclass(frozen=True)
