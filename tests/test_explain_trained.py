@@ -18,8 +18,9 @@ import optax
 import pytest
 from flax import nnx
 from PIL import Image
+from test_explain_validation import explain_validation
 
-from covidnet_jax import explain, export
+from covidnet_jax import export
 from covidnet_jax.models import build_model
 from covidnet_jax.presets import get_preset
 from search.cli import main
@@ -96,7 +97,7 @@ def test_heatmaps_find_the_lesion_far_more_often_than_random_maps(trained):
     model, _ = trained
     images, labels, masks = _blob_images(64, seed=2)
     lesion = labels == 1
-    lesions = explain.LesionSet(
+    lesions = explain_validation.LesionSet(
         images_BxHxWxC=images[lesion],
         masks_BxHxW=masks[lesion],
         labels_B=labels[lesion],
@@ -105,7 +106,7 @@ def test_heatmaps_find_the_lesion_far_more_often_than_random_maps(trained):
     )
     accuracy = float(np.mean(np.argmax(model(jnp.asarray(images)), axis=-1) == labels))
     assert accuracy >= 0.9, "the model did not learn the task; the test would mean nothing"
-    report = explain.localization_report(model, lesions, ig_steps=16, draws=200)
+    report = explain_validation.localization_report(model, lesions, ig_steps=16, draws=200)
     assert report.accuracy == pytest.approx(
         np.mean(np.argmax(model(jnp.asarray(images[lesion])), axis=-1) == 1)
     )
