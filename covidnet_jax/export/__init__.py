@@ -36,18 +36,7 @@ Example:
 """
 
 from covidnet_jax.export.inference_state import restore_inference_state, save_inference_state
-from covidnet_jax.export.layout import (
-    CARD_FILE,
-    CHECKPOINT_DIR,
-    DEFAULT_PLATFORMS,
-    EXPORT_FORMAT,
-    EXPORT_VERSION,
-    MANIFEST_FILE,
-    RECIPE_FILE,
-    SPEC_FILE,
-    STABLEHLO_FILE,
-    ExportError,
-)
+from covidnet_jax.export.layout import DEFAULT_PLATFORMS, EXPORT_FORMAT, EXPORT_VERSION, ExportError
 from covidnet_jax.export.model_card import (
     ModelCard,
     RequirementCheck,
@@ -63,16 +52,10 @@ from covidnet_jax.export.recipe import (
 from covidnet_jax.export.writer import export_inference, export_training_run, write_export
 
 __all__ = [
-    "CARD_FILE",
-    "CHECKPOINT_DIR",
     "DEFAULT_PLATFORMS",
     "EXPORT_FORMAT",
     "EXPORT_VERSION",
-    "MANIFEST_FILE",
-    "RECIPE_FILE",
     "RECIPE_VERSION",
-    "SPEC_FILE",
-    "STABLEHLO_FILE",
     "ExportError",
     "LoadedExport",
     "ModelCard",
