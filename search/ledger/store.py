@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,26 +223,38 @@ def read_records(study: optuna.Study) -> list[TrialRecord]:
 
 
 @contextlib.contextmanager
-def heartbeat(storage: BaseStorage, trial_id: int, interval_s: float) -> Iterator[None]:
-    """Records a heartbeat for `trial_id` every `interval_s` seconds while the block runs."""
+def _every(interval_s: float, tick: Callable[[], bool], *, name: str) -> Iterator[None]:
+    """Calls `tick` on a daemon thread at once and then every `interval_s` seconds while the
+    block runs; `tick` returning False ends the thread early. The block's end waits for a
+    tick in progress, so nothing is written after it."""
     stop = threading.Event()
 
-    def beat() -> None:
-        while True:
-            try:
-                storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-            except (UpdateFinishedTrialError, RuntimeError):
-                return  # the trial ended (or was declared lost by another worker)
-            if stop.wait(interval_s):
-                return
+    def loop() -> None:
+        while tick() and not stop.wait(interval_s):
+            pass
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def heartbeat(storage: BaseStorage, trial_id: int, interval_s: float) -> Iterator[None]:
+    """Records a heartbeat for `trial_id` every `interval_s` seconds while the block runs."""
+
+    def beat() -> bool:
+        try:
+            storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except (UpdateFinishedTrialError, RuntimeError):
+            return False  # the trial ended (or was declared lost by another worker)
+        return True
+
+    with _every(interval_s, beat, name=f"heartbeat-{trial_id}"):
+        yield
 
 
 def _worker_is_dead(worker: str | None) -> bool:
@@ -541,22 +553,18 @@ def wall_clock(study: optuna.Study, interval_s: float) -> Iterator[None]:
     block runs, so a killed invocation still counts up to its last refresh."""
     start = time.time()
     key = f"{WALL_ATTR_PREFIX}{worker_id()}:{start:.3f}"
-    stop = threading.Event()
 
     def record() -> None:
         study.set_user_attr(key, [start, time.time()])
 
-    def beat() -> None:
-        while not stop.wait(interval_s):
-            with contextlib.suppress(Exception):  # a store hiccup must not end the search
-                record()
+    def refresh() -> bool:
+        with contextlib.suppress(Exception):  # a store hiccup must not end the search
+            record()
+        return True
 
-    record()
-    thread = threading.Thread(target=beat, name="wall-clock", daemon=True)
-    thread.start()
+    record()  # before the block: a kill in its first interval still counts
     try:
-        yield
+        with _every(interval_s, refresh, name="wall-clock"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         record()
