@@ -439,6 +439,8 @@ class _Run:
             raise _Failure(*_classify_runtime_error(err), int(jax.device_get(state.step))) from None
         finally:
             progress.close()
+            if hasattr(batches, "close"):
+                batches.close()  # stops the device path's prefetch thread now
         return state
 
     def _compile(self, fns: StepFunctions, state: TrainState, batch: dict, hyper: Hyper):

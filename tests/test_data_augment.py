@@ -1,11 +1,15 @@
-"""Augmentations: shape, range, reproducibility, and the geometry of known parameters."""
+"""Augmentations: shape, range, reproducibility, the geometry of known parameters, and the
+device path against the NumPy reference."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from covidnet_jax.data import augment_batch
 from covidnet_jax.data.augment import AugmentParams, apply_augment, sample_augment_params
+from covidnet_jax.data.device_augment import AUGMENT_KEY, model_batch, model_input, pack_params
 
 
 def _images(batch=4, size=24, channels=1, seed=0) -> np.ndarray:
@@ -96,3 +100,78 @@ def test_sampled_parameters_stay_in_the_paper_ranges():
     assert p.brightness.min() >= 0.9 and p.brightness.max() <= 1.1
     assert 0.45 < p.flip.mean() < 0.55
     assert 0.25 < (p.aspect != 1.0).mean() < 0.35
+
+
+# ---------------------------------------------------------------------------------------
+# The device path: jitted JAX against the NumPy reference above
+
+
+def _device(images: np.ndarray, params: AugmentParams, channels: int = 1) -> np.ndarray:
+    batch = {
+        "image": jnp.asarray(images),
+        "label": jnp.zeros(len(images), jnp.int32),
+        AUGMENT_KEY: jnp.asarray(pack_params(params)),
+    }
+    return np.asarray(model_batch(batch, channels=channels)["image"])
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # identity
+        {"shift_x": np.array([0.2, -0.05, 0.1]), "shift_y": np.array([-0.1, 0.03, 0.0])},
+        {"flip": np.array([True, False, True])},
+        {"angle": np.deg2rad([10.0, -7.5, 3.0])},
+        {"zoom": np.array([0.85, 1.15, 1.0]), "aspect": np.array([1.0, 0.9, 1.1])},
+        {"brightness": np.array([0.9, 1.1, 1.05])},
+    ],
+    ids=["identity", "shift", "flip", "rotation", "zoom-aspect", "brightness"],
+)
+def test_device_warp_equals_the_numpy_reference(changes):
+    images = _images(batch=3, size=21)
+    params = _identity(3, **changes)
+    expected = apply_augment(images, params)
+    got = _device(images, params)
+    assert got.dtype == np.float32 and got.shape == images.shape
+    # Bilinear weights in float32 on both sides; they differ only in rounding.
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    if not changes:
+        np.testing.assert_allclose(got, images / 255.0, atol=1e-6)
+
+
+def test_device_warp_of_drawn_parameters_matches_and_repeats_channels():
+    images = _images(batch=6, size=33)
+    params = sample_augment_params(np.random.default_rng(3), 6)
+    expected = apply_augment(images, params)
+    got = _device(images, params, channels=3)
+    assert got.shape == (6, 33, 33, 3)
+    np.testing.assert_allclose(got, np.repeat(expected, 3, axis=3), atol=2e-5)
+    assert not np.allclose(got[..., :1], images / 255.0, atol=0.05)  # it did transform
+
+
+def test_device_input_without_augmentation_only_converts():
+    images = _images(batch=2, size=8)
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros(2, jnp.int32)}
+    out = np.asarray(model_batch(batch, channels=3)["image"])
+    np.testing.assert_allclose(out, np.repeat(images / 255.0, 3, axis=3), atol=1e-7)
+    ready = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
+    passed = model_input({"image": jnp.asarray(ready)}, channels=3)  # host-path batches
+    np.testing.assert_array_equal(np.asarray(passed), ready)
+
+
+def test_device_function_compiles_once_per_shape():
+    def fresh(size, seed):
+        rng = np.random.default_rng(seed)
+        return {
+            "image": jnp.asarray(rng.integers(0, 256, (4, size, size, 1), dtype=np.uint8)),
+            "label": jnp.zeros(4, jnp.int32),
+            AUGMENT_KEY: jnp.asarray(pack_params(sample_augment_params(rng, 4))),
+        }
+
+    model_batch(fresh(13, 0), channels=3)
+    before = model_batch._cache_size()
+    for seed in range(1, 5):  # new images and parameters, same shapes: no recompile
+        model_batch(fresh(13, seed), channels=3)
+    assert model_batch._cache_size() == before
+    model_batch(fresh(15, 0), channels=3)  # a new shape compiles once more
+    assert model_batch._cache_size() == before + 1

@@ -1,15 +1,20 @@
-"""load_data, the validation split, train/eval batches, re-balancing, weights, bad input."""
+"""load_data, the validation split, train/eval batches (host and device paths), re-balancing,
+weights, bad input."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
+import threading
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
+from covidnet_jax import parallel
 from covidnet_jax.data import (
     DataConfig,
     load_data,
@@ -17,7 +22,11 @@ from covidnet_jax.data import (
     split_validation,
     write_synthetic_dataset,
 )
+from covidnet_jax.data.augment import sample_augment_params
+from covidnet_jax.data.device_augment import AUGMENT_KEY, model_batch, pack_params
+from covidnet_jax.data.pipeline import DeviceBatchMaker, _prefetched_batches
 from covidnet_jax.errors import ConfigError, DataError
+from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
 from covidnet_jax.typed_yaml import from_dict
 
 
@@ -117,7 +126,16 @@ def test_patient_wise_validation_has_no_overlap_and_ignores_seed(synth_dir, tmp_
     assert abs(int(other.sum()) - int(is_val.sum())) <= 4  # whole patients of 2 images
 
 
-def test_train_batches_are_deterministic_and_resume_exactly(data):
+@pytest.fixture(scope="module", params=["device", "host"])
+def either(request, data):
+    """The `data` fixture with each `augment_on`."""
+    if request.param == "device":
+        return data
+    return load_data(dataclasses.replace(data.config, augment_on="host"), seed=0)
+
+
+def test_train_batches_are_deterministic_and_resume_exactly(either):
+    data = either
     first = [b for _, b in zip(range(6), data.train_batches(8, seed=5), strict=False)]
     again = [b for _, b in zip(range(6), data.train_batches(8, seed=5), strict=False)]
     resumed = next(data.train_batches(8, seed=5, start_step=4))
@@ -146,7 +164,8 @@ def test_each_epoch_visits_every_train_image_once(synth_dir, tmp_path):
     )
 
 
-def test_rebalancing_fraction_over_many_batches(data):
+def test_rebalancing_fraction_over_many_batches(either):
+    data = either
     target = data.class_names.index("COVID-19")
     labels = np.concatenate(
         [b["label"] for _, b in zip(range(200), data.train_batches(10, seed=1), strict=False)]
@@ -293,8 +312,8 @@ def test_preprocess_image_drops_top_rows_and_crops_centre(tmp_path):
 
 
 def test_grain_workers_give_the_same_batches(synth_dir, tmp_path):
-    d0 = load_data(_config(synth_dir, tmp_path), seed=0)
-    d1 = load_data(_config(synth_dir, tmp_path, workers=1), seed=0)
+    d0 = load_data(_config(synth_dir, tmp_path, augment_on="host"), seed=0)
+    d1 = load_data(_config(synth_dir, tmp_path, augment_on="host", workers=1), seed=0)
     it = d1.train_batches(4, seed=3, start_step=2)
     for step in (2, 3):
         expected = d0.batch_maker(4, seed=3)(step)
@@ -306,10 +325,10 @@ def test_grain_workers_give_the_same_batches(synth_dir, tmp_path):
 def test_memory_mapped_cache_gives_the_same_batches(synth_dir, tmp_path, monkeypatch):
     from covidnet_jax.data import cache as cache_lib
 
-    in_memory = load_data(_config(synth_dir, tmp_path), seed=0)
+    in_memory = load_data(_config(synth_dir, tmp_path, augment_on="host"), seed=0)
     cache_lib._memory.clear()
     monkeypatch.setattr(cache_lib, "_MMAP_BYTES", 0)  # treat every array as large
-    mapped = load_data(_config(synth_dir, tmp_path), seed=0)
+    mapped = load_data(_config(synth_dir, tmp_path, augment_on="host"), seed=0)
     maker = mapped.batch_maker(4, seed=1)
     assert isinstance(maker.images, np.memmap)
     import pickle
@@ -372,3 +391,88 @@ def test_validation_split_stays_patient_disjoint_in_load_data(synth_dir, tmp_pat
         p = d.report.patients
         assert p["validation"] > 0
         assert p["train"] + p["validation"] == len(set(pids))  # disjoint: no patient counted twice
+
+
+# ---------------------------------------------------------------------------------------
+# augment_on: device
+
+
+def test_device_path_sends_uint8_and_the_host_paths_transforms(data):
+    device = data.batch_maker(8, seed=4)
+    assert isinstance(device, DeviceBatchMaker)
+    host = device.host  # the same host side, called as the host path
+    for step in (0, 1, 7):
+        sent = device.host.host_batch(step)
+        assert sent["image"].dtype == np.uint8 and sent["image"].shape == (8, 32, 32, 1)
+        drawn = sample_augment_params(np.random.default_rng([4, 4, step]), 8)
+        np.testing.assert_array_equal(sent[AUGMENT_KEY], pack_params(drawn))
+        got, expected = device(step), host(step)
+        assert isinstance(got["image"], jax.Array) and got["image"].shape == (8, 32, 32, 3)
+        np.testing.assert_array_equal(np.asarray(got["label"]), expected["label"])
+        np.testing.assert_allclose(np.asarray(got["image"]), expected["image"], atol=2e-5)
+
+
+def test_device_batches_are_a_pure_function_of_seed_and_step(data):
+    stream = [b for _, b in zip(range(5), data.train_batches(8, seed=9), strict=False)]
+    maker = data.batch_maker(8, seed=9)
+    for step in (4, 2, 0):  # any order, a fresh maker: the same arrays, bit for bit
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.asarray(maker(step)[key]), stream[step][key])
+    assert not np.array_equal(np.asarray(stream[0]["image"]), np.asarray(stream[1]["image"]))
+    assert not np.array_equal(
+        np.asarray(data.batch_maker(8, seed=10)(0)["image"]), np.asarray(stream[0]["image"])
+    )
+
+
+def test_prefetch_thread_stops_on_close_and_hands_on_errors_in_order(data):
+    def running() -> int:
+        return sum(t.name == "covidnet-prefetch" for t in threading.enumerate())
+
+    before = running()
+    batches = data.train_batches(4, seed=0)
+    next(batches)
+    assert running() == before + 1
+    batches.close()
+    assert running() == before
+
+    class Failing:
+        def __call__(self, step):
+            if step == 2:
+                raise KeyError("bad step 2")
+            return {"step": step}
+
+    stream = _prefetched_batches(Failing(), 0)
+    assert [next(stream)["step"], next(stream)["step"]] == [0, 1]
+    with pytest.raises(KeyError, match="bad step 2"):
+        next(stream)
+    assert running() == before
+
+
+def test_jitted_step_on_device_batches_compiles_once(data):
+    # The trainer's path: device batches into the memoised, compiled train step.
+    class Net(nnx.Module):
+        def __init__(self, *, rngs: nnx.Rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+            self.head = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x_BxHxWxC):
+            return self.head(nnx.relu(self.conv(x_BxHxWxC)).mean(axis=(1, 2)))
+
+    mesh = parallel.make_mesh()
+    fns = StepFunctions.for_model(
+        Net(rngs=nnx.Rngs(0)), key="pipeline-device", settings=StepSettings(), mesh=mesh
+    )
+    state = fns.init_state(Net(rngs=nnx.Rngs(0)))
+    hyper = Hyper.create(learning_rate=1e-3, weight_decay=0.0, class_weights=np.ones(3), seed=0)
+    batches = data.train_batches(4, seed=0)
+    first = parallel.shard_batch(next(batches), mesh)
+    train, seconds = fns.compile_train(state, first, hyper)
+    compiled_augment = model_batch._cache_size()
+    for _, batch in zip(range(3), batches, strict=False):
+        batch = parallel.shard_batch(batch, mesh)
+        again, zero = fns.compile_train(state, batch, hyper)
+        assert again is train and zero == 0.0
+        state, metrics = train(state, batch, hyper)
+    batches.close()
+    assert seconds > 0 and bool(metrics["finite"])
+    assert model_batch._cache_size() == compiled_augment

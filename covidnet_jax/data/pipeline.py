@@ -4,8 +4,11 @@
 image once into an on-disk cache per resolution, keeps the uint8 arrays in memory, carves a
 patient-wise validation split from train and returns a `Data`. `Data.train_batches` is an
 infinite iterator whose batch at step s depends only on (seed, s): per-epoch seeded shuffles,
-COVID-style re-balancing and the paper's augmentations. `Data.eval_batches` yields fixed-shape,
-padded batches with a mask.
+COVID-style re-balancing and the paper's augmentations. With `augment_on: device` (the
+default) the host only picks indices, gathers uint8 images and draws transform parameters; a
+background thread puts two batches ahead on the devices, where one jitted function
+(`device_augment.model_batch`) augments and converts them. `Data.eval_batches` yields
+fixed-shape, padded batches with a mask.
 
 Example (the `data:` section of an experiment file):
 
@@ -23,7 +26,7 @@ data:
 ```python
 data = load_data(config, seed=0)
 for step, batch in enumerate(data.train_batches(32, seed=0, start_step=resume_step)):
-    batch["image"]  # float32 32x64x64x1 in [0, 1]
+    batch["image"]  # float32 32x64x64x1 in [0, 1] (a jax.Array on the devices by default)
     batch["label"]  # int32 32
 ```
 """
@@ -31,20 +34,25 @@ for step, batch in enumerate(data.train_batches(32, seed=0, start_step=resume_st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
+import queue
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
 import numpy as np
 
+from covidnet_jax import parallel
 from covidnet_jax.data import cache as cache_lib
-from covidnet_jax.data.augment import augment_batch
+from covidnet_jax.data.augment import apply_augment, sample_augment_params
 from covidnet_jax.data.covidx import (
     KNOWN_LABELS,
     CovidxFolder,
@@ -53,6 +61,7 @@ from covidnet_jax.data.covidx import (
     shared_patients_message,
     unknown_labels_message,
 )
+from covidnet_jax.data.device_augment import AUGMENT_KEY, model_batch, pack_params
 from covidnet_jax.data.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     PREPROCESS_VERSION,
@@ -112,13 +121,19 @@ class DataConfig:
         validation_draw: which patient-disjoint validation split (0: the default; another
             number draws other patients by another hash order).
         augment: apply the paper's augmentations to training batches.
+        augment_on: where train batches are augmented and made float32: "device" (the
+            host gathers uint8 images and draws the transform parameters, the devices warp
+            them in one jitted function, two batches prefetched by a background thread) or
+            "host" (NumPy in the calling thread or in Grain `workers`). Both apply the same
+            transforms (images equal to about 1e-6); "device" was faster at every measured
+            size (bench/README.md, "Augmentation on the device").
         rebalance_class: class of which a fixed fraction of every train batch is drawn (the
             paper's COVID-19 re-balancing); None for plain shuffling.
         rebalance_fraction: that fraction; max(int(batch * fraction), 1) slots per batch.
         class_weights: "none", "balanced" (N / (K * n_k) over the train split) or a mapping
             class -> weight (classes left out get 1.0).
-        workers: processes that build train batches in parallel (Grain); 0 builds them in
-            the calling thread, which is fastest for small images on few cores.
+        workers: processes that preprocess images and, with `augment_on: host`, build
+            train batches in parallel (Grain); 0 builds them in the calling thread.
         skip_corrupt: skip unreadable images and list them in `Data.report` instead of
             failing on the first one.
         cache_dir: where preprocessed arrays are cached; default `<covidx_dir>/.covidnet_cache`
@@ -147,6 +162,7 @@ class DataConfig:
     validation_fraction: float = bounded(0.1, ge=0.0, lt=1.0)
     validation_draw: int = bounded(0, ge=0)
     augment: bool = True
+    augment_on: Literal["device", "host"] = "device"
     rebalance_class: str | None = None
     rebalance_fraction: float = bounded(0.3, gt=0.0, lt=1.0)
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
@@ -400,8 +416,13 @@ def split_validation(
     return is_val
 
 
+@functools.lru_cache(maxsize=16)
 def _epoch_permutation(seed: int, pool: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, pool, epoch]).permutation(n)
+    # Cached: consecutive batches of an epoch share it (at COVIDx size, drawing it again
+    # for every batch cost more than gathering the images). Read-only for callers.
+    permutation = np.random.default_rng([seed, pool, epoch]).permutation(n)
+    permutation.flags.writeable = False
+    return permutation
 
 
 def _stream(seed: int, pool: int, members: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -454,30 +475,141 @@ class TrainBatchMaker:
             state["images"] = np.load(state["images"][1], mmap_mode="r")
         self.__dict__.update(state)
 
-    def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """The batch at `step`: {"image": float32 BxHxWxC in [0, 1], "label": int32 B}."""
+    @functools.cached_property
+    def _members(self) -> tuple[np.ndarray, np.ndarray]:
+        # (target, rest) indices, or (all, empty) without re-balancing; once per maker.
+        if self.target_class < 0:
+            return np.arange(len(self.labels)), np.empty(0, np.int64)
+        is_target = self.labels == self.target_class
+        return np.flatnonzero(is_target), np.flatnonzero(~is_target)
+
+    def indices(self, step: int) -> np.ndarray:
+        """int64 (B,) train-image indices of batch `step` (shuffled, re-balanced)."""
         step = int(step)
         if self.target_class < 0:
-            members = np.arange(len(self.labels))
-            index = _stream(self.seed, 0, members, step * self.batch_size, self.batch_size)
-        else:
-            target = np.flatnonzero(self.labels == self.target_class)
-            rest = np.flatnonzero(self.labels != self.target_class)
-            n_rest = self.batch_size - self.target_count
-            index = np.empty(self.batch_size, dtype=np.int64)
-            slots = np.random.default_rng([self.seed, 3, step]).permutation(self.batch_size)
-            index[slots[: self.target_count]] = _stream(
-                self.seed, 1, target, step * self.target_count, self.target_count
-            )
-            index[slots[self.target_count :]] = _stream(self.seed, 2, rest, step * n_rest, n_rest)
+            members, _ = self._members
+            return _stream(self.seed, 0, members, step * self.batch_size, self.batch_size)
+        target, rest = self._members
+        n_rest = self.batch_size - self.target_count
+        index = np.empty(self.batch_size, dtype=np.int64)
+        slots = np.random.default_rng([self.seed, 3, step]).permutation(self.batch_size)
+        index[slots[: self.target_count]] = _stream(
+            self.seed, 1, target, step * self.target_count, self.target_count
+        )
+        index[slots[self.target_count :]] = _stream(self.seed, 2, rest, step * n_rest, n_rest)
+        return index
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        """The device path's host work for batch `step`: indexing, a gather, a parameter draw.
+
+        Returns:
+            {"image": uint8 BxHxWx1, "label": int32 B} and, with augmentation,
+            {`AUGMENT_KEY`: float32 Bx7} (`device_augment.pack_params`): the transforms
+            the host path applies to the same batch.
+        """
+        index = self.indices(step)
+        batch = {
+            "image": np.asarray(self.images[index])[..., None],
+            "label": self.labels[index].astype(np.int32),
+        }
+        if self.augment:
+            batch[AUGMENT_KEY] = pack_params(self._augment_params(step))
+        return batch
+
+    def _augment_params(self, step: int):
+        rng = np.random.default_rng([self.seed, 4, int(step)])
+        return sample_augment_params(rng, self.batch_size)
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        """The batch at `step` built on the host.
+
+        Returns:
+            {"image": float32 BxHxWxC in [0, 1], "label": int32 B}.
+        """
+        index = self.indices(step)
         grey_BxHxWx1 = np.asarray(self.images[index])[..., None]
         if self.augment:
-            image = augment_batch(grey_BxHxWx1, np.random.default_rng([self.seed, 4, step]))
+            image = apply_augment(grey_BxHxWx1, self._augment_params(step))
         else:
             image = grey_BxHxWx1.astype(np.float32) * np.float32(1.0 / 255.0)
         if self.channels > 1:
             image = np.repeat(image, self.channels, axis=3)
         return {"image": image, "label": self.labels[index].astype(np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBatchMaker:
+    """Train batch `step` augmented on the devices: a pure function of (seed, step).
+
+    Attributes:
+        host: the host side (indices, gather, transform parameters).
+        sharding: where batches go (split along the batch axis over the local devices).
+    """
+
+    host: TrainBatchMaker
+    sharding: jax.sharding.Sharding
+
+    def put(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Sends a `TrainBatchMaker.host_batch` to the devices and augments it there.
+
+        Returns:
+            {"image": float32 BxHxWxC in [0, 1], "label": int32 B}, asynchronously computed.
+        """
+        on_device = jax.device_put(dict(host_batch), self.sharding)
+        return model_batch(on_device, channels=self.host.channels)
+
+    def __call__(self, step: int) -> dict[str, jax.Array]:
+        """The batch at `step`: {"image": float32 BxHxWxC in [0, 1], "label": int32 B}."""
+        return self.put(self.host.host_batch(step))
+
+
+class _Raised:
+    """An exception from the prefetch thread, re-raised where the consumer reaches it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _prefetched_batches(
+    make: DeviceBatchMaker, start_step: int, depth: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Device batches from `start_step` on, `depth` of them prepared ahead by one thread.
+
+    The thread gathers on the host and dispatches the transfer and the augmentation, so the
+    train step finds its next batch on the devices; it stops when the iterator is closed or
+    collected.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        step = start_step
+        while not stop.is_set():
+            try:
+                item: Any = make(step)
+            except BaseException as error:  # handed to the consumer, raised there
+                item = _Raised(error)
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, _Raised):
+                return
+            step += 1
+
+    thread = threading.Thread(target=produce, name="covidnet-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10.0)
 
 
 def _grain_batches(
@@ -556,8 +688,14 @@ class Data:
             return weights.astype(np.float32)
         return np.array([spec.get(name, 1.0) for name in self.class_names], np.float32)
 
-    def batch_maker(self, batch_size: int, *, seed: int | None = None) -> TrainBatchMaker:
-        """The pure function step -> train batch used by `train_batches`."""
+    def batch_maker(
+        self, batch_size: int, *, seed: int | None = None
+    ) -> TrainBatchMaker | DeviceBatchMaker:
+        """The pure function step -> train batch used by `train_batches`.
+
+        A `DeviceBatchMaker` with `augment_on: device` (its `.host` is the host side), else
+        a `TrainBatchMaker`.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         images, labels = self._splits["train"]
@@ -569,7 +707,7 @@ class Data:
                     f"batch size {batch_size} leaves no room besides the "
                     f"{self.config.rebalance_class!r} slots; use a batch size >= 2"
                 )
-        return TrainBatchMaker(
+        host = TrainBatchMaker(
             images=images,
             labels=labels,
             batch_size=batch_size,
@@ -579,6 +717,9 @@ class Data:
             target_class=self._target,
             target_count=target_count,
         )
+        if self.config.augment_on == "host":
+            return host
+        return DeviceBatchMaker(host=host, sharding=_train_sharding(batch_size))
 
     def train_batches(
         self, batch_size: int, *, seed: int | None = None, start_step: int = 0
@@ -591,9 +732,14 @@ class Data:
             start_step: the first step to yield (a resumed run passes its step).
 
         Yields:
-            {"image": float32 BxHxWxC in [0, 1], "label": int32 B}.
+            {"image": float32 BxHxWxC in [0, 1], "label": int32 B}: NumPy arrays with
+            `augment_on: host`; with `augment_on: device`, jax.Arrays split along the batch
+            axis over the local devices (the trainer's mesh), two batches prepared ahead.
+            Close the iterator (or drop it) to stop the prefetch thread.
         """
         make = self.batch_maker(batch_size, seed=seed)
+        if isinstance(make, DeviceBatchMaker):
+            return _prefetched_batches(make, start_step)
         if self.config.workers == 0:
             return map(make, itertools.count(start_step))
         return _grain_batches(make, start_step, self.config.workers)
@@ -625,6 +771,14 @@ class Data:
             mask = np.zeros(batch_size, bool)
             mask[:real] = True
             yield {"image": image, "label": label, "mask": mask}
+
+
+def _train_sharding(batch_size: int) -> jax.sharding.Sharding:
+    """The trainer's batch sharding (all local devices), or one device if B does not split."""
+    mesh = parallel.make_mesh()
+    if batch_size % mesh.devices.size == 0:
+        return parallel.batch_sharding(mesh)
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _ensure_synthetic(config: DataConfig) -> None:
