@@ -134,7 +134,8 @@ def run(
     """Runs or resumes a design exploration to its end.
 
     Args:
-        experiment: an experiment file, or one loaded with `search.load_experiment`.
+        experiment: an experiment file, one loaded with `search.load_experiment`, or a
+            `SearchExperiment` built in Python (then `workdir` is required).
         workdir: the run directory (default `runs/<experiment file name>`); running again
             with the same one resumes.
         overrides: "key.path=value" changes to the experiment file (with a path only).
