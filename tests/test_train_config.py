@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import search
 from covidnet_jax.arch import HeadSpec
 from covidnet_jax.config import LoopConfig, ModelConfig, TrainConfig, load_train_config
 from covidnet_jax.data import DataConfig
@@ -153,6 +154,9 @@ def test_search_evaluator_from_an_experiment_built_in_python(tmp_path):
         SearchSettings(space=SpaceConfig(prototype="tiny", heads=({"pool": "avg"},)))
     with pytest.raises(ConfigError, match=r"^training: expected a TrainConfig, got dict"):
         SearchExperiment({"model": {}}, settings)
+    # No file name to name the run directory after: `search.run` asks for one, up front.
+    with pytest.raises(ConfigError, match=r"^workdir: required for an experiment built in"):
+        search.run(experiment)
 
 
 def test_search_heads_are_the_library_head_spec(tmp_path):
