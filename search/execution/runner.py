@@ -50,7 +50,13 @@ from search.execution.evaluation import EvalFailure, EvalRequest, Evaluator
 from search.execution.fidelity import should_promote
 from search.ledger import store
 from search.ledger.objective import trial_values
-from search.ledger.records import Candidate, Proposal, RungResult, TrialRecord
+from search.ledger.records import (
+    Candidate,
+    Proposal,
+    RungResult,
+    TrialRecord,
+    gene_choices_attrs,
+)
 from search.ledger.requirements import (
     Cost,
     cost_violations,
@@ -174,6 +180,15 @@ class Worker:
             )
             if limit is not None
         ] + outcome_names(reqs)
+        self._record_gene_choices()
+
+    def _record_gene_choices(self) -> None:
+        """Stores the genes' readable choices in the study (once; `covidnet dashboard`)."""
+        study_id = self.storage.get_study_id_from_name(self.job.study_name)
+        stored = self.storage.get_study_system_attrs(study_id)
+        for key, value in gene_choices_attrs(_gene_choices(self.space)).items():
+            if stored.get(key) != value:
+                self.storage.set_study_system_attr(study_id, key, value)
 
     def _record_proposal(self, number: int, proposal: Proposal) -> None:
         # Called inside `study.ask()`: the trial exists in the storage, its genome not yet.
@@ -254,7 +269,7 @@ class Worker:
         except SpecError as err:
             self._finish(trial, "invalid", f"genome decodes to no valid spec: {err}")
             return
-        candidate = Candidate.build(spec, self.cost_model)
+        candidate = Candidate.build(spec, self.cost_model, self.space.describe(genome))
         _write(trial, candidate.to_attrs())
         cost = candidate.cost
 
@@ -481,6 +496,33 @@ class Worker:
             self.study.tell(trial, values=values, state=state)
 
 
+def _gene_choices(space: SearchSpace) -> dict[str, list]:
+    """Every gene's readable choices in index order: `space.describe` of the prototype's
+    genome with every stage at its deepest, changed in that gene alone; a module gene that a
+    stage at its shallowest leaves out ends with "unused". A gene with a choice that decodes
+    to no valid spec is left out (a viewer then shows its indices)."""
+    deepest = space.prototype_genome()
+    shallowest = dict(deepest)
+    for gene in space.genes:
+        if gene.role == "depth":
+            deepest[gene.name], shallowest[gene.name] = len(gene.choices) - 1, 0
+    try:
+        unused = space.describe(shallowest)
+    except SpecError:
+        unused = {}
+    table: dict[str, list] = {}
+    for gene in space.genes:
+        try:
+            values = [
+                space.describe({**deepest, gene.name: k})[gene.name]
+                for k in range(len(gene.choices))
+            ]
+        except SpecError:
+            continue
+        table[gene.name] = values + (["unused"] if unused.get(gene.name) == "unused" else [])
+    return table
+
+
 def _costed_once(cost_model: CostModel) -> CostModel:
     """`cost_model` memoised by spec hash: the strategy's cost check of a child and the
     candidate's record cost one count (the analytic counter walks every layer)."""
@@ -506,9 +548,8 @@ def run_worker(job: SearchJob, evaluator: Evaluator | None = None) -> WorkerSumm
     return Worker(job, evaluator).run()
 
 
-def _worker_main(job: SearchJob, device: str | None) -> None:
-    if device is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = device
+def _worker_main(job: SearchJob, env: Mapping[str, str]) -> None:
+    os.environ.update(env)  # before JAX is imported in this (spawned) process
     _end_with_parent()
     run_worker(job)
 
@@ -549,21 +590,50 @@ def count_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
+def worker_environments(count: int, devices: Sequence[str]) -> list[dict[str, str]]:
+    """The environment each of `count` workers starts with, given the host's GPUs.
+
+    Workers are spread over the devices round robin, each seeing one (`CUDA_VISIBLE_DEVICES`).
+    Where several workers share a device, JAX's default (preallocating 75% of the device's
+    memory in the first process) would leave the second nothing: each gets an equal share
+    of 90% (`XLA_PYTHON_CLIENT_MEM_FRACTION`) instead. Without GPUs nothing is set.
+
+    Args:
+        count: worker processes.
+        devices: the visible GPUs' ids ([] on a CPU-only host).
+
+    Returns:
+        One dict of environment variables per worker.
+    """
+    if not devices:
+        return [{} for _ in range(count)]
+    envs = []
+    for i in range(count):
+        device = devices[i % len(devices)]
+        sharing = sum(1 for k in range(count) if devices[k % len(devices)] == device)
+        env = {"CUDA_VISIBLE_DEVICES": device}
+        if sharing > 1:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / sharing:.3f}"
+        envs.append(env)
+    return envs
+
+
 def start_workers(job: SearchJob, count: int) -> list[multiprocessing.process.BaseProcess]:
-    """Starts `count` worker processes (spawned; one GPU each when the host has several).
+    """Starts `count` worker processes (spawned; see `worker_environments` for their GPUs).
 
     Returns:
         The started processes.
     """
     context = multiprocessing.get_context("spawn")
-    gpus = count_gpus()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    else:
+        devices = [str(i) for i in range(count_gpus())]
     processes = []
-    for i in range(count):
-        device = devices[i % len(devices)] if len(devices) > 1 else None
+    for i, env in enumerate(worker_environments(count, devices)):
         process = context.Process(
-            target=_worker_main, args=(job, device), name=f"covidnet-search-worker-{i}"
+            target=_worker_main, args=(job, env), name=f"covidnet-search-worker-{i}"
         )
         process.start()
         processes.append(process)
