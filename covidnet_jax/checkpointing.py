@@ -6,6 +6,13 @@ A run's checkpoints live in `<workdir>/checkpoints/<step>/` with two items:
 - `meta`: JSON with the spec, the resolved config, class names and the host-side
   training state (reduce-on-plateau counters), so a checkpoint directory is self-describing.
 
+Optimizer state of older runs. Runs saved before the optimizer became optax's own
+(`steps.make_optimizer`) hold a bare `optax.ScaleByAdamState` (`opt_state/{count,mu,nu}`)
+where the target now has it inside an `optax.inject_hyperparams` state. `restore` maps it
+in (`_legacy_adam_target`, `_upgrade_legacy_adam`): the Adam moments and counts are kept,
+the injected learning rate and weight decay start at 0 (the next train step writes them),
+so such a run resumes with the same updates it would have made.
+
 Retention: the latest `keep_latest` steps plus the best `keep_best` by the validation
 selection metric saved with each step (`metrics={"selection": value, ...}`; higher is
 better).
@@ -66,6 +73,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from orbax.checkpoint import checkpoint_managers as policies
@@ -363,29 +372,67 @@ class Checkpoints:
         Returns:
             (state, metadata).
 
+        A step saved with the pre-optax optimizer state (a bare Adam state) is mapped into
+        the target's optax state (see the module docstring).
+
         Raises:
             CheckpointError: if there is no such finished step, or the shapes do not match.
         """
         step = self._resolve(step)
         with self._reading(step):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        **{
-                            _STATE: ocp.args.StandardRestore(abstract_state),
-                            _META: ocp.args.JsonRestore(),
-                        }
-                    ),
-                )
+                return self._restore_state_and_meta(step, abstract_state)
             except (ValueError, KeyError, TypeError) as err:
                 if not is_finished_step(self._step_dir(step)):
                     raise  # `_reading` reports it
-                raise CheckpointError(
+                mismatch = CheckpointError(
                     f"{self._step_dir(step)}: does not match this model "
                     f"({str(err).splitlines()[0][:200]})"
-                ) from None
+                )
+            legacy = self._legacy_adam_target(step, abstract_state)
+            if legacy is None:
+                raise mismatch
+            try:
+                state, meta = self._restore_state_and_meta(step, legacy)
+            except (ValueError, KeyError, TypeError):
+                if not is_finished_step(self._step_dir(step)):
+                    raise
+                raise mismatch from None
+        log.info("%s: mapped the pre-optax Adam state into optax's", self._step_dir(step))
+        return _upgrade_legacy_adam(state, abstract_state), meta
+
+    def _restore_state_and_meta(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardRestore(abstract_state),
+                    _META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
         return restored[_STATE], restored[_META]
+
+    def _legacy_adam_target(self, step: int, abstract_state: Any) -> Any | None:
+        """`abstract_state` with the old optimizer layout, if `step` was saved with it.
+
+        That is: the saved `opt_state` is exactly a `ScaleByAdamState` (count, mu, nu), and
+        the target's `opt_state` is an optax state holding one `ScaleByAdamState` deeper
+        inside. None otherwise (the mismatch is something else).
+        """
+        opt_state = getattr(abstract_state, "opt_state", None)
+        if not hasattr(abstract_state, "replace") or opt_state is None:
+            return None
+        if isinstance(opt_state, optax.ScaleByAdamState):
+            return None
+        found = optax.tree.get_all_with_path(opt_state, "ScaleByAdamState")
+        saved = self._manager.item_metadata(step)[_STATE].tree
+        saved_opt_state = saved.get("opt_state") if isinstance(saved, dict) else None
+        if len(found) != 1 or not isinstance(saved_opt_state, dict):
+            return None
+        if set(saved_opt_state) != set(optax.ScaleByAdamState._fields):
+            return None
+        return abstract_state.replace(opt_state=found[0][1])
 
     def restore_arrays(self, step: int | None = None) -> Any:
         """Restores a step's state without a target, onto the first local device.
@@ -467,6 +514,25 @@ class Checkpoints:
             raise CheckpointError(
                 f"{self._step_dir(step)}: checkpoint files went missing while reading"
             ) from None
+
+
+def _upgrade_legacy_adam(state: Any, abstract_state: Any) -> Any:
+    """`state` (restored into `_legacy_adam_target`) with the target's optimizer layout.
+
+    The Adam state goes where the target holds it; `inject_hyperparams`' own count takes
+    Adam's (both count the updates applied); the remaining leaves (the injected
+    hyper-parameters) are zeros, overwritten by the next train step.
+    """
+    adam = state.opt_state
+    zeros = jax.tree.map(
+        lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), abstract_state.opt_state
+    )
+    opt_state = optax.tree.set(zeros, ScaleByAdamState=adam)
+    if isinstance(opt_state, optax.InjectStatefulHyperparamsState):
+        # A buffer of its own: a donated state must not hold one buffer twice.
+        count = jax.device_put(np.asarray(adam.count), adam.count.sharding)
+        opt_state = opt_state._replace(count=count)
+    return state.replace(opt_state=opt_state)
 
 
 def _selection(metrics: Any) -> float:

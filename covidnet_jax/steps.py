@@ -8,9 +8,12 @@ shardings from a data-parallel mesh (`covidnet_jax.parallel`).
 
 Everything that varies between runs of the same design without changing shapes (learning
 rate, weight decay, schedule lengths, class weights, the root RNG key) is a traced
-argument (`Hyper`), so one compiled step serves every trial of a spec in a process:
-`StepFunctions.for_model` memoises the jitted functions per (spec hash, settings, mesh),
-and `compile_*` memoises the ahead-of-time compiled executables per argument signature.
+argument (`Hyper`), so one compiled step serves every trial of a spec in a process. The
+optimizer is optax's own (`make_optimizer`: `optax.adam` after masked L2 decay, or
+`optax.adamw`) wrapped in `optax.inject_hyperparams`; each step writes the traced learning
+rate and weight decay into its state. `StepFunctions.for_model` memoises the jitted
+functions per (spec hash, settings, mesh), and `compile_*` memoises the ahead-of-time
+compiled executables per argument signature.
 
 Example:
     >>> fns = StepFunctions.for_model(model, key="tiny", settings=settings, mesh=mesh)
@@ -51,7 +54,9 @@ class TrainState:
         step: int32 scalar, the number of updates applied.
         params: the model's `nnx.Param`s.
         model_state: the model's other variables (BatchNorm running statistics).
-        opt_state: the Adam moments of `params`.
+        opt_state: the state of `make_optimizer(settings.optimizer)` over `params`: an
+            `optax.InjectStatefulHyperparamsState` holding the learning rate and weight
+            decay of the last update and, inside, the `optax.ScaleByAdamState` moments.
         lr_scale: float32 scalar multiplying the scheduled learning rate
             (reduce-on-plateau lowers it; 1.0 otherwise).
     """
@@ -129,7 +134,14 @@ class StepSettings:
 def scheduled_learning_rate(
     step: jax.Array, hyper: Hyper, lr_scale: jax.Array, schedule: str
 ) -> jax.Array:
-    """The learning rate used for the update at `step` (float32 scalar)."""
+    """The learning rate used for the update at `step` (float32 scalar).
+
+    Written here rather than taken from `optax.schedules`: optax's schedule constructors
+    check their step counts in Python (`if transition_steps <= 0`), so they cannot take
+    the traced `warmup_steps`/`total_steps` and would bake each trial's budget into the
+    compiled step; and the warm-up here reaches the peak one step earlier
+    (`lr * (step + 1) / warmup_steps`) than optax's linear warm-up from zero.
+    """
     if schedule != "warmup_cosine":
         return hyper.learning_rate * lr_scale
     step_f = step.astype(jnp.float32)
@@ -165,6 +177,60 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _adam_with_l2(
+    learning_rate: jax.Array, weight_decay: jax.Array
+) -> optax.GradientTransformation:
+    # "adam": L2 regularisation, `weight_decay * p` added to the gradient before Adam.
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+        optax.adam(learning_rate, b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS),
+    )
+
+
+def _adamw(learning_rate: jax.Array, weight_decay: jax.Array) -> optax.GradientTransformation:
+    # "adamw": decoupled decay, `weight_decay * p` added to Adam's update.
+    return optax.adamw(
+        learning_rate,
+        b1=_ADAM_B1,
+        b2=_ADAM_B2,
+        eps=_ADAM_EPS,
+        weight_decay=weight_decay,
+        mask=_decay_mask,
+    )
+
+
+_OPTIMIZERS = {"adam": _adam_with_l2, "adamw": _adamw}
+
+
+def make_optimizer(name: str) -> optax.GradientTransformationExtraArgs:
+    """The optax optimizer `name`, with a traced learning rate and weight decay.
+
+    `optax.inject_hyperparams` keeps both in the optimizer state
+    (`opt_state.hyperparams["learning_rate" | "weight_decay"]`); the train step writes the
+    scheduled learning rate and `Hyper.weight_decay` there before every update, so the
+    values given here (0.0) are placeholders and one compiled step serves every trial.
+    Weight decay applies to parameters with ndim > 1 (kernels, weight matrices).
+
+    Args:
+        name: "adam" (decay as L2 on the gradient: `optax.add_decayed_weights` chained
+            before `optax.adam`) or "adamw" (decoupled: `optax.adamw`).
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs`.
+
+    Example:
+        >>> tx = make_optimizer("adamw")
+        >>> opt_state = tx.init(params)
+        >>> opt_state.hyperparams["learning_rate"] = jnp.float32(1e-3)
+        >>> updates, opt_state = tx.update(grads, opt_state, params)
+    """
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {sorted(_OPTIMIZERS)}, got {name!r}")
+    return optax.inject_hyperparams(_OPTIMIZERS[name], hyperparam_dtype=jnp.float32)(
+        learning_rate=0.0, weight_decay=0.0
+    )
+
+
 def _train_step(
     state: TrainState,
     batch: Batch,
@@ -192,19 +258,13 @@ def _train_step(
     (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.model_state
     )
-    decay = jax.tree.map(
-        lambda p, m: p * hyper.weight_decay if m else jnp.zeros_like(p),
-        state.params,
-        _decay_mask(state.params),
-    )
-    if settings.optimizer == "adam":
-        grads = jax.tree.map(jnp.add, grads, decay)
-    updates, opt_state = _adam().update(grads, state.opt_state, state.params)
-    if settings.optimizer == "adamw":
-        updates = jax.tree.map(jnp.add, updates, decay)
     lr = scheduled_learning_rate(state.step, hyper, state.lr_scale, settings.schedule)
-    params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+    opt_state = state.opt_state._replace(
+        hyperparams={"learning_rate": lr, "weight_decay": hyper.weight_decay}
+    )
+    updates, opt_state = make_optimizer(settings.optimizer).update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)  # of the loss alone, before any weight decay
     metrics = {
         "loss": loss,
         "correct": jnp.sum(jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32),
@@ -271,10 +331,6 @@ def _batch_moments(
     model = nnx.merge(graphdef, params, model_state)
     model(images_BxHxWxC.astype(settings.compute_dtype))
     return [(bn.mean[...], bn.var[...] + jnp.square(bn.mean[...])) for bn in _batch_norms(model)]
-
-
-def _adam() -> optax.GradientTransformation:
-    return optax.scale_by_adam(b1=_ADAM_B1, b2=_ADAM_B2, eps=_ADAM_EPS)
 
 
 def _signature(*args: Any) -> Hashable:
@@ -382,7 +438,7 @@ class StepFunctions:
             step=jnp.int32(0),
             params=params,
             model_state=model_state,
-            opt_state=_adam().init(params),
+            opt_state=make_optimizer(self.settings.optimizer).init(params),
             lr_scale=jnp.float32(1.0),
         )
         # A copy, so donating the state never invalidates the live `model`.

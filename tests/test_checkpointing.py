@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -49,15 +50,18 @@ def _trained_state():
     fns = StepFunctions.for_model(model, key="ckpt-net", settings=StepSettings(), mesh=mesh)
     state = fns.init_state(model)
     rng = np.random.default_rng(0)
-    moments = state.opt_state._replace(
-        count=jnp.int32(3),
+    # optax.tree.set/get find the Adam moments inside optax's nested optimizer state.
+    moments = optax.tree.set(
+        state.opt_state,
         mu=jax.tree.map(
-            lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), state.opt_state.mu
+            lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype),
+            optax.tree.get(state.opt_state, "mu"),
         ),
         nu=jax.tree.map(
-            lambda x: jnp.asarray(rng.random(size=x.shape), x.dtype), state.opt_state.nu
+            lambda x: jnp.asarray(rng.random(size=x.shape), x.dtype),
+            optax.tree.get(state.opt_state, "nu"),
         ),
-    )
+    )._replace(count=jnp.int32(3))
     return model, fns, state.replace(step=jnp.int32(3), opt_state=moments)
 
 
@@ -71,7 +75,7 @@ def test_round_trip_includes_optimizer_state_and_metadata(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    mu = jax.tree.leaves(restored.opt_state.mu)
+    mu = jax.tree.leaves(optax.tree.get(restored.opt_state, "mu"))
     assert any(float(jnp.abs(x).sum()) > 0 for x in mu), "Adam moments were not saved"
     assert int(restored.opt_state.count) == 3 and int(restored.step) == 3
     assert float(restored.lr_scale) == pytest.approx(0.49)

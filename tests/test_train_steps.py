@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 from covidnet_jax import parallel, steps
+from covidnet_jax.checkpointing import Checkpoints
+from covidnet_jax.errors import CheckpointError
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
 
 
@@ -326,3 +328,66 @@ def test_optax_steps_equal_the_hand_written_ones(optimizer, schedule):
         )
     adam = optax.tree.get(state.opt_state, "ScaleByAdamState")
     assert int(state.step) == int(adam.count) == int(expected.opt_state.count) == 24
+
+
+def test_a_checkpoint_of_the_hand_written_optimizer_resumes_with_the_same_updates(tmp_path):
+    # A run saved before the switch holds a bare `ScaleByAdamState`; restoring it into
+    # today's state maps its moments and count in, and training on matches the old code.
+    settings = StepSettings(optimizer="adam", schedule="warmup_cosine")
+    model, fns, mesh = _setup("steps-legacy-checkpoint", settings)
+    batch = parallel.shard_batch(_batch(5), mesh)
+    hyper = _reference_hyper()
+    reference = jax.jit(
+        functools.partial(_reference_train_step, graphdef=fns.graphdef_train, settings=settings)
+    )
+    expected = _reference_state(fns.init_state(model))
+    for _ in range(6):
+        expected, _ = reference(expected, batch, hyper)
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        ckpts.save(6, expected, metadata={"spec_hash": "old"})
+    with Checkpoints.open_existing(tmp_path) as ckpts:
+        state, meta = ckpts.restore(fns.abstract_state(model))
+    assert meta == {"spec_hash": "old"}
+    assert jax.tree.structure(state) == jax.tree.structure(fns.abstract_state(model))
+    assert int(state.opt_state.count) == 6 == int(state.step)
+    for _ in range(6):
+        state, _ = fns.train_step(state, batch, hyper)
+        expected, _ = reference(expected, batch, hyper)
+    tolerance = {"rtol": 1e-5, "atol": 1e-7}
+    _assert_trees_close(state.params, expected.params, **tolerance)
+    _assert_trees_close(optax.tree.get(state.opt_state, "mu"), expected.opt_state.mu, **tolerance)
+    _assert_trees_close(optax.tree.get(state.opt_state, "nu"), expected.opt_state.nu, **tolerance)
+    assert int(optax.tree.get(state.opt_state, "ScaleByAdamState").count) == 12
+
+
+def test_a_checkpoint_of_another_model_is_still_refused(tmp_path):
+    # The legacy mapping must not hide a real mismatch: old layout, other shapes.
+    model, fns, _ = _setup("steps-legacy-mismatch")
+    other = _reference_state(fns.init_state(model))
+    other = other.replace(params=jax.tree.map(lambda x: jnp.zeros((*x.shape, 2)), other.params))
+    other = other.replace(opt_state=_reference_adam().init(other.params))
+    with Checkpoints(tmp_path / "checkpoints") as ckpts:
+        ckpts.save(1, other, metadata={})
+    with (
+        Checkpoints.open_existing(tmp_path) as ckpts,
+        pytest.raises(CheckpointError, match="does not match this model"),
+    ):
+        ckpts.restore(fns.abstract_state(model))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_learning_rate_and_weight_decay_are_traced_into_optax(optimizer):
+    # One compiled step for every trial: new values reach optax's injected
+    # hyper-parameters without tracing the step again.
+    settings = StepSettings(optimizer=optimizer, schedule="warmup_cosine")
+    model, fns, mesh = _setup(f"steps-traced-{optimizer}", settings)
+    batch = parallel.shard_batch(_batch(), mesh)
+    for lr, wd, warmup in [(0.01, 0.0, 0), (0.003, 0.2, 3), (0.5, 1e-4, 1)]:
+        hyper = _hyper(learning_rate=lr, weight_decay=wd, warmup_steps=warmup, total_steps=9)
+        state, metrics = fns.train_step(fns.init_state(model), batch, hyper)
+        injected = state.opt_state.hyperparams
+        expected_lr = lr / warmup if warmup else lr
+        assert float(injected["learning_rate"]) == pytest.approx(expected_lr, rel=1e-6)
+        assert float(metrics["learning_rate"]) == pytest.approx(expected_lr, rel=1e-6)
+        assert float(injected["weight_decay"]) == pytest.approx(wd, rel=1e-6)
+    assert fns.train_step._cache_size() == 1
