@@ -224,7 +224,16 @@ def _enable_compilation_cache(directory: Path) -> None:
 
 @dataclasses.dataclass
 class _Plateau:
-    """Host-side reduce-on-plateau state (saved in checkpoint metadata)."""
+    """Host-side reduce-on-plateau state (saved in checkpoint metadata).
+
+    The rule is `optax.contrib.reduce_on_plateau`'s with `rtol=1e-4, atol=0, cooldown=0`
+    (tests/test_train_steps.py feeds both the same losses), kept here rather than used
+    from optax: that transform expects the watched value at every `update` of the chain,
+    but the paper's schedule watches the validation loss, which exists only on the host
+    after a validation. Feeding optax's state machine there would mean either the training
+    loss every step (another schedule) or JAX calls per validation (retraced each time, or
+    compiled per trial) and its float32 state through the JSON metadata, for these lines.
+    """
 
     best_loss: float | None = None
     num_bad: int = 0

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from covidnet_jax import parallel, steps
+from covidnet_jax import parallel, steps, train
 from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.errors import CheckpointError
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
@@ -391,3 +391,28 @@ def test_learning_rate_and_weight_decay_are_traced_into_optax(optimizer):
         assert float(metrics["learning_rate"]) == pytest.approx(expected_lr, rel=1e-6)
         assert float(injected["weight_decay"]) == pytest.approx(wd, rel=1e-6)
     assert fns.train_step._cache_size() == 1
+
+
+def test_plateau_follows_optax_reduce_on_plateau():
+    # The host-side rule equals optax.contrib.reduce_on_plateau fed the validation losses:
+    # improvements within the relative tolerance (1e-4) do not count, patience, factor and
+    # the floor `min_scale`.
+    factor, patience, min_scale = 0.7, 2, 0.3
+    tx = optax.contrib.reduce_on_plateau(
+        factor=factor, patience=patience, rtol=1e-4, atol=0.0, min_scale=min_scale
+    )
+    update = jax.jit(lambda state, value: tx.update({}, state, value=value)[1])
+    expected = tx.init(jnp.zeros((), jnp.float32))
+    plateau = train._Plateau()
+    losses = [1.0, 0.9, 0.89995, 0.95, 0.8997, 0.91, 0.92, 0.5, 0.6, 0.7, 0.8, 0.9, 0.6, 0.7]
+    reductions = 0
+    for loss in losses:
+        reduced = plateau.update(loss, factor=factor, patience=patience, min_scale=min_scale)
+        scale_before = float(expected.scale)
+        expected = update(expected, jnp.float32(loss))
+        assert reduced == (float(expected.scale) < scale_before)
+        assert plateau.lr_scale == pytest.approx(float(expected.scale), rel=1e-6)
+        assert plateau.num_bad == int(expected.plateau_count)
+        assert plateau.best_loss == pytest.approx(float(expected.best_value), rel=1e-6)
+        reductions += reduced
+    assert reductions == 4 and plateau.lr_scale == min_scale  # the last one stops at the floor
