@@ -28,6 +28,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "covidnet_jax.commands.train",
     "search.commands.search",
     "search.commands.compare",
+    "search.commands.dashboard",
     "search.commands.export",
     "search.commands.explain",
 )

@@ -10,6 +10,9 @@ compare/export read them through `TrialRecord.from_trial` or straight from the s
     spec              the spec JSON (`covidnet_jax.arch.spec_from_json` reads it)
     spec_hash         `spec.content_hash()`, the dedupe key
     summary           `spec.summary()`
+    design.<gene>     each gene's value as a person reads it (`SearchSpace.describe`: widths,
+                      kernel size, connectivity and head names, "unused" modules); Optuna's
+                      parameters stay the choice indices the samplers work on
     macs, params, activation_bytes     the analytic cost
     violations        {requirement name: shortfall}, 0.0 where it holds (see requirements.py)
     feasible          all violations 0 (cost, and outcome at the last trained rung)
@@ -33,6 +36,10 @@ compare/export read them through `TrialRecord.from_trial` or straight from the s
 
 Trial values are the objective (min_macs: MACs; max_netscore: NetScore; pareto: validation
 accuracy and MACs) and the violations are set as Optuna constraints.
+
+The study's system attribute `search:gene_choices` holds every gene's readable choices in index
+order (`gene_choices_attrs`), so a viewer can show a parameter's value and its range without
+the search space (`covidnet dashboard`).
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ from covidnet_jax.metrics import EvalMetrics, netscore
 from search.config import Objective
 from search.ledger.objective import design_order
 from search.ledger.requirements import COST_NAMES, Cost, is_feasible
+
+DESIGN_PREFIX = "design."
+GENE_CHOICES_ATTR = "search:gene_choices"
 
 Genome = dict[str, int]
 """A point of the search space: gene name -> index (Optuna's parameters of a trial)."""
@@ -96,16 +106,28 @@ class Candidate:
         spec: the architecture.
         spec_hash: `spec.content_hash()`, the dedupe key.
         cost: its analytic cost.
+        design: gene name -> readable value (`SearchSpace.describe` of its genome).
     """
 
     spec: AnySpec
     spec_hash: str
     cost: Cost
+    design: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def build(cls, spec: AnySpec, cost_model: Callable[[AnySpec], Cost]) -> Candidate:
-        """Hashes and costs `spec` (once)."""
-        return cls(spec=spec, spec_hash=spec.content_hash(), cost=cost_model(spec))
+    def build(
+        cls,
+        spec: AnySpec,
+        cost_model: Callable[[AnySpec], Cost],
+        design: Mapping[str, Any] | None = None,
+    ) -> Candidate:
+        """Hashes and costs `spec` (once); `design` is its genome described."""
+        return cls(
+            spec=spec,
+            spec_hash=spec.content_hash(),
+            cost=cost_model(spec),
+            design=dict(design or {}),
+        )
 
     def to_attrs(self) -> dict[str, Any]:
         """The user attributes describing the design."""
@@ -116,6 +138,7 @@ class Candidate:
             "macs": self.cost.macs,
             "params": self.cost.params,
             "activation_bytes": self.cost.activation_bytes,
+            **{f"{DESIGN_PREFIX}{gene}": value for gene, value in self.design.items()},
         }
 
 
@@ -248,6 +271,12 @@ class TrialRecord:
     def summary(self) -> str:
         """The spec's one-line summary ("" before it is known)."""
         return str(self.attrs.get("summary", ""))
+
+    @property
+    def design(self) -> dict[str, Any]:
+        """Gene name -> readable value (empty for a trial recorded before its spec)."""
+        n = len(DESIGN_PREFIX)
+        return {k[n:]: v for k, v in self.attrs.items() if k.startswith(DESIGN_PREFIX)}
 
     @property
     def macs(self) -> int | None:
@@ -505,6 +534,18 @@ def proposal_outcomes(records: Sequence[TrialRecord]) -> list[ProposalOutcome]:
             )
         )
     return outcomes
+
+
+def gene_choices_attrs(choices: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The study's system attribute listing every gene's readable choices in index order
+    (`design.<gene>` values are among them)."""
+    return {GENE_CHOICES_ATTR: {gene: list(values) for gene, values in choices.items()}}
+
+
+def gene_choices(study_system_attrs: Mapping[str, Any]) -> dict[str, tuple]:
+    """Reads `gene_choices_attrs` back (empty for a study written before it existed)."""
+    table = study_system_attrs.get(GENE_CHOICES_ATTR) or {}
+    return {gene: tuple(values) for gene, values in table.items()}
 
 
 def outcome_shortfall(record: TrialRecord) -> float:

@@ -244,6 +244,64 @@ class SearchSpace:
             head=self._heads[self._value(genome, "head")],
         )
 
+    def describe(self, genome: Mapping[str, int]) -> dict[str, int | str]:
+        """Each gene's value as a person reads it, taken from the decoded spec.
+
+        The genome's own values are choice indices (Optuna's parameters, which samplers and
+        resumed studies depend on); this is what they select:
+
+            s{i}.depth        modules in the stage (int)
+            s{i}.width        output channels of the stage's first module (int)
+            s{i}.kernel       depthwise kernel size (int)
+            s{i}.m{j}.width   "proj1/expand/proj2" channels of module j, or "unused" when the
+                              stage has j modules or fewer
+            connectivity      "dense" | "residual" | "none"
+            head              e.g. "avg", "flatten fc64 drop0.5"
+            resolution        input size in pixels (int)
+
+        Args:
+            genome: gene name -> index (as for `decode`).
+
+        Returns:
+            gene name -> readable value, for every gene of `self.genes`, in their order.
+
+        Raises:
+            SpecError: if the genome decodes to no valid spec.
+
+        Example:
+            >>> from covidnet_jax import presets
+            >>> config = SpaceConfig(prototype="tiny", kernel_sizes=(3, 5))
+            >>> space = SearchSpace(config, presets.get_preset("tiny"))
+            >>> space.describe(space.prototype_genome())
+            {'s0.kernel': 3, 's1.kernel': 5}
+        """
+        spec = self.decode(genome)
+        values: dict[str, int | str] = {}
+        for gene in self.genes:
+            stage = spec.stages[gene.stage] if gene.stage is not None else None
+            if gene.role == "depth":
+                values[gene.name] = len(stage.modules)
+            elif gene.role == "stage_width":
+                values[gene.name] = stage.modules[0].out
+            elif gene.role == "kernel":
+                values[gene.name] = stage.modules[0].kernel_size
+            elif gene.role == "module_width":
+                if gene.module < len(stage.modules):
+                    m = stage.modules[gene.module]
+                    values[gene.name] = f"{m.proj1}/{m.expand}/{m.proj2}"
+                else:
+                    values[gene.name] = "unused"
+            elif gene.role == "connectivity":
+                values[gene.name] = spec.connectivity
+            elif gene.role == "head":
+                head = spec.head
+                hidden = "".join(f" fc{width}" for width in head.hidden)
+                dropout = f" drop{head.dropout:g}" if head.dropout else ""
+                values[gene.name] = f"{head.pool}{hidden}{dropout}"
+            else:
+                values[gene.name] = spec.input_size
+        return values
+
     # Mutations ------------------------------------------------------------------------------
 
     def mutation_options(self, genome: Mapping[str, int]) -> list[tuple[str, Genome]]:
