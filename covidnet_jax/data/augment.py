@@ -6,6 +6,10 @@ COVID-Net training script. The geometric part is one affine map per image, appli
 whole batch with a single bilinear gather (no Python loop over images), so augmentation costs
 a few memory passes over the batch.
 
+`sample_augment_params` also draws the parameters of the device path
+(`covidnet_jax.data.device_augment`, the default), whose jitted warp is tested against
+`apply_augment` here: both paths apply the same transforms to the same batch.
+
 Example:
     >>> rng = np.random.default_rng(0)
     >>> out_BxHxWxC = augment_batch(images_BxHxWxC, rng)  # uint8 in, float32 [0, 1] out

@@ -428,6 +428,10 @@ def _epoch_permutation(seed: int, pool: int, epoch: int, n: int) -> np.ndarray:
 def _stream(seed: int, pool: int, members: np.ndarray, start: int, count: int) -> np.ndarray:
     """Items start..start+count of the infinite stream of per-epoch shuffles of `members`."""
     n = len(members)
+    epoch, offset = divmod(start, n)
+    if offset + count <= n:  # inside one epoch: a slice (most batches)
+        perm = _epoch_permutation(seed, pool, epoch, n)
+        return members[perm[offset : offset + count]]
     positions = np.arange(start, start + count)
     out = np.empty(count, dtype=members.dtype)
     for epoch in np.unique(positions // n):
