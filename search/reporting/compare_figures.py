@@ -103,8 +103,8 @@ def _interval_bars(ax: Any, group: Sequence[Candidate], colour: str) -> None:
         [c.macs for c in with_ci],
         [c.val_accuracy for c in with_ci],
         yerr=[
-            [c.val_accuracy - c.val_interval[0] for c in with_ci],  # type: ignore[index,operator]
-            [c.val_interval[1] - c.val_accuracy for c in with_ci],  # type: ignore[index,operator]
+            [c.val_accuracy - c.val_interval[0] for c in with_ci],
+            [c.val_interval[1] - c.val_accuracy for c in with_ci],
         ],
         fmt="none",
         ecolor=colour,
