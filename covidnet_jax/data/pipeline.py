@@ -33,6 +33,7 @@ for step, batch in enumerate(data.train_batches(32, seed=0, start_step=resume_st
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -605,6 +606,7 @@ def _prefetched_batches(
 
     thread = threading.Thread(target=produce, name="covidnet-prefetch", daemon=True)
     thread.start()
+    _PREFETCHING[thread] = stop
     try:
         while True:
             item = ready.get()
@@ -612,6 +614,20 @@ def _prefetched_batches(
                 raise item.error
             yield item
     finally:
+        stop.set()
+        thread.join(timeout=10.0)
+        _PREFETCHING.pop(thread, None)
+
+
+_PREFETCHING: dict[threading.Thread, threading.Event] = {}
+"""Live prefetch threads and their stop events."""
+
+
+@atexit.register
+def _stop_prefetching() -> None:
+    # An iterator still open at exit: stop its thread before the interpreter (and JAX's
+    # runtime) shuts down under it.
+    for thread, stop in list(_PREFETCHING.items()):
         stop.set()
         thread.join(timeout=10.0)
 
