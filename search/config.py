@@ -35,7 +35,6 @@ from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import bounded, check
 
 Objective = Literal["min_macs", "max_netscore", "pareto"]
-StrategyName = Literal["random", "evolution", "shrink", "tpe", "nsga2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +175,10 @@ class StrategyConfig:
     """How candidates are proposed.
 
     Attributes:
-        name: "random", "evolution" (regularized/aging evolution), "shrink" (GenSynth-style
-            shrinking of the prototype), "tpe" or "nsga2" (from Optuna).
+        name: a registered strategy (`search.strategies.registry`): "random", "evolution"
+            (regularized/aging evolution), "shrink" (GenSynth-style shrinking of the
+            prototype), "tpe" or "nsga2" (from Optuna), or one a user registered. The name is
+            checked against the registry when the search starts.
         startup_trials: random proposals before evolution or TPE take over.
         population_size: evolution's sliding window of recent trained designs; NSGA-II's
             generation size.
@@ -189,7 +190,7 @@ class StrategyConfig:
         max_resample: proposals a custom strategy retries to avoid an already-seen design.
     """
 
-    name: StrategyName = "evolution"
+    name: str = "evolution"
     startup_trials: int = bounded(4, ge=0)
     population_size: int = bounded(8, ge=2)
     tournament_size: int = bounded(3, ge=1)

@@ -67,7 +67,7 @@ from search.ledger.requirements import (
     untrained_outcome_violations,
 )
 from search.reporting.live import LiveView
-from search.strategies import StrategySampler
+from search.strategies import StrategyFactory, StrategySampler
 from search.strategies.space import SearchSpace
 
 CostModel = Callable[[AnySpec], Cost]
@@ -87,6 +87,9 @@ class SearchJob:
         make_evaluator: builds the evaluator in the worker process (a picklable callable).
         make_cost_model: builds the cost model in the worker process.
         deadline: epoch seconds after which no new candidate is proposed.
+        strategy: builds each trial's sampler (None: the one registered as
+            `search.strategy.name` in the worker's process; a strategy a user registered
+            travels here, since a spawned worker does not run the registration).
     """
 
     settings_data: Mapping[str, Any]
@@ -98,6 +101,7 @@ class SearchJob:
     make_evaluator: Callable[[], Evaluator]
     make_cost_model: Callable[[], CostModel]
     deadline: float
+    strategy: StrategyFactory | None = None
 
     @property
     def settings(self) -> SearchSettings:
@@ -163,6 +167,7 @@ class Worker:
             self.settings.seed,
             within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
             on_proposal=self._record_proposal,
+            factory=job.strategy,
         )
         self.genes = tuple(gene.name for gene in self.space.genes)
         self.storage = store.open_storage(self.workdir, job.storage_url)

@@ -44,6 +44,7 @@ from search.ledger import store
 from search.ledger.records import TrialRecord
 from search.ledger.requirements import check_class_names
 from search.reporting.leaderboard import count_statuses, write_leaderboard
+from search.strategies.registry import strategy_factory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,7 @@ def prepare_job(
         make_cost_model=functools.partial(AnalyticCost, training.train.batch_size),
         deadline=start
         + (experiment.search.budget.max_wall_time_s if wall_time_s is None else wall_time_s),
+        strategy=strategy_factory(experiment.search.strategy.name),
     )
 
 
@@ -161,6 +163,7 @@ def run(
     count = experiment.search.workers if workers is None else workers
     if count < 1:
         raise ConfigError(f"--workers: expected a count >= 1, got {count}")
+    strategy_factory(experiment.search.strategy.name)  # an unknown name, before any write
     workdir.mkdir(parents=True, exist_ok=True)
     say = console.print if console is not None else (lambda *a, **k: None)
     trial_store = store.open_storage(workdir, storage)

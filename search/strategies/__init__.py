@@ -1,4 +1,5 @@
-"""Proposal strategies, all Optuna samplers: random, evolution, shrink, TPE, NSGA-II.
+"""Proposal strategies, all Optuna samplers: random, evolution, shrink, TPE, NSGA-II, and
+whatever a user registers (`register_strategy`, see `search.strategies.registry`).
 
 `StrategySampler` is what a study runs with. Before each trial it builds the strategy's
 sampler afresh, seeded by (search seed, trial number), so the only state a strategy has is
@@ -22,10 +23,28 @@ from search.config import Objective, StrategyConfig
 from search.ledger.records import Proposal
 from search.strategies.evolution import EvolutionSampler
 from search.strategies.genome import GenomeSampler, trial_rng
+from search.strategies.registry import (
+    StrategyContext,
+    StrategyFactory,
+    register_strategy,
+    registered_strategies,
+    strategy_factory,
+)
 from search.strategies.shrink import ShrinkSampler
 from search.strategies.space import SearchSpace
 
-__all__ = ["EvolutionSampler", "GenomeSampler", "Proposal", "ShrinkSampler", "StrategySampler"]
+__all__ = [
+    "EvolutionSampler",
+    "GenomeSampler",
+    "Proposal",
+    "ShrinkSampler",
+    "StrategyContext",
+    "StrategyFactory",
+    "StrategySampler",
+    "register_strategy",
+    "registered_strategies",
+    "strategy_factory",
+]
 
 
 class StrategySampler(BaseSampler):
@@ -37,6 +56,8 @@ class StrategySampler(BaseSampler):
         objective: the search objective.
         seed: the search's root seed.
         within_cost: whether a spec meets the hard cost limits (for evolution and shrink).
+        factory: builds each trial's sampler (default: the one registered as
+            `strategy.name`, see `search.strategies.registry`).
         on_proposal: called with (trial number, `Proposal`) when evolution or shrink decides
             a genome (inside `study.ask()`); Optuna's own samplers propose parameter by
             parameter and have no parent or operator to report.
@@ -50,6 +71,7 @@ class StrategySampler(BaseSampler):
         seed: int,
         within_cost: Callable[[AnySpec], bool] | None = None,
         on_proposal: Callable[[int, Proposal], None] | None = None,
+        factory: StrategyFactory | None = None,
     ) -> None:
         self.within_cost = within_cost
         self.on_proposal = on_proposal
@@ -57,33 +79,20 @@ class StrategySampler(BaseSampler):
         self.strategy = strategy
         self.objective = objective
         self.seed = seed
+        self.factory = factory if factory is not None else strategy_factory(strategy.name)
         self._inner: BaseSampler = self._build(0)
 
     def _build(self, number: int) -> BaseSampler:
-        seed = int(trial_rng(self.seed, number).integers(2**31 - 1))
-        name = self.strategy.name
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if name == "tpe":
-            return optuna.samplers.TPESampler(
-                seed=seed,
-                n_startup_trials=self.strategy.startup_trials,
-                multivariate=True,
-                constant_liar=True,
-            )
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(
-                seed=seed, population_size=self.strategy.population_size
-            )
-        cls = EvolutionSampler if name == "evolution" else ShrinkSampler
-        return cls(
-            self.space,
-            self.strategy,
-            self.objective,
-            self.seed,
-            self.within_cost,
-            self.on_proposal,
+        context = StrategyContext(
+            space=self.space,
+            strategy=self.strategy,
+            objective=self.objective,
+            seed=self.seed,
+            trial_seed=int(trial_rng(self.seed, number).integers(2**31 - 1)),
+            within_cost=self.within_cost,
+            on_proposal=self.on_proposal,
         )
+        return self.factory(context)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Builds this trial's sampler, then lets it prepare."""
