@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "execution": {"config", "ledger", "strategies", "reporting"},
     "commands": {"config", "ledger", "strategies", "reporting", "execution", "__init__"},
     "cli": {"commands"},
-    "__init__": {"execution"},
+    "__init__": {"execution", "strategies"},
 }
 
 

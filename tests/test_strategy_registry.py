@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -16,6 +18,7 @@ from search.strategies import (
     StrategyContext,
     register_strategy,
     registered_strategies,
+    registry,
     strategy_factory,
 )
 
@@ -72,3 +75,25 @@ def test_the_strategy_travels_to_spawned_workers_with_the_job(fast_tmp, register
     job = surrogate_job(settings(), fast_tmp / "p", prototype=PROTOTYPE)
     job = dataclasses.replace(job, strategy=strategy_factory(registered))
     assert pickle.loads(pickle.dumps(job)).strategy is smallest_first
+
+
+def _readme_block(containing: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (block,) = [b for b in blocks if containing in b]
+    return block
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_the_readme_strategy_example_runs_a_search(fast_tmp):
+    namespace: dict = {}
+    exec(compile(_readme_block("register_strategy"), "README.md", "exec"), namespace)
+    try:
+        data = settings(**{"strategy.name": "qmc", "budget.max_trials": 6})
+        job = surrogate_job(data, fast_tmp / "qmc", prototype=PROTOTYPE)
+        Worker(job, SurrogateEvaluator()).run()
+        proposals = [r for r in read(fast_tmp / "qmc") if r.is_proposal]
+        assert len(proposals) == 6
+        assert len({tuple(sorted(r.params.items())) for r in proposals}) > 1
+    finally:
+        registry._STRATEGIES.pop("qmc", None)  # the block registers without replace=True
