@@ -1,8 +1,8 @@
 """Comparing searches, the figures: accuracy vs MACs, design knobs, training curves.
 
 Each function draws one figure from `search.reporting.compare.RunData` and returns the
-Matplotlib figure (no pyplot: no GUI backend, no global state); `figure_png` turns it into
-PNG bytes for the report:
+Matplotlib figure (`covidnet_jax.figures.new_figure`: no pyplot, no global state);
+`covidnet_jax.figures.figure_png` turns it into PNG bytes for the report:
 
     pareto_figure   validation accuracy vs MACs: feasible and infeasible designs with
                     interval bars, the Pareto front, never-trained candidates as ticks, the
@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from covidnet_jax.arch import COVIDX_CLASSES
+from covidnet_jax.figures import new_figure
 from search.reporting.compare import (
     CONNECTIVITY,
     TRIALS_DIR,
@@ -43,7 +43,6 @@ from search.reporting.leaderboard import format_count
 __all__ = [
     "PAPER_REFERENCES",
     "curves_figure",
-    "figure_png",
     "knob_label",
     "knobs_figure",
     "pareto_figure",
@@ -58,19 +57,6 @@ PAPER_REFERENCES: tuple[tuple[str, float, float, float], ...] = (
     ("ResNet-50", 17.90e9, 24.97e6, 0.906),
     ("VGG-19", 89.63e9, 20.37e6, 0.830),
 )
-
-
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure as MplFigure  # no pyplot: no GUI backend, no globals
-
-    return MplFigure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def figure_png(fig: Any) -> bytes:
-    """The PNG bytes of a Matplotlib figure."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 def _requirement(runs: Sequence[RunData], key: str) -> float | None:
@@ -144,7 +130,7 @@ def pareto_figure(runs: Sequence[RunData]) -> Any:
         The Matplotlib figure; its first axes is the validation-accuracy axis.
     """
     covidx = _is_covidx(runs)
-    fig = _new_figure(11 if covidx else 8.5, 6)
+    fig = new_figure(11 if covidx else 8.5, 6)
     if covidx:
         ax, ref_ax = fig.subplots(1, 2, width_ratios=(3.2, 1))
     else:
@@ -269,7 +255,7 @@ def knobs_figure(runs: Sequence[RunData], *, limit: int = 60) -> Any:
     Returns:
         The Matplotlib figure.
     """
-    fig = _new_figure(12, 5.5)
+    fig = new_figure(12, 5.5)
     ax = fig.add_subplot()
     designs = [(c, design_knobs(c.spec_json)) for c in ranked(runs)[:limit]]
     designs = [(c, k) for c, k in designs if k]
@@ -368,7 +354,7 @@ def curves_figure(runs: Sequence[RunData], *, top: int = 8) -> Any:
     """
     from matplotlib.lines import Line2D
 
-    fig = _new_figure(12, 5.5)
+    fig = new_figure(12, 5.5)
     loss_ax, acc_ax = fig.subplots(1, 2)
     workdirs = {run.name: run.workdir for run in runs}
     order = ranked(runs)

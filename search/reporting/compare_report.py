@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from covidnet_jax.figures import figure_png
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.report_html import Figure, Paragraph, Section, Table, render_html
 from search.ledger.requirements import final_verdicts, format_verdicts
@@ -33,12 +34,7 @@ from search.reporting.compare import (
     write_atomic,
     write_tables,
 )
-from search.reporting.compare_figures import (
-    curves_figure,
-    figure_png,
-    knobs_figure,
-    pareto_figure,
-)
+from search.reporting.compare_figures import curves_figure, knobs_figure, pareto_figure
 from search.reporting.leaderboard import format_count
 
 __all__ = ["write_comparison"]
