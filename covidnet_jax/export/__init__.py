@@ -25,7 +25,8 @@ jax needs to read serialized artifacts) installed:
 One job per module: `layout` (file names, format version, `ExportError`), `recipe`
 (`preprocessing.json`), `model_card`, `inference_state` (the Orbax checkpoint, through
 `covidnet_jax.checkpointing`), `writer` (`write_export`, `export_training_run`) and `reader`
-(`load_export`, `predict`). This package re-exports their public names.
+(`load_export`, `predict`). This package re-exports what callers use (the file names stay
+in `layout`).
 
 Within `covidnet_jax`, one call loads an export and predicts from image files:
 
