@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,6 +69,30 @@ def study_detail(workdir: Path) -> dict:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_page_cannot_change_the_search(workdir: Path) -> None:
+    before = store.journal_path(workdir).read_bytes()
+    server, url = serve(workdir, port=0)
+    _serving(server)
+    try:
+        base, study_id = url.split("/dashboard/studies/")
+        for method, route, body in (
+            ("DELETE", f"/api/studies/{study_id}", None),
+            ("POST", "/api/trials/0/user-attrs", {"user_attrs": {"status": "trained"}}),
+        ):
+            data = None if body is None else json.dumps(body).encode()
+            request = urllib.request.Request(
+                base + route, data=data, method=method, headers={"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 403, route
+            assert "read-only" in json.loads(refused.value.read())["reason"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert store.journal_path(workdir).read_bytes() == before
 
 
 def _attrs(trial: dict) -> dict:

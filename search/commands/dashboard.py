@@ -16,7 +16,8 @@ What it shows, beyond optuna-dashboard on the raw store:
   beyond a stage's depth, instead of the choice indices the samplers work on;
 - each rung's objective value as an intermediate value (single-objective searches), and the
   spec's one-line `summary` among the user attributes.
-Nothing is written to the store for this; its parameters stay the indices.
+The view is read-only: the page cannot change the search (notes, deleting a study and
+telling trials are refused), and the store's parameters stay the indices.
 
 Needs the `dashboard` extra: pip install 'covidnet-jax[dashboard]'.
 """
@@ -45,6 +46,7 @@ from search.ledger.records import DESIGN_PREFIX, TrialRecord, gene_choices
 
 HOST = "127.0.0.1"
 INSTALL_HINT = "pip install 'covidnet-jax[dashboard]'"
+READ_ONLY = "covidnet dashboard is read-only: the search's workers alone write its trial store"
 # What optuna-dashboard reads (optuna_dashboard._serializer, _named_objectives).
 _DASHBOARD_CONSTRAINTS = "constraints"
 _OBJECTIVE_NAMES = "study:metric_names"
@@ -153,7 +155,7 @@ def serve(
 
 
 class DashboardStorage(BaseStorage):
-    """A search's storage as optuna-dashboard should show it; writes pass through unchanged.
+    """A search's storage as optuna-dashboard should show it, read-only.
 
     Reads of trials add the dashboard's form of the constraints (a list under the system
     attribute "constraints", which optuna-dashboard 0.21 reads) beside Optuna 5's named form,
@@ -161,7 +163,8 @@ class DashboardStorage(BaseStorage):
     with a categorical distribution over the study's readable choices
     (`search.ledger.records.gene_choices`). Storing the list form itself is no option: Optuna
     reads both forms into `trial.constraints`, so every violation would count twice for
-    TPE's and NSGA-II's ranking of infeasible trials. Finisher leases are hidden.
+    TPE's and NSGA-II's ranking of infeasible trials. Finisher leases are hidden; writes
+    (notes, deleting a study, telling a trial from the page) are refused.
 
     Args:
         inner: the search's storage (`store.open_storage`).
@@ -215,19 +218,7 @@ class DashboardStorage(BaseStorage):
         pick = max if direction == StudyDirection.MAXIMIZE else min
         return pick(feasible, key=lambda t: t.value)
 
-    # Everything else passes through --------------------------------------------------------
-
-    def create_new_study(self, directions: Sequence[StudyDirection], study_name=None) -> int:
-        return self._inner.create_new_study(directions, study_name)
-
-    def delete_study(self, study_id: int) -> None:
-        self._inner.delete_study(study_id)
-
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_user_attr(study_id, key, value)
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_system_attr(study_id, key, value)
+    # Reads that pass through ---------------------------------------------------------------
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._inner.get_study_id_from_name(study_name)
@@ -241,26 +232,21 @@ class DashboardStorage(BaseStorage):
     def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
         return self._inner.get_study_user_attrs(study_id)
 
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        return self._inner.create_new_trial(study_id, template_trial)
-
-    def set_trial_param(self, trial_id, param_name, param_value_internal, distribution) -> None:
-        self._inner.set_trial_param(trial_id, param_name, param_value_internal, distribution)
-
-    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        return self._inner.set_trial_state_values(trial_id, state, values)
-
-    def set_trial_intermediate_value(self, trial_id, step, intermediate_value) -> None:
-        self._inner.set_trial_intermediate_value(trial_id, step, intermediate_value)
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_user_attr(trial_id, key, value)
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        self._inner.set_trial_system_attr(trial_id, key, value)
-
     def remove_session(self) -> None:
         self._inner.remove_session()
+
+    # Writes are refused --------------------------------------------------------------------
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        """The trial store is the search's ledger, written by its workers only: a study
+        deleted, a trial told or an attribute set from the page would break its records."""
+        from bottle import HTTPError  # optuna-dashboard's web framework: the page shows why
+
+        raise HTTPError(403, READ_ONLY)
+
+    create_new_study = delete_study = set_study_user_attr = set_study_system_attr = _refuse
+    create_new_trial = set_trial_param = set_trial_state_values = _refuse
+    set_trial_intermediate_value = set_trial_user_attr = set_trial_system_attr = _refuse
 
 
 def _named(system_attrs: dict[str, Any], study_directions: Sequence[StudyDirection]) -> dict:
