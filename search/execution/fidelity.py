@@ -43,9 +43,7 @@ def should_promote(
     competitors = {
         r.origin: r
         for r in records
-        if len(r.rungs) > rung
-        and r.status not in ("lost", "duplicate")
-        and not r.second_retry
+        if len(r.rungs) > rung and r.status not in ("lost", "duplicate") and not r.second_retry
     }
     competitors[candidate.origin] = candidate
     ranked = sorted(

@@ -272,9 +272,7 @@ class _Confirmer:
 
 
 def _cost_of(record: TrialRecord) -> Cost:
-    return Cost(
-        record.macs or 0, record.params_count or 0, record.activation_bytes or 0
-    )
+    return Cost(record.macs or 0, record.params_count or 0, record.activation_bytes or 0)
 
 
 def describe_run(run: ConfirmationRun, settings: SearchSettings) -> str:
