@@ -8,6 +8,11 @@ is the computation dtype (e.g. `jnp.bfloat16`).
 BatchNorm layers follow NNX train/eval modes: `model.train()` uses batch statistics and
 updates the running averages, `model.eval()` uses the running averages. Modules are created
 in eval mode.
+
+With `LayerConfig(width_masks=True)` every layer output that a spec width sets (conv-norm-act
+outputs, hidden FC outputs) is multiplied by a `WidthMask` variable: a network built for
+wide shapes then computes exactly a narrower network of the same skeleton, with the masks
+as traced state (`covidnet_jax.shared_widths`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,22 @@ ACTIVATION_FNS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyTyp
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+
+class WidthMask(nnx.Variable):
+    """Per-channel 0/1 mask of a layer's output, float32 C (1: a channel of the narrow net).
+
+    Not an `nnx.Param`: masks travel with the model state (BatchNorm statistics), so the
+    optimizer never sees them and a jitted step takes them as traced inputs.
+    """
+
+
+def _mask_variable(channels: int, layers: LayerConfig) -> WidthMask | None:
+    return WidthMask(jnp.ones((channels,), jnp.float32)) if layers.width_masks else None
+
+
+def _apply_mask(mask: WidthMask | None, y: jax.Array) -> jax.Array:
+    return y if mask is None else y * mask[...].astype(y.dtype)
 
 
 def scaled_normal_init(scale: float, mode: str) -> Callable[..., jax.Array]:
@@ -84,11 +105,14 @@ class LayerConfig:
             with bias).
         activation: a name from `ACTIVATION_FNS`.
         dtype: computation dtype; parameters stay float32.
+        width_masks: give every width-carrying layer output a `WidthMask` (see the module
+            docstring); False builds the plain network.
     """
 
     norm: str = "batchnorm"
     activation: str = "relu"
     dtype: Any = jnp.float32
+    width_masks: bool = False
 
     def conv(
         self,
@@ -220,7 +244,10 @@ _normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
 class ConvNormAct(nnx.Module):
-    """Conv -> optional BatchNorm -> optional activation.
+    """Conv -> optional BatchNorm -> optional activation -> optional width mask.
+
+    The mask (with `layers.width_masks`) comes last: BatchNorm's bias and the activation
+    would make a zeroed channel non-zero again.
 
     Args:
         in_channels: input channels C.
@@ -275,6 +302,7 @@ class ConvNormAct(nnx.Module):
             else None
         )
         self.activation = layers.activation if act else None
+        self.mask = _mask_variable(out_channels, layers)
 
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         """Maps B x H x W x C to B x ceil(H/stride) x ceil(W/stride) x C'."""
@@ -283,7 +311,7 @@ class ConvNormAct(nnx.Module):
             y = batch_norm(self.norm, y)
         if self.activation is not None:
             y = ACTIVATION_FNS[self.activation](y)
-        return y
+        return _apply_mask(self.mask, y)
 
 
 class PEPX(nnx.Module):
@@ -362,6 +390,11 @@ class PepxStage(nnx.Module):
         connectivity: "dense", "residual" or "none".
         layers: norm, activation and dtype of the network.
         rngs: random streams for initialization.
+        projections: with "residual", whether each module's shortcut is a projection
+            (None: where the shapes differ). A host network for narrower candidates
+            (`covidnet_jax.shared_widths`) passes the candidates' choice; an identity
+            shortcut between different widths then zero-pads or cuts the channels, which
+            is exact because the surplus channels are masked to zero.
 
     Example:
         >>> stage = PepxStage(8, StageSpec(2, (ModuleSpec(4, 16, 4, 16),) * 2),
@@ -378,7 +411,13 @@ class PepxStage(nnx.Module):
         connectivity: str,
         layers: LayerConfig,
         rngs: nnx.Rngs,
+        projections: tuple[bool, ...] | None = None,
     ):
+        if projections is not None and len(projections) != len(spec.modules):
+            raise ValueError(
+                f"projections: expected {len(spec.modules)} flags (one per module), "
+                f"got {projections!r}"
+            )
         self.connectivity = connectivity
         self.side = (
             layers.conv_norm_act(
@@ -392,7 +431,11 @@ class PepxStage(nnx.Module):
         for k, module_spec in enumerate(spec.modules):
             stride = spec.stride if k == 0 else 1
             modules.append(PEPX(channels, module_spec, stride=stride, layers=layers, rngs=rngs))
-            needs_projection = stride != 1 or channels != module_spec.out
+            needs_projection = (
+                stride != 1 or channels != module_spec.out
+                if projections is None
+                else projections[k]
+            )
             shortcuts.append(
                 layers.conv_norm_act(
                     channels, module_spec.out, kernel_size=1, stride=stride, act=False, rngs=rngs
@@ -414,10 +457,19 @@ class PepxStage(nnx.Module):
             return acc
         for module, shortcut in zip(self.modules, self.shortcuts, strict=True):
             if self.connectivity == "residual":
-                x = module(x) + (x if shortcut is None else shortcut(x))
+                y = module(x)
+                x = y + (_fit_channels(x, y.shape[-1]) if shortcut is None else shortcut(x))
             else:
                 x = module(x)
         return x
+
+
+def _fit_channels(x_BxHxWxC: jax.Array, channels: int) -> jax.Array:
+    """`x` with its channel axis zero-padded or cut to `channels` (identity when equal)."""
+    c = x_BxHxWxC.shape[-1]
+    if c >= channels:
+        return x_BxHxWxC[..., :channels]
+    return jnp.pad(x_BxHxWxC, ((0, 0), (0, 0), (0, 0), (0, channels - c)))
 
 
 class Bottleneck(nnx.Module):
@@ -516,6 +568,11 @@ class Head(nnx.Module):
         self.dropout = (
             nnx.Dropout(spec.dropout, deterministic=True, rngs=rngs) if spec.dropout else None
         )
+        self.masks = (
+            nnx.List(_mask_variable(width, layers) for width in spec.hidden)
+            if layers.width_masks
+            else None
+        )
 
     def __call__(self, features_BxHxWxC: jax.Array) -> jax.Array:
         """Maps B x h x w x C features to float32 logits B x K."""
@@ -527,4 +584,6 @@ class Head(nnx.Module):
             if self.dropout is not None:
                 x = self.dropout(x)
             x = dense(x)
+            if self.masks is not None and i < len(self.masks):
+                x = _apply_mask(self.masks[i], x)
         return x.astype(jnp.float32)

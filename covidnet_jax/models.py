@@ -33,6 +33,10 @@ class PepxNet(nnx.Module):
         spec: the architecture.
         rngs: random streams (`params`, and `dropout` when the head has dropout).
         dtype: computation dtype.
+        width_masks: give every width-carrying layer a `blocks.WidthMask` (a host network
+            for narrower candidates; `covidnet_jax.shared_widths` builds those).
+        projections: per stage, per module: whether a residual shortcut is a projection
+            (None: where shapes differ; see `blocks.PepxStage`).
 
     Example:
         >>> from covidnet_jax.presets import get_preset
@@ -41,8 +45,23 @@ class PepxNet(nnx.Module):
         (2, 3)
     """
 
-    def __init__(self, spec: ArchSpec, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
-        layers = LayerConfig(norm=spec.norm, activation=spec.activation, dtype=dtype)
+    def __init__(
+        self,
+        spec: ArchSpec,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        width_masks: bool = False,
+        projections: tuple[tuple[bool, ...], ...] | None = None,
+    ):
+        layers = LayerConfig(
+            norm=spec.norm, activation=spec.activation, dtype=dtype, width_masks=width_masks
+        )
+        if projections is not None and len(projections) != len(spec.stages):
+            raise ValueError(
+                f"projections: expected {len(spec.stages)} tuples (one per stage), "
+                f"got {projections!r}"
+            )
         stem = spec.stem
         self.dtype = dtype
         self.stem = layers.conv_norm_act(
@@ -57,9 +76,16 @@ class PepxNet(nnx.Module):
         if stem.pool_size:
             size = conv_out_size(size, stem.pool_stride)
         stages, channels = [], stem.channels
-        for stage in spec.stages:
+        for i, stage in enumerate(spec.stages):
             stages.append(
-                PepxStage(channels, stage, connectivity=spec.connectivity, layers=layers, rngs=rngs)
+                PepxStage(
+                    channels,
+                    stage,
+                    connectivity=spec.connectivity,
+                    layers=layers,
+                    rngs=rngs,
+                    projections=None if projections is None else projections[i],
+                )
             )
             channels = stage.width
             size = conv_out_size(size, stage.stride)

@@ -1,0 +1,412 @@
+"""Exact width masking: a narrow PEPX network runs on a host network built for wider shapes.
+
+Candidates of a design search mostly differ only in their widths. Two `ArchSpec`s have the
+same *skeleton* when everything but the widths agrees (stage strides and depths, kernel
+sizes, connectivity, residual shortcut kinds, norm, activation, head layout, input size,
+classes); a *host* spec of that skeleton whose every width is >= a candidate's *dominates*
+it. The host network is built with `blocks.WidthMask`s (`build_host_model`): every
+width-carrying layer output is multiplied by a 0/1 mask after its BatchNorm and activation.
+With the candidate's parameters embedded in the host layout (`embed_train_state`: the
+narrow arrays in the leading corner, zeros elsewhere) and the masks set to the candidate's
+widths, the host computes exactly the narrow network, to float summation order:
+
+- forward pass: masked channels are zero at every layer output, so the surplus kernel rows
+  meet zero inputs and the surplus columns are masked away, whatever their values;
+- gradients: a masked output has a zero cotangent, so every surplus parameter gets a zero
+  gradient (BatchNorm's backward pass maps a zero cotangent to zero);
+- BatchNorm statistics are per channel: the candidate's channels see the candidate's
+  batches; the surplus channels' statistics are masked away and dropped when slicing;
+- optimizer state and weight decay: zero-padded surplus parameters stay exactly zero under
+  Adam and decay (zero gradient, zero moments, zero update), so slicing loses nothing;
+- initialization: the candidate's own initial values (scaled for its own fan-in), padded.
+
+Masks live in the model state (beside the BatchNorm statistics), so they are traced inputs
+of the jitted steps: one compiled executable serves every candidate the host dominates.
+`slice_train_state` cuts a host state back to the narrow network's arrays (checkpoints
+and exports hold the narrow network).
+
+Not exact, so refused (`SpecError`): a head with dropout (its random masks are drawn at the
+host's shape) and non-PEPX specs.
+
+Example:
+    >>> layout = width_layout(narrow_spec, host_spec([narrow_spec, wide_spec]))
+    >>> host = build_host_model(layout.host, layout.skeleton, rngs=nnx.Rngs(0))
+    >>> host_state = embed_train_state(narrow_state, layout)  # then device_put
+    >>> narrow_again = slice_train_state(host_state, layout)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, conv_out_size
+from covidnet_jax.blocks import WidthMask
+from covidnet_jax.errors import SpecError
+from covidnet_jax.models import PepxNet
+
+Path = tuple[str | int, ...]
+"""A variable's path in a model's state, e.g. ("stages", 0, "modules", 1, "proj1", "mask")."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skeleton:
+    """Everything about a PEPX spec except its widths.
+
+    Attributes:
+        structure: 16 hex digits identifying the spec with every width set to 1.
+        projections: per stage, per module: whether its residual shortcut is a 1x1
+            projection (all False unless connectivity is "residual"). Widths decide this
+            in a plain network, so it is part of the skeleton.
+    """
+
+    structure: str
+    projections: tuple[tuple[bool, ...], ...]
+
+    @property
+    def key(self) -> str:
+        """16 hex digits; specs with equal keys can run on one host network."""
+        text = json.dumps([self.structure, self.projections], separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def skeleton_of(spec: ArchSpec) -> Skeleton:
+    """The skeleton of a PEPX spec.
+
+    Raises:
+        SpecError: `spec` is not an `ArchSpec`, or its head has dropout (random masks drawn
+            at the host's shape would differ from the narrow network's).
+    """
+    if not isinstance(spec, ArchSpec):
+        raise SpecError(f"spec: shared executables need a PEPX ArchSpec, got {type(spec).__name__}")
+    if spec.head.dropout:
+        raise SpecError(
+            f"head.dropout: shared executables are exact only without dropout, "
+            f"got {spec.head.dropout}"
+        )
+    projections = []
+    channels = spec.stem.channels
+    for stage in spec.stages:
+        flags = []
+        for k, module in enumerate(stage.modules):
+            stride = stage.stride if k == 0 else 1
+            flags.append(
+                spec.connectivity == "residual" and (stride != 1 or channels != module.out)
+            )
+            channels = module.out
+        projections.append(tuple(flags))
+    return Skeleton(
+        structure=_with_widths(spec, lambda _: 1).content_hash(), projections=tuple(projections)
+    )
+
+
+def _with_widths(spec: ArchSpec, width: Any) -> ArchSpec:
+    """`spec` with every width w replaced by `width(w)`."""
+    return dataclasses.replace(
+        spec,
+        stem=dataclasses.replace(spec.stem, channels=width(spec.stem.channels)),
+        stages=tuple(
+            StageSpec(
+                stage.stride,
+                tuple(
+                    ModuleSpec(
+                        width(m.proj1), width(m.expand), width(m.proj2), width(m.out), m.kernel_size
+                    )
+                    for m in stage.modules
+                ),
+            )
+            for stage in spec.stages
+        ),
+        head=dataclasses.replace(spec.head, hidden=tuple(width(w) for w in spec.head.hidden)),
+    )
+
+
+def _widths(spec: ArchSpec) -> list[int]:
+    """Every width of `spec`, in a fixed order (stem, modules, hidden FC layers)."""
+    found: list[int] = []
+    _with_widths(spec, lambda w: found.append(w) or w)
+    return found
+
+
+def host_spec(specs: Iterable[ArchSpec]) -> ArchSpec:
+    """The narrowest spec that dominates all of `specs` (their elementwise maximum widths).
+
+    Raises:
+        SpecError: no specs, or specs of different skeletons (the message names both).
+    """
+    specs = list(specs)
+    if not specs:
+        raise SpecError("specs: expected at least one spec to build a host for, got none")
+    first = skeleton_of(specs[0])
+    for spec in specs[1:]:
+        if skeleton_of(spec) != first:
+            raise SpecError(
+                f"specs: a host needs one skeleton; {spec.summary()!r} differs from "
+                f"{specs[0].summary()!r} in more than widths"
+            )
+    widths = iter(np.max([_widths(s) for s in specs], axis=0).tolist())
+    return _with_widths(specs[0], lambda _: next(widths))
+
+
+def dominates(host: ArchSpec, spec: ArchSpec) -> bool:
+    """Whether a host network of `host`'s widths can run `spec` exactly.
+
+    True when both have the same skeleton widths aside (`host`'s own residual shortcut kinds
+    do not matter: the host network is built with `spec`'s) and every width of `host` is
+    >= `spec`'s.
+    """
+    return skeleton_of(host).structure == skeleton_of(spec).structure and all(
+        h >= n for h, n in zip(_widths(host), _widths(spec), strict=True)
+    )
+
+
+def build_host_model(
+    host: ArchSpec, skeleton: Skeleton, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+) -> PepxNet:
+    """The masked host network for candidates of `skeleton` dominated by `host`, eval mode.
+
+    Its own parameters are only a template (a step function's graph, an abstract target):
+    candidates' values come from `embed_train_state`. Its masks are all ones.
+
+    Args:
+        host: the dominating widths (e.g. `host_spec(candidates)`).
+        skeleton: the candidates' skeleton (`skeleton_of(candidate)`): its residual
+            shortcut kinds can differ from what `host`'s own widths imply.
+        rngs: random streams.
+        dtype: computation dtype.
+
+    Raises:
+        SpecError: `host` does not have `skeleton`'s structure.
+    """
+    if skeleton_of(host).structure != skeleton.structure:
+        raise SpecError(f"host: {host.summary()!r} does not have the candidates' skeleton")
+    return PepxNet(host, rngs=rngs, dtype=dtype, width_masks=True, projections=skeleton.projections)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WidthLayout:
+    """Where a narrow network's arrays sit inside its host's (see `width_layout`).
+
+    Attributes:
+        narrow: the candidate's spec.
+        host: the dominating spec.
+        skeleton: their shared skeleton.
+        shapes: for every variable path: (narrow shape, host shape), masks included.
+        flat_inputs: kernels whose input axis is a flattened h x w x C feature map (a
+            "flatten" head's first layer): path -> (h * w, narrow C, host C).
+        masks: the host's mask values for this candidate: path -> float32 C (1 on the
+            candidate's channels).
+        host_model_state: abstract host model state (the target structure of
+            `embed_model_state`).
+        narrow_model_state: abstract model state of the plain narrow network.
+    """
+
+    narrow: ArchSpec
+    host: ArchSpec
+    skeleton: Skeleton
+    shapes: Mapping[Path, tuple[tuple[int, ...], tuple[int, ...]]]
+    flat_inputs: Mapping[Path, tuple[int, int, int]]
+    masks: Mapping[Path, np.ndarray]
+    host_model_state: nnx.State
+    narrow_model_state: nnx.State
+
+
+@functools.lru_cache(maxsize=256)
+def width_layout(narrow: ArchSpec, host: ArchSpec) -> WidthLayout:
+    """The layout of `narrow`'s arrays inside `host`'s masked network (memoised).
+
+    Raises:
+        SpecError: `host` does not dominate `narrow` (different skeleton or a narrower width).
+    """
+    skeleton = skeleton_of(narrow)
+    if not dominates(host, narrow):
+        raise SpecError(
+            f"host: {host.summary()!r} does not dominate {narrow.summary()!r} (another "
+            f"skeleton, or a narrower width)"
+        )
+
+    def abstract(spec: ArchSpec, masks: bool) -> PepxNet:
+        return nnx.eval_shape(
+            lambda: PepxNet(
+                spec,
+                rngs=nnx.Rngs(0),
+                width_masks=masks,
+                projections=skeleton.projections if masks else None,
+            )
+        )
+
+    narrow_masked = nnx.state(abstract(narrow, True))
+    host_model = abstract(host, True)
+    host_all = nnx.state(host_model)
+    narrow_flat = dict(nnx.to_flat_state(narrow_masked))
+    shapes, masks = {}, {}
+    for path, variable in nnx.to_flat_state(host_all):
+        narrow_shape = tuple(narrow_flat[path].get_value().shape)
+        host_shape = tuple(variable.get_value().shape)
+        shapes[path] = (narrow_shape, host_shape)
+        if isinstance(variable, WidthMask):
+            masks[path] = (np.arange(host_shape[0]) < narrow_shape[0]).astype(np.float32)
+    flat_inputs = {}
+    if host.head.pool == "flatten":
+        path = ("head", "dense", 0, "kernel")
+        cells = _feature_size(host) ** 2
+        flat_inputs[path] = (cells, narrow.stages[-1].width, host.stages[-1].width)
+    return WidthLayout(
+        narrow=narrow,
+        host=host,
+        skeleton=skeleton,
+        shapes=MappingProxyType(shapes),
+        flat_inputs=MappingProxyType(flat_inputs),
+        masks=MappingProxyType(masks),
+        host_model_state=nnx.state(host_model, nnx.Not(nnx.Param)),
+        narrow_model_state=nnx.state(abstract(narrow, False), nnx.Not(nnx.Param)),
+    )
+
+
+def _feature_size(spec: ArchSpec) -> int:
+    """Height (= width) of the last stage's feature map."""
+    size = conv_out_size(spec.input_size, spec.stem.stride)
+    if spec.stem.pool_size:
+        size = conv_out_size(size, spec.stem.pool_stride)
+    for stage in spec.stages:
+        size = conv_out_size(size, stage.stride)
+    return size
+
+
+def _resize(x: jax.Array, shape: tuple[int, ...], flat: tuple[int, int, int] | None) -> jax.Array:
+    """`x` cut and zero-padded to `shape`, keeping its leading corner.
+
+    `flat` = (cells, C_from, C_to) marks an input axis that is a flattened cells x C map:
+    its channel axis is resized per cell.
+    """
+    if flat is not None:
+        cells, c_from, c_to = flat
+        x = x.reshape(cells, c_from, x.shape[-1])
+        return _resize(x, (cells, c_to, shape[-1]), None).reshape(shape)
+    x = x[tuple(slice(0, min(n, t)) for n, t in zip(x.shape, shape, strict=True))]
+    return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape, strict=True)])
+
+
+def _variable_path(keypath: tuple[Any, ...]) -> Path:
+    """The model-state path a pytree leaf belongs to: the trailing dict keys of `keypath`.
+
+    Works for the params themselves and for any optimizer state that mirrors them (e.g.
+    `mu`/`nu` of Adam, inside chains and masks): `(.mu, ["stem"], ["conv"], ["kernel"],
+    .value)` -> `("stem", "conv", "kernel")`.
+    """
+    keys = list(keypath)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys.pop()
+    path: list[Any] = []
+    while keys and isinstance(keys[-1], jax.tree_util.DictKey):
+        path.append(keys.pop().key)
+    return tuple(reversed(path))
+
+
+def _resize_tree(tree: Any, layout: WidthLayout, *, to_host: bool) -> Any:
+    """Every leaf of `tree` at a layout path resized narrow -> host (or back); others as is."""
+
+    def resize(keypath: tuple[Any, ...], leaf: Any) -> Any:
+        path = _variable_path(keypath)
+        if not hasattr(leaf, "shape"):
+            return leaf
+        if path not in layout.shapes:
+            # A copy: a jitted step donates its state, which must not free the source's.
+            return jnp.array(leaf, copy=True)
+        narrow_shape, host_shape = layout.shapes[path]
+        source, target = (narrow_shape, host_shape) if to_host else (host_shape, narrow_shape)
+        if tuple(leaf.shape) != source:
+            raise ValueError(
+                f"{'/'.join(map(str, path))}: expected shape {source} "
+                f"({'narrow' if to_host else 'host'} layout), got {tuple(leaf.shape)}"
+            )
+        flat = layout.flat_inputs.get(path)
+        if flat is not None and not to_host:
+            flat = (flat[0], flat[2], flat[1])
+        return _resize(jnp.asarray(leaf), target, flat)
+
+    return jax.tree_util.tree_map_with_path(resize, tree)
+
+
+def embed_arrays(tree: Any, layout: WidthLayout) -> Any:
+    """Narrow params (or optimizer state mirroring them) in the host layout, zero-padded.
+
+    Args:
+        tree: any pytree whose leaves at variable paths have the narrow shapes (e.g. the
+            `nnx.Param` state, or an optax state over it); other leaves (step counts) are
+            kept.
+
+    Raises:
+        ValueError: a leaf at a variable path without the narrow shape (names the path).
+    """
+    return _resize_tree(tree, layout, to_host=True)
+
+
+def slice_arrays(tree: Any, layout: WidthLayout) -> Any:
+    """Host-layout params (or optimizer state) cut back to the narrow shapes (see
+    `embed_arrays`); `slice_arrays(embed_arrays(t)) == t` exactly."""
+    return _resize_tree(tree, layout, to_host=False)
+
+
+def _fill(target: nnx.State, source: nnx.State, layout: WidthLayout, *, to_host: bool):
+    """`target`'s structure with values from `source` resized; host masks from the layout."""
+    values = {path: variable.get_value() for path, variable in nnx.to_flat_state(source)}
+
+    def fill(keypath: tuple[Any, ...], abstract: Any) -> Any:
+        path = _variable_path(keypath)
+        if to_host and path in layout.masks:
+            return jnp.asarray(layout.masks[path])
+        if path not in values:
+            raise ValueError(f"{'/'.join(map(str, path))}: missing from the model state")
+        narrow_shape, host_shape = layout.shapes[path]
+        source_shape = narrow_shape if to_host else host_shape
+        if tuple(values[path].shape) != source_shape:
+            raise ValueError(
+                f"{'/'.join(map(str, path))}: expected shape {source_shape}, "
+                f"got {tuple(values[path].shape)}"
+            )
+        return _resize(jnp.asarray(values[path]), tuple(abstract.shape), None)
+
+    return jax.tree_util.tree_map_with_path(fill, target)
+
+
+def embed_model_state(model_state: nnx.State, layout: WidthLayout) -> nnx.State:
+    """The narrow network's non-parameter state (BatchNorm statistics) in the host layout,
+    with the masks set to the narrow widths: the structure of the host's own state.
+
+    Surplus channels get zero statistics; they are masked, so their values never matter.
+    """
+    return _fill(layout.host_model_state, model_state, layout, to_host=True)
+
+
+def slice_model_state(model_state: nnx.State, layout: WidthLayout) -> nnx.State:
+    """A host model state cut back to the plain narrow network's (the masks dropped)."""
+    return _fill(layout.narrow_model_state, model_state, layout, to_host=False)
+
+
+def embed_train_state(state: Any, layout: WidthLayout) -> Any:
+    """A narrow `steps.TrainState` in the host layout: params and optimizer state zero-padded,
+    model state from `embed_model_state`, counters kept.
+
+    Put the result on the step's devices (`jax.device_put(state, replicated)`) before the
+    first step, like `StepFunctions.init_state` does.
+    """
+    padded = embed_arrays(state.replace(model_state=None), layout)
+    return padded.replace(model_state=embed_model_state(state.model_state, layout))
+
+
+def slice_train_state(state: Any, layout: WidthLayout) -> Any:
+    """A host `steps.TrainState` cut back to the narrow network's exact state (params,
+    optimizer state, BatchNorm statistics; masks dropped): what a checkpoint should hold."""
+    sliced = slice_arrays(state.replace(model_state=None), layout)
+    return sliced.replace(model_state=slice_model_state(state.model_state, layout))

@@ -1,0 +1,229 @@
+"""Exact width masking (`covidnet_jax.shared_widths`): a narrow PEPX network trained on a
+masked host network built for wider shapes equals the narrow network trained on its own,
+and one compiled step serves several narrow widths.
+
+The host runs get garbage in every surplus parameter (not the zeros `embed_train_state`
+writes): the narrow computation must not depend on those values, which holds only if every
+surplus channel is masked after its BatchNorm and activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from covidnet_jax import parallel
+from covidnet_jax import shared_widths as sw
+from covidnet_jax.arch import ArchSpec, HeadSpec, ModuleSpec, StageSpec, StemSpec
+from covidnet_jax.errors import SpecError
+from covidnet_jax.models import build_model
+from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+
+BATCH = 4
+STEPS = 20
+
+
+def _spec(stem, modules, *, stride=1, kernel=3, connectivity="residual", **kw) -> ArchSpec:
+    """A 32 px net: stem (stride 2, no pool), then stages of (proj1, expand, proj2, out)."""
+    stages = modules if isinstance(modules[0][0], tuple) else (modules,)
+    strides = (stride,) if len(stages) == 1 else (stride,) + (2,) * (len(stages) - 1)
+    return ArchSpec(
+        input_size=32,
+        stem=StemSpec(channels=stem, kernel_size=3, stride=2, pool_size=0),
+        stages=tuple(
+            StageSpec(s, tuple(ModuleSpec(*m, kernel_size=kernel) for m in stage))
+            for s, stage in zip(strides, stages, strict=True)
+        ),
+        connectivity=connectivity,
+        **kw,
+    )
+
+
+def _batches(seed, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "image": rng.random((BATCH, 32, 32, 3), dtype=np.float32),
+            "label": rng.integers(0, 3, BATCH).astype(np.int32),
+        }
+        for _ in range(steps)
+    ]
+
+
+def _hyper(**kw):
+    args = {"learning_rate": 3e-3, "weight_decay": 1e-3, "class_weights": np.ones(3), "seed": 0}
+    return Hyper.create(**(args | kw))
+
+
+def _with_garbage(params, layout, seed):
+    """`params` (host layout, narrow values) with random values in every surplus entry."""
+    narrow_ones = jax.tree.map(jnp.ones_like, sw.slice_arrays(params, layout))
+    inside = sw.embed_arrays(narrow_ones, layout)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [
+        p + (1 - m) * jax.random.normal(k, p.shape, p.dtype)
+        for p, m, k in zip(leaves, jax.tree.leaves(inside), keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+class Pair:
+    """A narrow spec's own steps and a host's steps, with states built from one init."""
+
+    def __init__(self, narrow, host, settings=None, garbage=True):
+        settings = StepSettings() if settings is None else settings
+        self.mesh = parallel.make_mesh()
+        self.layout = sw.width_layout(narrow, host)
+        narrow_model = build_model(narrow, rngs=nnx.Rngs(0))
+        host_model = sw.build_host_model(host, self.layout.skeleton, rngs=nnx.Rngs(1))
+        self.narrow_fns = StepFunctions.for_model(
+            narrow_model, key=("narrow", narrow.content_hash()), settings=settings, mesh=self.mesh
+        )
+        self.host_fns = StepFunctions.for_model(
+            host_model,
+            key=("host", self.layout.skeleton.key, host),
+            settings=settings,
+            mesh=self.mesh,
+        )
+        self.narrow_state = self.narrow_fns.init_state(narrow_model)
+        host_state = sw.embed_train_state(self.narrow_state, self.layout)
+        if garbage:
+            host_state = host_state.replace(params=_with_garbage(host_state.params, self.layout, 7))
+        self.host_state = self._put(host_state)
+
+    def _put(self, state):
+        return jax.device_put(state, parallel.replicated(self.mesh))
+
+    def train(self, batches, hyper):
+        losses = []
+        for batch in batches:
+            batch = parallel.shard_batch(batch, self.mesh)
+            self.narrow_state, narrow_metrics = self.narrow_fns.train_step(
+                self.narrow_state, batch, hyper
+            )
+            self.host_state, host_metrics = self.host_fns.train_step(self.host_state, batch, hyper)
+            losses.append((float(narrow_metrics["loss"]), float(host_metrics["loss"])))
+        return np.asarray(losses)
+
+
+def _assert_trees_close(actual, expected, *, rtol=2e-4, atol=2e-5):
+    actual_leaves = jax.tree_util.tree_flatten_with_path(actual)[0]
+    expected_leaves = jax.tree.leaves(expected)
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for (path, a), b in zip(actual_leaves, expected_leaves, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+# One stage of one module, to keep compiles short (the two-module wiring is checked below).
+# Stages feeding only BatchNorm'd convs are avoided here: a bias before them has an exact
+# gradient of zero (BatchNorm removes any per-channel shift), and Adam turns the float noise
+# in it into full-size steps that differ between any two programs (the narrow program against
+# itself with 1e-7 perturbed weights too), so those are checked on one step's gradients.
+@pytest.mark.parametrize("connectivity", ["dense", "residual", "none"])
+@pytest.mark.parametrize(("stride", "kernel"), [(1, 3), (2, 5)])
+def test_masked_training_equals_the_narrow_network(connectivity, stride, kernel):
+    # residual, stride 1: an identity shortcut, between different widths in this host (not
+    # the elementwise maximum of candidates, as a policy rounding widths up may choose);
+    # stride 2: a projection.
+    shape = {"stride": stride, "kernel": kernel, "connectivity": connectivity}
+    narrow = _spec(6, ((3, 8, 4, 6),), **shape)
+    wide = _spec(8, ((5, 10, 6, 12),), **shape)
+    assert sw.dominates(wide, narrow)
+    pair = Pair(narrow, wide)
+    losses = pair.train(_batches(kernel + stride), _hyper())
+    np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-4)
+    sliced = sw.slice_train_state(pair.host_state, pair.layout)
+    # params, BatchNorm statistics, optimizer state (Adam moments, count, learning rate)
+    _assert_trees_close(sliced, pair.narrow_state)
+
+
+def test_multi_stage_gradients_and_statistics_match():
+    # Two stages of each connectivity, lr 0: one step's Adam moments are the gradients.
+    for connectivity in ("dense", "residual"):  # "none": the flatten-head test
+        narrow = _spec(
+            4, (((3, 6, 3, 5), (2, 5, 3, 5)), ((3, 7, 2, 6),)), connectivity=connectivity
+        )
+        wide = _spec(6, (((4, 8, 4, 8), (4, 8, 4, 8)), ((5, 9, 4, 9),)), connectivity=connectivity)
+        pair = Pair(narrow, sw.host_spec([narrow, wide]))
+        losses = pair.train(_batches(3, steps=2), _hyper(learning_rate=0.0))
+        np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-5)
+        _assert_trees_close(sw.slice_train_state(pair.host_state, pair.layout), pair.narrow_state)
+
+
+def test_flatten_head_hidden_layers_no_norm_adamw_and_eval():
+    narrow = _spec(4, (((3, 6, 3, 5),), ((3, 7, 2, 6),)), connectivity="none", norm="none",
+                   head=HeadSpec("flatten", (5,)))  # fmt: skip
+    wide = _spec(6, (((4, 8, 4, 8),), ((5, 9, 4, 9),)), connectivity="none", norm="none",
+                 head=HeadSpec("flatten", (9,)))  # fmt: skip
+    pair = Pair(narrow, sw.host_spec([narrow, wide]), StepSettings(optimizer="adamw"))
+    losses = pair.train(_batches(5), _hyper(weight_decay=1e-2))
+    np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-4)
+    _assert_trees_close(sw.slice_train_state(pair.host_state, pair.layout), pair.narrow_state)
+    batch = parallel.shard_batch(_batches(9, 1)[0] | {"mask": np.ones(BATCH, bool)}, pair.mesh)
+    narrow_eval = pair.narrow_fns.eval_step(
+        pair.narrow_state.params, pair.narrow_state.model_state, batch
+    )
+    host_eval = pair.host_fns.eval_step(pair.host_state.params, pair.host_state.model_state, batch)
+    np.testing.assert_array_equal(host_eval["confusion"], narrow_eval["confusion"])
+    np.testing.assert_allclose(host_eval["loss_sum"], narrow_eval["loss_sum"], rtol=1e-5)
+
+
+def test_zero_padded_surplus_stays_zero_and_slicing_is_exact():
+    narrow = _spec(4, ((3, 6, 3, 5), (2, 5, 3, 5)), connectivity="dense")
+    wide = _spec(6, ((4, 8, 4, 8), (4, 8, 4, 8)), connectivity="dense")
+    pair = Pair(narrow, sw.host_spec([narrow, wide]), garbage=False)
+    embedded = sw.embed_train_state(pair.narrow_state, pair.layout)
+    _assert_trees_close(
+        sw.slice_train_state(embedded, pair.layout), pair.narrow_state, rtol=0, atol=0
+    )
+    pair.train(_batches(1, steps=5), _hyper())
+    params, opt_state = pair.host_state.params, pair.host_state.opt_state
+    # re-embedding the slice gives the host arrays back: every surplus entry is still 0.0
+    for tree in (params, opt_state):
+        again = sw.embed_arrays(sw.slice_arrays(tree, pair.layout), pair.layout)
+        _assert_trees_close(again, tree, rtol=0, atol=0)
+
+
+def test_one_compiled_step_serves_two_narrow_widths():
+    narrow_a = _spec(4, ((3, 6, 3, 5), (2, 5, 3, 5)), connectivity="dense")
+    narrow_b = _spec(6, ((2, 8, 4, 6), (4, 4, 2, 6)), connectivity="dense")
+    host = sw.host_spec([narrow_a, narrow_b])
+    assert sw.dominates(host, narrow_a) and sw.dominates(host, narrow_b)
+    pair_a = Pair(narrow_a, host)
+    pair_b = Pair(narrow_b, host)
+    assert pair_b.host_fns is pair_a.host_fns  # one graph: the skeleton and host widths
+    hyper = _hyper()
+    batch = parallel.shard_batch(_batches(0, 1)[0], pair_a.mesh)
+    compiled_a, seconds_a = pair_a.host_fns.compile_train(pair_a.host_state, batch, hyper)
+    compiled_b, seconds_b = pair_b.host_fns.compile_train(pair_b.host_state, batch, hyper)
+    assert seconds_a > 0.0 and seconds_b == 0.0 and compiled_b is compiled_a
+    for pair in (pair_a, pair_b):
+        losses = pair.train(_batches(2, steps=3), hyper)
+        np.testing.assert_allclose(losses[:, 1], losses[:, 0], rtol=1e-5)
+    assert pair_a.host_fns.train_step._cache_size() == 1  # the jitted path compiled once too
+
+
+def test_skeleton_and_domination_errors():
+    narrow = _spec(4, ((3, 6, 3, 5),))
+    other_kernel = _spec(4, ((3, 6, 3, 5),), kernel=5)
+    assert sw.skeleton_of(narrow).key != sw.skeleton_of(other_kernel).key
+    assert sw.skeleton_of(narrow) == sw.skeleton_of(_spec(5, ((2, 9, 4, 7),)))
+    # widths that turn a residual identity into a projection change the skeleton
+    assert sw.skeleton_of(narrow) != sw.skeleton_of(_spec(5, ((3, 6, 3, 5),)))
+    with pytest.raises(SpecError, match="one skeleton"):
+        sw.host_spec([narrow, other_kernel])
+    with pytest.raises(SpecError, match="does not dominate"):
+        sw.width_layout(_spec(5, ((2, 9, 4, 7),)), narrow)
+    with pytest.raises(SpecError, match=r"head\.dropout"):
+        sw.skeleton_of(dataclasses.replace(narrow, head=HeadSpec(dropout=0.5)))
+    with pytest.raises(ValueError, match=r"stem/conv/kernel: expected shape"):
+        layout = sw.width_layout(narrow, sw.host_spec([narrow, _spec(6, ((4, 8, 4, 7),))]))
+        sw.embed_arrays({"stem": {"conv": {"kernel": jnp.zeros((3, 3, 3, 9))}}}, layout)
