@@ -225,12 +225,14 @@ def pareto_figure(runs: Sequence[RunData]) -> Any:
 
 
 def knob_label(name: str, value: float) -> str:
-    """A knob value as people read it: the connectivity's name, integers without a point,
-    other numbers to 3 significant digits."""
+    """A knob value as people read it: the connectivity's name, MACs as "250k", accuracy to 3
+    decimals, integers without a point, other numbers to 3 significant digits."""
     if name == "connectivity" and float(value).is_integer() and 0 <= value < len(CONNECTIVITY):
         return CONNECTIVITY[int(value)]
     if name == "MACs (log)":
         return format_count(round(10**value))
+    if name == "val accuracy":
+        return f"{value:.3f}"
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.3g}"
@@ -328,6 +330,10 @@ def knobs_figure(runs: Sequence[RunData], *, limit: int = 60) -> Any:
     return fig
 
 
+# Matplotlib's default colours without its grey (C7), which the designs outside the top share.
+_PALETTE = tuple(f"C{i}" for i in range(10) if i != 7)
+
+
 def _rung_steps(candidates: Sequence[Candidate]) -> list[int]:
     """The step counts at which fidelity rungs ended, over the candidates."""
     steps = {rung.steps for c in candidates if c.record is not None for rung in c.record.rungs}
@@ -356,7 +362,7 @@ def curves_figure(runs: Sequence[RunData], *, top: int = 8) -> Any:
 
     fig = new_figure(12, 5.5)
     loss_ax, acc_ax = fig.subplots(1, 2)
-    workdirs = {run.name: run.workdir for run in runs}
+    workdirs = {run.name: run.artifacts for run in runs}
     order = ranked(runs)
     multi = len(runs) > 1
     shown = 0
@@ -365,7 +371,7 @@ def curves_figure(runs: Sequence[RunData], *, top: int = 8) -> Any:
         curve = read_training_curve(workdirs[c.run] / TRIALS_DIR / str(c.trial))
         highlighted = i < top
         style = {
-            "color": f"C{i % 10}" if highlighted else "lightgray",
+            "color": _PALETTE[i % len(_PALETTE)] if highlighted else "lightgray",
             "linewidth": 1.4 if highlighted else 0.8,
             "zorder": 3 if highlighted else 1,
         }
@@ -419,6 +425,6 @@ def curves_figure(runs: Sequence[RunData], *, top: int = 8) -> Any:
         others = shown - len(legend)
         if others:
             handles.append(Line2D([], [], color="lightgray"))
-            labels.append(f"{others} other trained designs")
+            labels.append(f"{others} other trained design{'s' if others > 1 else ''}")
         fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     return fig
