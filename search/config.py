@@ -317,6 +317,12 @@ class SearchSettings:
         seed: root seed of the proposals (training keeps its own `seed`).
         workers: worker processes (`--workers` overrides).
         study_name: the Optuna study name (default: the workdir's name).
+        artifact_root: the directory every trial's checkpoints, the confirmation runs, the
+            best design and the leaderboard go to ("": the workdir). Hosts that run one
+            search each keep their own workdir (config, compilation cache) and share this
+            directory, a mounted file system (NFS, or a bucket through gcsfuse/s3fs): paths
+            the records hold are relative to it, so any host reads any trial's checkpoint.
+            Relative paths are taken from the current directory.
     """
 
     space: SpaceConfig
@@ -329,6 +335,14 @@ class SearchSettings:
     seed: int = 0
     workers: int = bounded(1, ge=1)
     study_name: str = ""
+    artifact_root: str = ""
 
     def __post_init__(self) -> None:
         check(self, path="search")  # built in Python: validated as the file's section is
+        if "://" in self.artifact_root:
+            # Crash safety rests on atomic renames (a checkpoint step, a copied run), which
+            # object stores do not have: a bucket is used through a mount.
+            raise ConfigError(
+                f"search.artifact_root: expected a mounted directory, got the URL "
+                f"{self.artifact_root!r}; mount the bucket (gcsfuse, s3fs) and give its path"
+            )

@@ -137,9 +137,9 @@ def _check_search_workdir(workdir: Path, storage: str | None) -> None:
         )
 
 
-def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
-    summary_path = workdir / BEST_DIR / "metrics.json"
-    board_path = workdir / LEADERBOARD_JSON
+def _export_best(workdir: Path, artifacts: Path, out: Path) -> tuple[Path, str]:
+    summary_path = artifacts / BEST_DIR / "metrics.json"
+    board_path = artifacts / LEADERBOARD_JSON
     if not summary_path.is_file():
         board = _read_json(board_path) if board_path.is_file() else {}
         if board and board.get("best") is None:
@@ -161,7 +161,7 @@ def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
         validation=best["validation"],
         test=best.get("test"),
     )
-    train_dir = workdir / best.get("checkpoint", f"{BEST_DIR}/train")
+    train_dir = artifacts / best.get("checkpoint", f"{BEST_DIR}/train")
     trial = best.get("trial")
     path = export_training_run(
         train_dir,
@@ -179,7 +179,9 @@ def _export_best(workdir: Path, out: Path) -> tuple[Path, str]:
     return path, f"best design (trial {trial})"
 
 
-def _export_trial(workdir: Path, number: int, storage: str | None, out: Path) -> tuple[Path, str]:
+def _export_trial(
+    workdir: Path, artifacts: Path, number: int, storage: str | None, out: Path
+) -> tuple[Path, str]:
     from search.ledger import store
     from search.reporting.compare import open_search_study
 
@@ -191,20 +193,20 @@ def _export_trial(workdir: Path, number: int, storage: str | None, out: Path) ->
     if record is None:
         raise ExportCommandError(f"{workdir}: no trial {number}; trials are 0..{max(records)}")
     if not record.is_trained:
-        why = record.attrs.get("reason") or record.status or record.state.lower()
+        why = record.reason or record.status or record.state.lower()
         raise ExportCommandError(f"{workdir}: trial {number} was not trained ({why})")
-    board_path = workdir / LEADERBOARD_JSON
+    board_path = artifacts / LEADERBOARD_JSON
     requirements = _read_json(board_path).get("requirements", {}) if board_path.is_file() else {}
     validation = record.last.metrics.to_dict()
     checks = requirement_checks(
         requirements,
         macs=record.macs,
         params=record.params_count,
-        activation_bytes=record.attrs.get("activation_bytes"),
+        activation_bytes=record.activation_bytes,
         validation=validation,
     )
     path = export_training_run(
-        workdir / "trials" / str(number),
+        artifacts / store.TRIALS_DIR / str(number),
         out,
         title=f"{workdir.name}: trial {number}",
         requirements=checks,
@@ -219,11 +221,14 @@ def _export_trial(workdir: Path, number: int, storage: str | None, out: Path) ->
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from search.ledger import store
+
     workdir = Path(args.workdir)
     _check_search_workdir(workdir, args.storage)
+    artifacts = store.artifact_dir(workdir)  # the workdir unless search.artifact_root is set
     if args.trial == "best":
-        out = Path(args.out) if args.out else workdir / "export"
-        path, what = _export_best(workdir, out)
+        out = Path(args.out) if args.out else artifacts / "export"
+        path, what = _export_best(workdir, artifacts, out)
     else:
         try:
             number = int(args.trial)
@@ -231,8 +236,8 @@ def _run_export(args: argparse.Namespace) -> int:
             raise ExportCommandError(
                 f"--trial {args.trial!r}: expected a trial number or best"
             ) from None
-        out = Path(args.out) if args.out else workdir / f"export-trial-{number}"
-        path, what = _export_trial(workdir, number, args.storage, out)
+        out = Path(args.out) if args.out else artifacts / f"export-trial-{number}"
+        path, what = _export_trial(workdir, artifacts, number, args.storage, out)
     print(f"exported {what} of {workdir} to {path}")
     for name in sorted(p.name for p in path.iterdir()):
         print(f"  {name}")

@@ -15,6 +15,11 @@ each requirement on validation and test with 95% intervals and a verdict: met / 
 inconclusive. Requirements are judged on the lower confidence bound of each validation rate
 (search.requirements.decision: lower_bound; `point` judges the rate itself).
 
+Many machines: every host runs the same command with `--storage` (one PostgreSQL study) and
+`--set search.artifact_root=/shared/dir` (a file system all hosts mount); `--worker` hosts
+only train, one plain invocation finishes. Or `--ray ADDRESS` runs the workers as tasks on
+a Ray cluster.
+
 From Python: `search.run("experiments/quickstart.yaml", "runs/quickstart")` does the same and
 returns a SearchResult.
 """
@@ -64,6 +69,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--no-live", action="store_true", help="print one line per trial instead of a live view"
     )
+    parser.add_argument(
+        "--worker",
+        action="store_true",
+        help="join the search as a worker only: train proposals until the budget is spent, "
+        "then exit without the finish (start any number on any host with the same --config, "
+        "--storage and search.artifact_root; one plain `covidnet search` finishes)",
+    )
+    parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the workers as tasks on the Ray cluster at ADDRESS (e.g. 10.0.0.5:6379; "
+        "one per GPU unless --workers is given); needs pip install 'covidnet-jax[ray]'",
+    )
     parser.set_defaults(func=run)
 
 
@@ -83,12 +101,24 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         console=console,
         lines=args.no_live,
+        finish=not args.worker,
+        ray=args.ray,
     )
     settings = experiment.search
     records, best = result.records, result.best
     console.print(
         leaderboard_table(records, settings.objective, requirements=settings.requirements)
     )
+    if best is None:  # a worker: the finish is another invocation's
+        console.print(
+            f"worker done ({'; '.join(result.stop_reasons)}); {result.counts['proposed']} "
+            "proposals in the study. The finish (confirmation, test split) runs in a plain "
+            "`covidnet search` on the same study.",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 0
+    artifacts = result.artifact_dir
     counts = result.counts
     console.print(
         "proposed {proposed}, infeasible (not trained) {infeasible}, duplicates {duplicate}, "
@@ -122,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             f"  {best.summary['summary']}\n"
             f"  MACs {best.summary['macs']:,}  params {best.summary['params']:,}  "
             f"steps {best.summary['steps']} (judged on the last checkpoint)\n"
-            f"  {workdir / 'best' / 'spec.json'}, {workdir / 'best' / 'train'}",
+            f"  {artifacts / 'best' / 'spec.json'}, {artifacts / 'best' / 'train'}",
             markup=False,
             soft_wrap=True,
         )

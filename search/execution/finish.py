@@ -45,6 +45,7 @@ from covidnet_jax.checkpointing import copy_finished
 from covidnet_jax.metrics import EvalMetrics
 from search.config import SearchSettings
 from search.execution.evaluation import EvalFailure, EvalRequest, Evaluator
+from search.ledger import store
 from search.ledger.records import TrialRecord
 from search.ledger.requirements import (
     Cost,
@@ -231,7 +232,7 @@ class _Confirmer:
         if index == 0 and not run_dir.exists():
             # The trial's own run, continued: its checkpoints come along, so the design that
             # is confirmed is the design whose weights the search trained and ranked.
-            source = self.workdir / "trials" / str(record.number)
+            source = self.workdir / store.TRIALS_DIR / str(record.number)
             if source.exists():
                 # Finished steps only, and all at once: a kill mid-copy leaves no half run.
                 copy_finished(source, run_dir)
@@ -300,7 +301,8 @@ def finish_best(
     """Confirms the best feasible design, trains it to full fidelity and tests it once.
 
     Args:
-        workdir: the search's working directory.
+        workdir: the search's artifact root (`SearchJob.artifact_dir`: its workdir unless
+            `search.artifact_root` is set); trial runs are read and `best/` written there.
         records: every trial's record.
         settings: the `search:` section.
         evaluator: trains and tests.

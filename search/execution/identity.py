@@ -38,6 +38,7 @@ MUTABLE = (
     "search.heartbeat.",
     "search.workers",
     "search.study_name",
+    "search.artifact_root",
     "train.log_every",
     "compile_cache_dir",
     "data.max_image_pixels",

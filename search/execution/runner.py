@@ -87,6 +87,8 @@ class SearchJob:
         make_evaluator: builds the evaluator in the worker process (a picklable callable).
         make_cost_model: builds the cost model in the worker process.
         deadline: epoch seconds after which no new candidate is proposed.
+        artifacts: the artifact root (`search.artifact_root`; "": the workdir), where trials
+            write their runs; checkpoint paths in the records are relative to it.
         strategy: builds each trial's sampler (None: the one registered as
             `search.strategy.name` in the worker's process; a strategy a user registered
             travels here, since a spawned worker does not run the registration).
@@ -102,6 +104,12 @@ class SearchJob:
     make_cost_model: Callable[[], CostModel]
     deadline: float
     strategy: StrategyFactory | None = None
+    artifacts: str = ""
+
+    @property
+    def artifact_dir(self) -> Path:
+        """Where trials, confirmation runs, the best design and the leaderboard go."""
+        return Path(self.artifacts or self.workdir)
 
     @property
     def settings(self) -> SearchSettings:
@@ -157,6 +165,7 @@ class Worker:
         self.job = job
         self.settings = job.settings
         self.workdir = Path(job.workdir)
+        self.artifacts = job.artifact_dir
         self.space = job.space()
         self.cost_model = _costed_once(job.make_cost_model())
         self.evaluator = evaluator if evaluator is not None else job.make_evaluator()
@@ -304,14 +313,14 @@ class Worker:
         spec, cost = candidate.spec, candidate.cost
         settings = self.settings
         rungs = settings.budget.rungs
-        trial_dir = self.workdir / "trials" / str(trial.number)
+        trial_dir = self.artifacts / store.TRIALS_DIR / str(trial.number)
         record = TrialRecord.from_trial(self.storage.get_trial(self._trial_id))
         done = list(record.rungs)
         for result in done:  # a retry carries its lost original's rungs: their values too
             self._report(trial, cost, result)
         retry_of = record.retry_of
         if retry_of is not None and not trial_dir.exists():
-            lost_dir = self.workdir / "trials" / str(retry_of)
+            lost_dir = self.artifacts / store.TRIALS_DIR / str(retry_of)
             if lost_dir.exists():
                 # Finished checkpoint steps only: never a half-written or half-deleted one.
                 copy_finished(lost_dir, trial_dir)
@@ -336,7 +345,7 @@ class Worker:
                 return
             checkpoint = ""
             if outcome.checkpoint is not None:
-                checkpoint = os.path.relpath(outcome.checkpoint, self.workdir)
+                checkpoint = os.path.relpath(outcome.checkpoint, self.artifacts)
             result = RungResult(
                 rung=rung,
                 steps=rungs[rung],
@@ -405,7 +414,7 @@ class Worker:
         parent = TrialRecord.from_trial(self.study.get_trials(deepcopy=False)[record.parent])
         if parent.status != "trained" or not parent.checkpoint:
             return None
-        path = self.workdir / parent.checkpoint
+        path = self.artifacts / parent.checkpoint
         return path if path.exists() else None
 
     # Dedupe ---------------------------------------------------------------------------------

@@ -28,11 +28,13 @@ import yaml
 from rich.console import Console
 
 from covidnet_jax.data import load_data
+from covidnet_jax.disk import ensure_writable
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.typed_yaml import to_dict
 from search.execution import identity
 from search.execution.evaluation import AnalyticCost
 from search.execution.finish import BestDesign, RunLog, finish_best
+from search.execution.ray_workers import conclude_on_ray, run_on_ray
 from search.execution.runner import SearchJob, run_search, settle
 from search.execution.training import (
     SearchExperiment,
@@ -56,23 +58,27 @@ class SearchResult:
         experiment: the validated experiment.
         records: every trial's record.
         best: the confirmed design (`best.summary` is `best/metrics.json`, None when no
-            design was confirmed), its per-requirement reports and every confirmation run.
-        leaderboard_csv: `leaderboard.csv`.
-        leaderboard_json: `leaderboard.json`.
+            design was confirmed), its per-requirement reports and every confirmation run;
+            None for a worker-only invocation (`finish=False`).
+        leaderboard_csv: `leaderboard.csv` (None for a worker-only invocation).
+        leaderboard_json: `leaderboard.json` (likewise).
         stop_reasons: why each worker stopped.
         elapsed_s: wall time of this call.
         trial_store: the storage URL, or the journal's path.
+        artifact_dir: where the trial runs, `best/` and the leaderboard are (the workdir
+            unless `search.artifact_root` is set).
     """
 
     workdir: Path
     experiment: SearchExperiment
     records: list[TrialRecord]
-    best: BestDesign
-    leaderboard_csv: Path
-    leaderboard_json: Path
+    best: BestDesign | None
+    leaderboard_csv: Path | None
+    leaderboard_json: Path | None
     stop_reasons: list[str]
     elapsed_s: float
     trial_store: str
+    artifact_dir: Path
 
     @property
     def counts(self) -> dict[str, int]:
@@ -88,6 +94,7 @@ def prepare_job(
     study_name: str | None = None,
     *,
     wall_time_s: float | None = None,
+    artifacts: str = "",
 ) -> SearchJob:
     """Loads the data once (writing the synthetic set if configured) and builds the job.
 
@@ -100,6 +107,7 @@ def prepare_job(
             `search.execution.identity.resolve_study_name`).
         wall_time_s: proposing time left to this invocation (default: the whole
             `budget.max_wall_time_s`; `run` passes what earlier invocations left).
+        artifacts: the resolved artifact root ("": the workdir).
 
     Raises:
         ConfigError: the prototype is not a PEPX spec, or a required class is not in the data.
@@ -120,6 +128,7 @@ def prepare_job(
         deadline=start
         + (experiment.search.budget.max_wall_time_s if wall_time_s is None else wall_time_s),
         strategy=strategy_factory(experiment.search.strategy.name),
+        artifacts=artifacts,
     )
 
 
@@ -132,6 +141,8 @@ def run(
     workers: int | None = None,
     console: Console | None = None,
     lines: bool = False,
+    finish: bool = True,
+    ray: str | None = None,
 ) -> SearchResult:
     """Runs or resumes a design exploration to its end.
 
@@ -145,6 +156,11 @@ def run(
         workers: worker processes (default `search.workers`).
         console: where progress is drawn (None: silently).
         lines: one line per finished trial instead of a redrawn live panel.
+        finish: confirm and test the best design at the end (False: a worker that joins
+            the search, trains until the budget is spent and leaves the finish to another
+            invocation; see "Many machines" in the README).
+        ray: the address of a Ray cluster to run the workers on, as Ray tasks (one per GPU
+            unless `workers` is given; `search.execution.ray_workers`).
 
     Returns:
         The `SearchResult`.
@@ -165,6 +181,11 @@ def run(
         raise ConfigError(f"--workers: expected a count >= 1, got {count}")
     strategy_factory(experiment.search.strategy.name)  # an unknown name, before any write
     workdir.mkdir(parents=True, exist_ok=True)
+    artifacts = ""
+    if experiment.search.artifact_root:
+        root = Path(experiment.search.artifact_root).resolve()
+        ensure_writable(root, "search.artifact_root")
+        artifacts = str(root)
     say = console.print if console is not None else (lambda *a, **k: None)
     trial_store = store.open_storage(workdir, storage)
     name = identity.resolve_study_name(
@@ -172,7 +193,7 @@ def run(
     )
     resolved = {
         **to_dict(experiment.training),
-        "search": {**experiment.search_data, "study_name": name},
+        "search": {**experiment.search_data, "study_name": name, "artifact_root": artifacts},
     }
     defining = identity.identity_of(resolved, load_prototype(experiment).content_hash())
     identity.check_resume(workdir, trial_store, name, defining)  # before anything is written
@@ -182,7 +203,9 @@ def run(
     study.set_user_attr(identity.IDENTITY_ATTR, defining)
     spent = store.wall_time_spent(study)
     remaining = max(0.0, settings.budget.max_wall_time_s - spent)
-    job = prepare_job(experiment, workdir, storage, start, name, wall_time_s=remaining)
+    job = prepare_job(
+        experiment, workdir, storage, start, name, wall_time_s=remaining, artifacts=artifacts
+    )
     proposed = count_statuses(store.read_records(study))["proposed"]
     if remaining <= 0 or proposed >= settings.budget.max_trials:
         say(
@@ -202,11 +225,35 @@ def run(
             f"heartbeat is {settings.heartbeat.grace_s:.0f} s old)"
         )
     with store.wall_clock(study, settings.heartbeat.interval_s):
-        outcome = run_search(job, workers=count, console=console, lines=lines)
-    say(f"stopped: {'; '.join(outcome.stop_reasons)}")
-    records, best, csv_path, json_path = conclude(
-        job, train_seed=experiment.training.seed, console=console
-    )
+        if ray is not None:
+            say(f"starting the workers on the Ray cluster at {ray}")
+            stop_reasons = run_on_ray(job, ray, workers)
+        else:
+            stop_reasons = run_search(job, workers=count, console=console, lines=lines).stop_reasons
+    say(f"stopped: {'; '.join(stop_reasons)}")
+    trial_store_name = storage or str(store.journal_path(workdir))
+    if not finish:
+        return SearchResult(
+            workdir=workdir,
+            experiment=experiment,
+            records=store.read_records(study),
+            best=None,
+            leaderboard_csv=None,
+            leaderboard_json=None,
+            stop_reasons=stop_reasons,
+            elapsed_s=time.time() - start,
+            trial_store=trial_store_name,
+            artifact_dir=job.artifact_dir,
+        )
+    if ray is not None:
+        say("finishing on the Ray cluster (confirmation, the best design, the test split)")
+        records, best, csv_path, json_path = conclude_on_ray(
+            job, ray, train_seed=experiment.training.seed
+        )
+    else:
+        records, best, csv_path, json_path = conclude(
+            job, train_seed=experiment.training.seed, console=console
+        )
     return SearchResult(
         workdir=workdir,
         experiment=experiment,
@@ -214,9 +261,10 @@ def run(
         best=best,
         leaderboard_csv=csv_path,
         leaderboard_json=json_path,
-        stop_reasons=outcome.stop_reasons,
+        stop_reasons=stop_reasons,
         elapsed_s=time.time() - start,
-        trial_store=storage or str(store.journal_path(workdir)),
+        trial_store=trial_store_name,
+        artifact_dir=job.artifact_dir,
     )
 
 
@@ -239,6 +287,7 @@ def conclude(
         (records, best design, leaderboard.csv, leaderboard.json).
     """
     settings, workdir = job.settings, Path(job.workdir)
+    artifacts = job.artifact_dir
     say = console.print if console is not None else (lambda *a, **k: None)
     settle(job, on_wait=_waiting_message(console))
     trial_store = store.open_storage(workdir, job.storage_url)
@@ -259,7 +308,7 @@ def conclude(
         status = console.status("confirming ...") if console is not None else None
         with status or contextlib.nullcontext():
             best = finish_best(
-                workdir,
+                artifacts,
                 records,
                 settings,
                 job.make_evaluator(),
@@ -267,7 +316,7 @@ def conclude(
                 log=RunLog(study.user_attrs, study.set_user_attr),
             )
         csv_path, json_path = write_leaderboard(
-            workdir,
+            artifacts,
             records,
             study=job.study_name,
             objective=settings.objective,

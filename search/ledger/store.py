@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
@@ -55,6 +56,39 @@ def worker_id() -> str:
 def journal_path(workdir: str | Path) -> Path:
     """Where the default journal storage of a search lives."""
     return Path(workdir) / JOURNAL_NAME
+
+
+CONFIG_NAME = "config.yaml"
+TRIALS_DIR = "trials"
+"""Each trained trial's run is `<artifact root>/trials/<number>/`."""
+
+
+def artifact_dir(workdir: str | Path) -> Path:
+    """Where a search's artifacts are (trial runs, confirmation, `best/`, the leaderboard):
+    `search.artifact_root` as the workdir's `config.yaml` recorded it (an absolute path),
+    else the workdir itself.
+
+    Raises:
+        ConfigError: the config names an artifact root that does not exist (not mounted on
+            this host?).
+    """
+    workdir = Path(workdir)
+    try:
+        config = yaml.safe_load((workdir / CONFIG_NAME).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return workdir
+    root = str(
+        ((config.get("search") or {}) if isinstance(config, dict) else {}).get("artifact_root", "")
+        or ""
+    )
+    if not root:
+        return workdir
+    if not Path(root).is_dir():
+        raise ConfigError(
+            f"{workdir / CONFIG_NAME}: search.artifact_root {root!r} is not a directory on "
+            "this host (is the shared file system mounted?)"
+        )
+    return Path(root)
 
 
 def repair_journal(path: Path) -> bool:

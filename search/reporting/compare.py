@@ -59,7 +59,7 @@ __all__ = [
 LEADERBOARD_JSON = "leaderboard.json"
 # Spec connectivity by knob value (0, 1, 2), so a knob axis can be labelled with names.
 CONNECTIVITY = ("none", "residual", "dense")
-TRIALS_DIR = "trials"
+TRIALS_DIR = store.TRIALS_DIR
 TRAIN_LOG = "metrics.jsonl"
 
 
@@ -133,6 +133,8 @@ class RunData:
     Attributes:
         name: a short name (the workdir's name).
         workdir: the search's working directory.
+        artifacts: where its trial runs and leaderboard are (`search.artifact_root`, else
+            the workdir).
         class_names: the data's classes.
         objective: the search objective ("min_macs", "max_netscore", "pareto").
         requirements: the requirements as plain data (`search.config.RequirementsConfig`).
@@ -142,6 +144,7 @@ class RunData:
 
     name: str
     workdir: Path
+    artifacts: Path
     class_names: tuple[str, ...]
     objective: str
     requirements: Mapping[str, Any]
@@ -176,9 +179,9 @@ def _class_names(records: Sequence[TrialRecord]) -> tuple[str, ...]:
         if record.last is not None:
             return tuple(record.last.metrics.class_names)
     for record in records:
-        if record.attrs.get("spec"):
+        if record.spec_json:
             try:
-                return tuple(spec_from_json(record.attrs["spec"]).class_names)
+                return tuple(spec_from_json(record.spec_json).class_names)
             except SpecError:
                 continue
     return ()
@@ -216,17 +219,17 @@ def _candidate(
     trained = record.is_trained
     metrics = last.metrics if (trained and last is not None) else None
     test = _test_metrics(best, record.number)
-    reason = str(record.attrs.get("reason", ""))
+    reason = record.reason
     return Candidate(
         run=name,
         trial=record.number,
         status=record.status or record.state.lower(),
         spec_hash=record.spec_hash or "",
-        summary=str(record.attrs.get("summary", "")),
-        spec_json=str(record.attrs.get("spec", "")),
+        summary=record.summary,
+        spec_json=record.spec_json,
         macs=record.macs,
         params=record.params_count,
-        activation_bytes=record.attrs.get("activation_bytes"),
+        activation_bytes=record.activation_bytes,
         rung=last.rung if metrics is not None else None,
         steps=last.steps if metrics is not None else None,
         val_accuracy=metrics.accuracy if metrics is not None else None,
@@ -238,8 +241,8 @@ def _candidate(
         netscore=record.netscore() if metrics is not None else None,
         feasible=bool(trained and record.feasible),
         reason=reason if reason or trained else record.status,
-        compile_s=float(record.attrs.get("compile_s", 0.0) or 0.0),
-        train_s=float(record.attrs.get("train_s", 0.0) or 0.0),
+        compile_s=record.compile_s,
+        train_s=record.train_s,
         is_best=bool(best) and best.get("trial") == record.number,
         val_interval=_interval(metrics, reqs),
         test_interval=_interval(test, reqs),
@@ -269,7 +272,11 @@ def load_run(
         raise CompareError(
             f"{workdir}: no such folder; pass a search workdir such as runs/quickstart"
         )
-    board_path = workdir / LEADERBOARD_JSON
+    try:
+        artifacts = store.artifact_dir(workdir)
+    except ConfigError as err:
+        raise CompareError(str(err)) from None
+    board_path = artifacts / LEADERBOARD_JSON
     if storage_url is None and not store.journal_path(workdir).is_file():
         raise CompareError(
             f"{workdir}: not a search workdir (no {store.JOURNAL_NAME}); run "
@@ -298,6 +305,7 @@ def load_run(
     return RunData(
         name=workdir.name,
         workdir=workdir,
+        artifacts=artifacts,
         class_names=_class_names(records),
         objective=str(board.get("objective", "pareto")),
         requirements=dict(board.get("requirements") or {}),
