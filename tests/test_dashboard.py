@@ -7,12 +7,14 @@ dashboard's own HTTP API (the routes its web page calls), without any network be
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sys
 import threading
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import optuna
@@ -20,8 +22,12 @@ import pytest
 
 from search import cli
 from search.commands.dashboard import INSTALL_HINT, DashboardError, DashboardStorage, serve
+from search.execution.runner import run_worker
+from search.execution.surrogate import SurrogateEvaluator, surrogate_job
 from search.ledger import store
-from tests.search_support import run, settings
+from tests.search_support import PROTOTYPE, run, settings
+
+POSTGRES_URL = os.environ.get("COVIDNET_TEST_POSTGRES_URL")
 
 SEARCH = settings(
     **{
@@ -211,3 +217,33 @@ def test_port_in_use_is_one_line(workdir: Path) -> None:
         port = taken.getsockname()[1]
         with pytest.raises(DashboardError, match=f"--port {port}: cannot listen"):
             serve(workdir, port=port)
+
+
+@pytest.mark.skipif(
+    not POSTGRES_URL,
+    reason="COVIDNET_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)",
+)
+def test_a_search_in_postgresql_is_served_from_its_workdir(tmp_path: Path) -> None:
+    # The database holds other tests' searches too: the page is the workdir's own study.
+    workdir = tmp_path / f"pg-{uuid.uuid4().hex[:8]}"
+    job = surrogate_job(
+        {**SEARCH, "budget": {**SEARCH["budget"], "max_trials": 3}},
+        workdir,
+        prototype=PROTOTYPE,
+        storage_url=POSTGRES_URL,
+    )
+    run_worker(job, SurrogateEvaluator())
+    server, url = serve(workdir, port=0, storage_url=POSTGRES_URL)
+    _serving(server)
+    try:
+        base, study_id = url.split("/dashboard/studies/")
+        detail = _get(f"{base}/api/studies/{study_id}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert detail["name"] == workdir.name
+    assert len(detail["trials"]) == 3 and all(t["constraints"] for t in detail["trials"])
+    other = tmp_path / "not-searched"
+    other.mkdir()
+    with pytest.raises(DashboardError, match="its search 'not-searched' is not in the trial"):
+        serve(other, port=0, storage_url=POSTGRES_URL)

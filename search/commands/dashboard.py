@@ -40,6 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from covidnet_jax.errors import UserError
 from search.config import Objective
+from search.execution.identity import resolve_study_name
 from search.ledger import store
 from search.ledger.objective import directions
 from search.ledger.records import DESIGN_PREFIX, TrialRecord, gene_choices
@@ -119,7 +120,7 @@ def serve(
         storage_url: the search's database URL when it did not use the workdir's journal.
 
     Returns:
-        The server, and the address of its first search's page.
+        The server, and the address of the workdir's search's page.
 
     Raises:
         DashboardError: optuna-dashboard is missing, the folder holds no search, or the port
@@ -137,10 +138,17 @@ def serve(
             f"--workdir {workdir}: not a search workdir (no {store.JOURNAL_NAME}); run "
             f"`covidnet search --config FILE --workdir {workdir}` first, or pass --storage URL"
         )
-    view = DashboardStorage(store.open_storage(workdir, storage_url))
-    studies = view.get_all_studies()
-    if not studies:
-        raise DashboardError(f"--workdir {workdir}: the trial store holds no search yet")
+    inner = store.open_storage(workdir, storage_url)
+    view = DashboardStorage(inner)
+    # The workdir's own study (a shared database holds other searches' too).
+    name = resolve_study_name(workdir, "", None if storage_url else inner)
+    names = [s.study_name for s in view.get_all_studies()]
+    if name not in names:
+        held = ", ".join(sorted(names)) or "none"
+        raise DashboardError(
+            f"--workdir {workdir}: its search {name!r} is not in the trial store (it holds: "
+            f"{held}); run the search first, or pass the --storage URL it used"
+        )
     app = optuna_dashboard.wsgi(view)
     try:
         server = make_server(
@@ -151,7 +159,7 @@ def serve(
             f"--port {port}: cannot listen on {HOST} ({err.strerror}); choose another port"
         ) from None
     bound = server.server_address[1]
-    return server, f"http://{HOST}:{bound}/dashboard/studies/{studies[0]._study_id}"
+    return server, f"http://{HOST}:{bound}/dashboard/studies/{inner.get_study_id_from_name(name)}"
 
 
 class DashboardStorage(BaseStorage):
@@ -195,9 +203,9 @@ class DashboardStorage(BaseStorage):
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
-        choices = gene_choices(self._inner.get_study_system_attrs(study_id))
+        readable = _readable(self._inner.get_study_system_attrs(study_id))
         trials = self._inner.get_all_trials(study_id, deepcopy=False, states=states)
-        return [_shown(trial, choices) for trial in trials]
+        return [_shown(trial, readable) for trial in trials]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         # No study id here to find the readable choices: constraints only.
@@ -206,14 +214,15 @@ class DashboardStorage(BaseStorage):
     def get_best_trial(self, study_id: int) -> FrozenTrial:
         best = self._inner.get_best_trial(study_id)
         if all(v <= 0.0 for v in best.constraints.values()):
-            return _shown(best, gene_choices(self._inner.get_study_system_attrs(study_id)))
+            return _shown(best, _readable(self._inner.get_study_system_attrs(study_id)))
         feasible = [
             t
             for t in self.get_all_trials(study_id, states=(TrialState.COMPLETE,))
             if all(v <= 0.0 for v in t.constraints.values())
         ]
         if not feasible:
-            return _shown(best, {})  # no feasible design yet: the best infeasible one
+            # No feasible design yet: the best infeasible one.
+            return _shown(best, _readable(self._inner.get_study_system_attrs(study_id)))
         (direction,) = self._inner.get_study_directions(study_id)
         pick = max if direction == StudyDirection.MAXIMIZE else min
         return pick(feasible, key=lambda t: t.value)
@@ -260,8 +269,17 @@ def _named(system_attrs: dict[str, Any], study_directions: Sequence[StudyDirecti
     return system_attrs
 
 
-def _shown(trial: FrozenTrial, choices: dict[str, tuple]) -> FrozenTrial:
-    """`trial` with the dashboard's constraints and, for genes in `choices`, readable
+def _readable(study_system_attrs: dict[str, Any]) -> dict[str, CategoricalDistribution]:
+    """Gene -> the categorical distribution of its readable choices (empty for a study
+    recorded before they were stored: its parameters then show as indices)."""
+    return {
+        gene: CategoricalDistribution(values)
+        for gene, values in gene_choices(study_system_attrs).items()
+    }
+
+
+def _shown(trial: FrozenTrial, readable: dict[str, CategoricalDistribution]) -> FrozenTrial:
+    """`trial` with the dashboard's constraints and, for genes in `readable`, readable
     parameters (a copy; the storage's own objects are never changed)."""
     shown = copy.copy(trial)
     system_attrs = dict(trial.system_attrs)
@@ -274,10 +292,10 @@ def _shown(trial: FrozenTrial, choices: dict[str, tuple]) -> FrozenTrial:
     distributions = dict(trial.distributions)
     user_attrs = dict(trial.user_attrs)
     for gene, value in design.items():
-        readable = choices.get(gene, ())
-        if gene in params and value in readable:
+        distribution = readable.get(gene)
+        if gene in params and distribution is not None and value in distribution.choices:
             params[gene] = value
-            distributions[gene] = CategoricalDistribution(readable)
+            distributions[gene] = distribution
             user_attrs.pop(f"{DESIGN_PREFIX}{gene}", None)  # it is the parameter now
     shown.params, shown.distributions, shown.user_attrs = params, distributions, user_attrs
     return shown
