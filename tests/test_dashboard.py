@@ -6,6 +6,7 @@ dashboard's own HTTP API (the routes its web page calls), without any network be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -56,33 +58,31 @@ def _get(url: str) -> dict:
         return json.loads(response.read())
 
 
-def _serving(app_server) -> threading.Thread:
-    thread = threading.Thread(target=app_server.serve_forever, daemon=True)
-    thread.start()
-    return thread
-
-
-@pytest.fixture(scope="module")
-def study_detail(workdir: Path) -> dict:
-    server, url = serve(workdir, port=0)
-    _serving(server)
+@contextlib.contextmanager
+def served(workdir: Path, storage_url: str | None = None) -> Iterator[tuple[str, str]]:
+    """`covidnet dashboard`'s server on a free port, in a thread: (base URL, study id)."""
+    server, url = serve(workdir, port=0, storage_url=storage_url)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        base = url.split("/dashboard/")[0]
-        studies = _get(f"{base}/api/studies")["study_summaries"]
-        assert [s["study_name"] for s in studies] == ["dash"]  # no finisher lease
-        assert url.endswith(f"/dashboard/studies/{studies[0]['study_id']}")
-        return _get(f"{base}/api/studies/{studies[0]['study_id']}")
+        base, study_id = url.split("/dashboard/studies/")
+        yield base, study_id
     finally:
         server.shutdown()
         server.server_close()
 
 
+@pytest.fixture(scope="module")
+def study_detail(workdir: Path) -> dict:
+    with served(workdir) as (base, study_id):
+        studies = _get(f"{base}/api/studies")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["dash"]  # no finisher lease
+        assert study_id == str(studies[0]["study_id"])
+        return _get(f"{base}/api/studies/{study_id}")
+
+
 def test_the_page_cannot_change_the_search(workdir: Path) -> None:
     before = store.journal_path(workdir).read_bytes()
-    server, url = serve(workdir, port=0)
-    _serving(server)
-    try:
-        base, study_id = url.split("/dashboard/studies/")
+    with served(workdir) as (base, study_id):
         for method, route, body in (
             ("DELETE", f"/api/studies/{study_id}", None),
             ("POST", "/api/trials/0/user-attrs", {"user_attrs": {"status": "trained"}}),
@@ -95,9 +95,6 @@ def test_the_page_cannot_change_the_search(workdir: Path) -> None:
                 urllib.request.urlopen(request, timeout=30)
             assert refused.value.code == 403, route
             assert "read-only" in json.loads(refused.value.read())["reason"]
-    finally:
-        server.shutdown()
-        server.server_close()
     assert store.journal_path(workdir).read_bytes() == before
 
 
@@ -233,14 +230,8 @@ def test_a_search_in_postgresql_is_served_from_its_workdir(tmp_path: Path) -> No
         storage_url=POSTGRES_URL,
     )
     run_worker(job, SurrogateEvaluator())
-    server, url = serve(workdir, port=0, storage_url=POSTGRES_URL)
-    _serving(server)
-    try:
-        base, study_id = url.split("/dashboard/studies/")
+    with served(workdir, POSTGRES_URL) as (base, study_id):
         detail = _get(f"{base}/api/studies/{study_id}")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert detail["name"] == workdir.name
     assert len(detail["trials"]) == 3 and all(t["constraints"] for t in detail["trials"])
     other = tmp_path / "not-searched"
