@@ -286,6 +286,10 @@ def _feature_size(spec: ArchSpec) -> int:
 def _resize(x: jax.Array, shape: tuple[int, ...], flat: tuple[int, int, int] | None) -> jax.Array:
     """`x` cut and zero-padded to `shape`, keeping its leading corner.
 
+    Concrete arrays are resized in NumPy on the host: eager `jnp` ops would compile one small
+    program per distinct shape, about as many as a network has variables, per candidate.
+    Traced arrays (under `jit`) use `jnp`.
+
     `flat` = (cells, C_from, C_to) marks an input axis that is a flattened cells x C map:
     its channel axis is resized per cell.
     """
@@ -293,8 +297,10 @@ def _resize(x: jax.Array, shape: tuple[int, ...], flat: tuple[int, int, int] | N
         cells, c_from, c_to = flat
         x = x.reshape(cells, c_from, x.shape[-1])
         return _resize(x, (cells, c_to, shape[-1]), None).reshape(shape)
+    xp = jnp if isinstance(x, jax.core.Tracer) else np
+    x = x if xp is jnp else np.asarray(x)
     x = x[tuple(slice(0, min(n, t)) for n, t in zip(x.shape, shape, strict=True))]
-    return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape, strict=True)])
+    return xp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape, strict=True)])
 
 
 def _variable_path(keypath: tuple[Any, ...]) -> Path:
@@ -322,7 +328,7 @@ def _resize_tree(tree: Any, layout: WidthLayout, *, to_host: bool) -> Any:
             return leaf
         if path not in layout.shapes:
             # A copy: a jitted step donates its state, which must not free the source's.
-            return jnp.array(leaf, copy=True)
+            return jnp.array(leaf, copy=True) if isinstance(leaf, jax.Array) else leaf
         narrow_shape, host_shape = layout.shapes[path]
         source, target = (narrow_shape, host_shape) if to_host else (host_shape, narrow_shape)
         if tuple(leaf.shape) != source:
@@ -333,7 +339,7 @@ def _resize_tree(tree: Any, layout: WidthLayout, *, to_host: bool) -> Any:
         flat = layout.flat_inputs.get(path)
         if flat is not None and not to_host:
             flat = (flat[0], flat[2], flat[1])
-        return _resize(jnp.asarray(leaf), target, flat)
+        return _resize(leaf, target, flat)
 
     return jax.tree_util.tree_map_with_path(resize, tree)
 
@@ -365,7 +371,7 @@ def _fill(target: nnx.State, source: nnx.State, layout: WidthLayout, *, to_host:
     def fill(keypath: tuple[Any, ...], abstract: Any) -> Any:
         path = _variable_path(keypath)
         if to_host and path in layout.masks:
-            return jnp.asarray(layout.masks[path])
+            return layout.masks[path].copy()
         if path not in values:
             raise ValueError(f"{'/'.join(map(str, path))}: missing from the model state")
         narrow_shape, host_shape = layout.shapes[path]
@@ -375,7 +381,7 @@ def _fill(target: nnx.State, source: nnx.State, layout: WidthLayout, *, to_host:
                 f"{'/'.join(map(str, path))}: expected shape {source_shape}, "
                 f"got {tuple(values[path].shape)}"
             )
-        return _resize(jnp.asarray(values[path]), tuple(abstract.shape), None)
+        return _resize(values[path], tuple(abstract.shape), None)
 
     return jax.tree_util.tree_map_with_path(fill, target)
 
