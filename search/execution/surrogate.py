@@ -98,6 +98,8 @@ class SurrogateEvaluator:
         orbax_every: save an Orbax checkpoint every this many steps (0: the marker file).
         test_log: a file to which each test-split scoring appends a line (`pid trial-dir`):
             how tests see that the test split was scored once.
+        train_log: a file to which each training job appends a line (`pid trial-dir start
+            steps init_from`): how tests see, across processes, where a job resumed from.
     """
 
     tau: float = 150.0
@@ -108,6 +110,14 @@ class SurrogateEvaluator:
     jobs: list[tuple[str, int, int, str | None]] = dataclasses.field(default_factory=list)
     orbax_every: int = 0
     test_log: str | None = None
+    train_log: str | None = None
+
+    def _log_job(self, request: EvalRequest, start: int) -> None:
+        init_from = None if request.init_from is None else str(request.init_from)
+        self.jobs.append((request.spec.content_hash(), start, request.steps, init_from))
+        if self.train_log is not None:
+            with open(self.train_log, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {request.workdir} {start} {request.steps} {init_from}\n")
 
     def train(self, request: EvalRequest) -> EvalSuccess | EvalFailure:
         """Simulates training `request.spec` to `request.steps`, resuming from the marker."""
@@ -116,8 +126,7 @@ class SurrogateEvaluator:
         spec_hash = request.spec.content_hash()
         marker = Path(request.workdir) / "checkpoint" / "step"
         start = int(marker.read_text()) if marker.exists() else 0
-        init_from = None if request.init_from is None else str(request.init_from)
-        self.jobs.append((spec_hash, start, request.steps, init_from))
+        self._log_job(request, start)
         if spec_hash in self.fail_hashes:
             return EvalFailure("nan", f"loss became NaN at step {start + 1} (spec {spec_hash})")
         if self.seconds_per_step > 0:
@@ -137,8 +146,7 @@ class SurrogateEvaluator:
         directory = Path(request.workdir) / "checkpoints"
         with Checkpoints(directory, keep_latest=1, keep_best=0, async_save=False) as ckpts:
             start = ckpts.latest_step() or 0
-            init_from = None if request.init_from is None else str(request.init_from)
-            self.jobs.append((spec_hash, start, request.steps, init_from))
+            self._log_job(request, start)
             if spec_hash in self.fail_hashes:
                 return EvalFailure("nan", f"loss became NaN at step {start + 1}")
             for step in range(start + self.orbax_every, request.steps + 1, self.orbax_every):
