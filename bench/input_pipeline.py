@@ -14,13 +14,15 @@ its baseline from the same run:
    (the library's jitted, donated `train_step`) on a fixed batch.
 3. **End to end**: training images/s fed real batches from `Data.train_batches` (device
    path) against the same compiled step fed one fixed device batch, in alternating windows
-   so that load on a shared machine hits both alike.
+   so that load on a shared machine hits both alike: the ratio of the medians, the ratio of
+   the best windows, and the spread of the fixed-batch windows (max / min), which says how
+   much a shared machine moved them.
 
 Prints Markdown tables for bench/README.md.
 
 Usage:
     python bench/input_pipeline.py --seconds 3
-    python bench/input_pipeline.py --seconds 2 --arch tiny --train-sizes 224:8
+    python bench/input_pipeline.py --seconds 2 --arch tiny --train-sizes 224:8 --no-host
     python bench/input_pipeline.py --workers 0 2 --no-train   # also Grain workers, host path
 """
 
@@ -166,6 +168,8 @@ def training(data, arch: str, batch: int, seconds: float, rounds: int, window: i
         "step_ms": 1000 * step_s,
         "fixed": window * batch / statistics.median(fixed_s),
         "real": window * batch / statistics.median(real_s),
+        "best_ratio": min(fixed_s) / min(real_s),
+        "spread": max(fixed_s) / min(fixed_s),
     }
 
 
@@ -178,6 +182,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating windows per size")
     parser.add_argument("--window", type=int, default=2, help="training steps per window")
     parser.add_argument("--no-train", action="store_true", help="host side only")
+    parser.add_argument("--no-host", action="store_true", help="training parts only")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-input-"))
@@ -201,7 +206,7 @@ def main() -> int:
 
     print("\n| resolution | batch | channels | path | images/s | x host path |")
     print("|---|---|---|---|---|---|")
-    for resolution, batch, channels in SETTINGS:
+    for resolution, batch, channels in () if args.no_host else SETTINGS:
         rows = host_side(
             data_at(resolution, channels, "host"),
             data_at(resolution, channels, "device"),
@@ -221,9 +226,10 @@ def main() -> int:
         return 0
     print(
         f"\n| {args.arch} res x batch | compile (s) | step (ms) | augmentation (ms) | share "
-        "| fixed batch img/s | real batches img/s | real / fixed |"
+        "| fixed batch img/s | real batches img/s | real / fixed (medians) | (best) | "
+        "fixed spread |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for item in args.train_sizes.split(","):
         resolution, _, batch = item.partition(":")
         data = data_at(int(resolution), 3, "device")
@@ -231,7 +237,8 @@ def main() -> int:
         print(
             f"| {resolution} x {batch} | {r['compile_s']:.0f} | {r['step_ms']:,.0f} | "
             f"{r['augment_ms']:.1f} | {r['augment_ms'] / r['step_ms']:.1%} | {r['fixed']:.2f} | "
-            f"{r['real']:.2f} | {r['real'] / r['fixed']:.3f} |",
+            f"{r['real']:.2f} | {r['real'] / r['fixed']:.3f} | {r['best_ratio']:.3f} | "
+            f"{r['spread']:.2f} |",
             flush=True,
         )
     return 0
