@@ -53,7 +53,7 @@ import numpy as np
 
 from covidnet_jax import parallel
 from covidnet_jax.data import cache as cache_lib
-from covidnet_jax.data.augment import apply_augment, sample_augment_params
+from covidnet_jax.data.augment import AugmentParams, apply_augment, sample_augment_params
 from covidnet_jax.data.covidx import (
     KNOWN_LABELS,
     CovidxFolder,
@@ -521,7 +521,7 @@ class TrainBatchMaker:
             batch[AUGMENT_KEY] = pack_params(self._augment_params(step))
         return batch
 
-    def _augment_params(self, step: int):
+    def _augment_params(self, step: int) -> AugmentParams:
         rng = np.random.default_rng([self.seed, 4, int(step)])
         return sample_augment_params(rng, self.batch_size)
 
