@@ -416,3 +416,35 @@ def slice_train_state(state: Any, layout: WidthLayout) -> Any:
     optimizer state, BatchNorm statistics; masks dropped): what a checkpoint should hold."""
     sliced = slice_arrays(state.replace(model_state=None), layout)
     return sliced.replace(model_state=slice_model_state(state.model_state, layout))
+
+
+class HostRegistry:
+    """The host widths each skeleton's candidates run on, in one process.
+
+    The policy is "grow": a candidate runs on its skeleton's current host when that
+    dominates it; otherwise the host becomes the elementwise maximum of the two (one new
+    compile). A search that starts from its widest design (a shrinking search starts from
+    the prototype) compiles once per skeleton.
+
+    Example:
+        >>> hosts = HostRegistry()
+        >>> hosts.host_for(prototype)  # the prototype itself
+        >>> hosts.host_for(narrower) == prototype
+        True
+    """
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, ArchSpec] = {}
+
+    def host_for(self, spec: Any) -> ArchSpec | None:
+        """The host `spec` runs on, or None when it cannot share one (not a PEPX spec, a
+        head with dropout): then it trains on its own executable."""
+        try:
+            key = skeleton_of(spec).key
+        except SpecError:
+            return None
+        current = self._hosts.get(key)
+        if current is None or not dominates(current, spec):
+            current = spec if current is None else host_spec([current, spec])
+            self._hosts[key] = current
+        return current

@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
-from covidnet_jax import checkpointing, parallel
+from covidnet_jax import checkpointing, parallel, shared_widths
 from covidnet_jax.arch import AnySpec
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import Data, load_data
@@ -149,6 +149,7 @@ def train_and_evaluate(
     init_from: str | Path | None = None,
     data: Data | None = None,
     show_progress: bool = True,
+    host: AnySpec | None = None,
 ) -> TrainResult | TrainFailure:
     """Trains one design, evaluating on validation and checkpointing; resumes if possible.
 
@@ -161,6 +162,10 @@ def train_and_evaluate(
             into a fresh run (weight inheritance); ignored when resuming.
         data: an already loaded data set for `config.data` (else it is loaded).
         show_progress: show a progress bar with loss, accuracy and images/s.
+        host: train on the width-masked executable of this dominating design
+            (`covidnet_jax.shared_widths`; fitted to the data like `spec`): exactly the
+            same training, and one compiled step for every design the host dominates.
+            Checkpoints hold `spec`'s own network.
 
     Returns:
         `TrainResult`, or `TrainFailure` for a non-finite loss, out-of-memory or a compile
@@ -176,6 +181,9 @@ def train_and_evaluate(
     _enable_compilation_cache(Path(config.compile_cache_dir or workdir / "compile_cache"))
     data = load_data(config.data, seed=config.seed) if data is None else data
     spec = resolve_spec(config, data, spec)
+    if host is not None:
+        host = resolve_spec(config, data, host)
+        shared_widths.width_layout(spec, host)  # SpecError unless host dominates spec
     loop = config.train
     try:
         check_selection_metric(loop.selection_metric, data.class_names)
@@ -187,7 +195,7 @@ def train_and_evaluate(
     parallel.check_batch_size(eval_batch_size, mesh, key="train.eval_batch_size")
     total_steps = _total_steps(config, data)
 
-    run = _Run(config, workdir, spec, data, mesh, total_steps, eval_batch_size, show_progress)
+    run = _Run(config, workdir, spec, data, mesh, total_steps, eval_batch_size, show_progress, host)
     try:
         return run.execute(init_from)
     except _Failure as failure:
@@ -267,8 +275,10 @@ class _Run:
         total_steps: int,
         eval_batch_size: int,
         show_progress: bool,
+        host: AnySpec | None = None,
     ) -> None:
         self.config, self.workdir, self.spec, self.data = config, workdir, spec, data
+        self.host = host  # see train_and_evaluate
         self.mesh, self.total_steps, self.eval_batch_size = mesh, total_steps, eval_batch_size
         self.show_progress = show_progress
         self.spec_hash = spec.content_hash()
@@ -285,6 +295,7 @@ class _Run:
             compute_dtype=config.model.compute_dtype,
         )
         self.plateau = _Plateau()
+        self._layout: shared_widths.WidthLayout | None = None
         self.compile_s = self.train_s = self.eval_s = 0.0
         self.images = 0
         self._log_file = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
@@ -317,6 +328,8 @@ class _Run:
         inherited, inheritable = 0, len(jax.tree.leaves(state.params))
         if resumed_from is None and init_from is not None:
             state, inherited = _inherit(state, init_from, self.mesh)
+        if self.host is not None:
+            fns, state = self._on_host(state, dtype)
         start = int(jax.device_get(state.step))
         self._write_run_files()
         self.log_event(
@@ -383,6 +396,31 @@ class _Run:
         self.plateau = _Plateau(**meta["plateau"])
         log.info("resuming from step %d in %s", latest, self.checkpoints.directory)
         return state, latest
+
+    def _on_host(self, state: TrainState, dtype: Any) -> tuple[StepFunctions, TrainState]:
+        """The host's step functions, and `state` (the narrow network's) in its layout."""
+        layout = shared_widths.width_layout(self.spec, self.host)
+        host_model = nnx.eval_shape(  # only its graph is used: no initialisation
+            lambda: shared_widths.build_host_model(
+                layout.host, layout.skeleton, rngs=nnx.Rngs(0), dtype=dtype
+            )
+        )
+        fns = StepFunctions.for_model(
+            host_model,
+            key=("shared", layout.skeleton.key, layout.host, self.config.model.compute_dtype),
+            settings=self.settings,
+            mesh=self.mesh,
+        )
+        self._layout = layout
+        replicated = parallel.replicated(self.mesh)
+        return fns, jax.device_put(shared_widths.embed_train_state(state, layout), replicated)
+
+    def _narrow(self, state: TrainState) -> TrainState:
+        """`state` as the narrow network's (what checkpoints hold)."""
+        if self._layout is None:
+            return state
+        sliced = shared_widths.slice_train_state(state, self._layout)
+        return jax.device_put(sliced, parallel.replicated(self.mesh))
 
     def _write_run_files(self) -> None:
         (self.workdir / "config.yaml").write_text(
@@ -570,7 +608,7 @@ class _Run:
                 raise _Failure("non_finite", f"non-finite parameters after step {step}", step)
             self.checkpoints.save(
                 step,
-                state,
+                self._narrow(state),
                 metadata=self._metadata(),
                 metrics={checkpointing.SELECTION_KEY: selection, "validation": metrics.to_dict()},
             )

@@ -323,6 +323,11 @@ class SearchSettings:
             directory, a mounted file system (NFS, or a bucket through gcsfuse/s3fs): paths
             the records hold are relative to it, so any host reads any trial's checkpoint.
             Relative paths are taken from the current directory.
+        executables: "exact" (every design compiles its own train and eval steps) or
+            "shared" (designs that differ only in widths train on one compiled step of a
+            wider host network with the surplus channels masked: the same training, exactly,
+            and one compile per skeleton and host; checkpoints hold each design's own
+            network; `covidnet_jax.shared_widths`).
     """
 
     space: SpaceConfig
@@ -336,6 +341,7 @@ class SearchSettings:
     workers: int = bounded(1, ge=1)
     study_name: str = ""
     artifact_root: str = ""
+    executables: Literal["exact", "shared"] = "exact"
 
     def __post_init__(self) -> None:
         check(self, path="search")  # built in Python: validated as the file's section is

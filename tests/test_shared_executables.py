@@ -10,6 +10,8 @@ surplus channel is masked after its BatchNorm and activation.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +19,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import search
 from covidnet_jax import parallel
 from covidnet_jax import shared_widths as sw
-from covidnet_jax.arch import ArchSpec, HeadSpec, ModuleSpec, StageSpec, StemSpec
+from covidnet_jax.arch import ArchSpec, HeadSpec, ModuleSpec, StageSpec, StemSpec, spec_from_json
+from covidnet_jax.checkpointing import Checkpoints
 from covidnet_jax.errors import SpecError
+from covidnet_jax.evaluate import evaluate_workdir
 from covidnet_jax.models import build_model
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+from search.execution.evaluation import EvalRequest, EvalSuccess
+from search.execution.training import TrainingEvaluator, load_experiment, load_prototype
 
 BATCH = 4
 STEPS = 20
@@ -227,3 +234,110 @@ def test_skeleton_and_domination_errors():
     with pytest.raises(ValueError, match=r"stem/conv/kernel: expected shape"):
         layout = sw.width_layout(narrow, sw.host_spec([narrow, _spec(6, ((4, 8, 4, 7),))]))
         sw.embed_arrays({"stem": {"conv": {"kernel": jnp.zeros((3, 3, 3, 9))}}}, layout)
+
+
+# -- candidate training and the search on shared executables ------------------------------
+
+SEARCH_EXPERIMENT = """\
+seed: 0
+model: {{arch: {prototype}}}
+data:
+  covidx_dir: {data}
+  synth: {{per_class: 12, image_size: 32, seed: 0}}
+  resolution: 32
+  channels: 3
+  validation_fraction: 0.25
+  augment: false
+optimizer: {{name: adam, learning_rate: 0.003}}
+train: {{batch_size: 8, eval_every: 2, log_every: 2, keep_checkpoints: 1, keep_best: 1,
+         bn_calibration_batches: 2}}
+search:
+  executables: shared
+  space:   # widths only: one skeleton
+    stage_width: {{min: 0.5, max: 1.0, step: 0.25}}
+    module_width: {{min: 0.5, max: 1.0, step: 0.25}}
+  requirements: {{min_accuracy: 0.0}}
+  strategy: {{name: shrink}}
+  budget: {{max_trials: 4, rungs: [2]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    """A directory for experiments that share one synthetic data set."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def _experiment(root: Path, name: str, prototype: ArchSpec) -> Path:
+    """An experiment file around `prototype` (each test its own skeleton: the compiled steps
+    of a process outlive a test)."""
+    (root / f"{name}.json").write_text(prototype.to_json())
+    path = root / f"{name}.yaml"
+    path.write_text(SEARCH_EXPERIMENT.format(prototype=root / f"{name}.json", data=root / "synth"))
+    return path
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """'stages/0/modules/1/proj1/conv/kernel' -> shape, whatever the key types."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        shapes["/".join(keys[:-1] if keys[-1] == "value" else keys)] = tuple(leaf.shape)
+    return shapes
+
+
+def _compiles(run_dir: Path) -> list[float]:
+    """Train-step compile seconds of every "compile" event of a run (0.0: memoised)."""
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e["train_step_s"] for e in events if e["event"] == "compile"]
+
+
+@pytest.mark.slow
+def test_candidates_share_one_compile_and_checkpoint_their_own_network(shared_root):
+    prototype = _spec(8, (((4, 16, 4, 12), (4, 12, 4, 12)),), connectivity="dense")
+    experiment = load_experiment(_experiment(shared_root, "dense", prototype))
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    assert evaluator.hosts is not None
+    prototype = load_prototype(experiment)
+    narrower = [
+        _spec(6, (((4, 8, 4, 8), (2, 12, 4, 8)),), connectivity="dense"),
+        _spec(4, (((2, 16, 4, 4), (4, 4, 2, 4)),), connectivity="dense"),
+    ]
+    root = shared_root / "runs"
+    results = []
+    for i, spec in enumerate([prototype, *narrower]):
+        request = EvalRequest(
+            spec=spec, steps=4, workdir=root / f"trials/{i}", init_from=None, rung=0
+        )
+        results.append(evaluator.train(request))
+    assert all(isinstance(r, EvalSuccess) for r in results), results
+    assert results[0].compile_s > 0.0
+    assert [r.compile_s for r in results[1:]] == [0.0, 0.0]
+    for i, (spec, result) in enumerate(zip([prototype, *narrower], results, strict=True)):
+        run_dir = root / f"trials/{i}"
+        saved = Checkpoints.open_existing(run_dir).restore_arrays()
+        assert _shapes(saved["params"]) == _shapes(
+            nnx.state(build_model(spec, rngs=nnx.Rngs(0)), nnx.Param)
+        )
+        assert not any("mask" in path for path in _shapes(saved["model_state"]))
+        # the narrow checkpoint, evaluated as a plain network, gives what the host reported
+        evaluated = evaluate_workdir(run_dir, split="validation", scores=False).metrics
+        np.testing.assert_array_equal(evaluated.confusion, result.metrics.confusion)
+
+
+@pytest.mark.slow
+def test_a_shared_search_compiles_once_per_skeleton(shared_root):
+    prototype = _spec(8, (((4, 16, 4, 8), (4, 12, 4, 12)),), connectivity="residual", kernel=5)
+    path = _experiment(shared_root, "residual", prototype)
+    workdir = shared_root / "search_run"
+    result = search.run(str(path), workdir, finish=False, workers=1)
+    trained = [workdir / "trials" / str(r.number) for r in result.records if r.status == "trained"]
+    compiles = [s for run_dir in trained for s in _compiles(run_dir)]
+    assert len(compiles) == len(trained) >= 3
+    # A residual shortcut is an identity or a projection depending on widths, so this
+    # shrinking search meets several skeletons; each compiles once (`exact`: every design).
+    skeletons = {
+        sw.skeleton_of(spec_from_json((run_dir / "spec.json").read_text())).key
+        for run_dir in trained
+    }
+    assert sum(s > 0.0 for s in compiles) == len(skeletons) < len(trained)

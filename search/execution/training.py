@@ -21,6 +21,7 @@ from covidnet_jax.data import Data, load_data
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.evaluate import evaluate_workdir
 from covidnet_jax.metrics import EvalMetrics
+from covidnet_jax.shared_widths import HostRegistry
 from covidnet_jax.train import TrainFailure, train_and_evaluate
 from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
 from search.config import SearchSettings
@@ -159,11 +160,18 @@ class TrainingEvaluator:
         self.config = config
         self._data: dict[tuple[int, int], Data] = {}
 
+    hosts: HostRegistry | None = None
+    """With `search.executables: shared`: the host network each skeleton's candidates train
+    on in this process (None: every candidate compiles its own steps)."""
+
     @classmethod
     def from_experiment(cls, experiment: SearchExperiment) -> TrainingEvaluator:
         """Builds the evaluator from a validated experiment, read from a file or built in
         Python (pickled into a spawned worker process, no file read there)."""
-        return cls(experiment.training)
+        evaluator = cls(experiment.training)
+        if experiment.search.executables == "shared":
+            evaluator.hosts = HostRegistry()
+        return evaluator
 
     @classmethod
     def from_file(cls, path: str, overrides: tuple[str, ...] = ()) -> TrainingEvaluator:
@@ -199,6 +207,7 @@ class TrainingEvaluator:
             init_from=request.init_from,
             data=self.data(request.spec.input_size, request.validation_draw),
             show_progress=False,
+            host=None if self.hosts is None else self.hosts.host_for(request.spec),
         )
         if isinstance(result, TrainFailure):
             return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)
