@@ -17,6 +17,7 @@ is an optional dependency (`pip install 'covidnet-jax[ray]'`).
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,16 @@ def connect(address: str) -> Any:
             "--ray: Ray is not installed; pip install 'covidnet-jax[ray]' (or ray>=2.40)"
         ) from None
     if not ray.is_initialized():
+        # Ray itself retries an unreachable address for minutes before giving up.
+        host, _, port = address.rpartition(":")
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as err:
             raise ConfigError(
-                f"--ray {address}: no Ray cluster answers there ({first}); start one with "
-                "`ray start --head` and pass the address it prints"
+                f"--ray {address}: no Ray cluster answers there ({err}); start one with "
+                "`ray start --head` and pass the address it prints (HOST:PORT)"
             ) from None
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     return ray
 
 
