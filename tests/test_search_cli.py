@@ -113,3 +113,32 @@ def test_search_command_trains_ranks_and_resumes(tmp_path, capsys):
     assert [r.name for r in result.best.reports] == ["accuracy"]
     assert result.leaderboard_json == workdir / "leaderboard.json"
     assert (workdir / "best" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_a_worker_trains_without_finishing_and_artifacts_live_under_the_root(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    workdir, shared = tmp_path / "run", tmp_path / "shared"
+    args = [
+        "search", "--config", str(path), "--workdir", str(workdir), "--no-live",
+        "--set", "search.budget.max_trials=2", "--set", "search.confirm.seeds=0",
+        "--set", f"search.artifact_root={shared}",
+    ]  # fmt: skip
+    assert main([*args, "--worker"]) == 0
+    out = capsys.readouterr().out
+    assert "worker done" in out and "best design" not in out
+    records = read_records(load_study(open_storage(workdir), "run"))
+    trained = [r for r in records if r.status == "trained"]
+    assert trained and all((shared / r.checkpoint).is_dir() for r in trained)
+    assert not (workdir / "trials").exists() and not (shared / "best").exists()
+
+    assert main(args) == 0  # a plain invocation on the same study finishes it
+    out = capsys.readouterr().out
+    assert "best design: trial" in out and str(shared / "best" / "spec.json") in out
+    assert (shared / "best" / "metrics.json").is_file() and (shared / "leaderboard.json").is_file()
+    assert not (workdir / "best").exists()
+
+    assert main(["compare", str(workdir), "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["export", "--workdir", str(workdir)]) == 0
+    assert "exported best design" in capsys.readouterr().out
+    assert (shared / "export" / "export.json").is_file()
