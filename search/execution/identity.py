@@ -45,6 +45,8 @@ MUTABLE = (
     "data.allow_shared_patients",
     "data.workers",
     "data.cache_dir",
+    # Both paths apply the same transforms, drawn from (seed, step) on the host.
+    "data.augment_on",
     "train.eval_batch_size",
 )
 """Dotted keys (a trailing dot: a whole section) a resume may change."""
