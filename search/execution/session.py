@@ -231,26 +231,13 @@ def run(
         else:
             stop_reasons = run_search(job, workers=count, console=console, lines=lines).stop_reasons
     say(f"stopped: {'; '.join(stop_reasons)}")
-    trial_store_name = storage or str(store.journal_path(workdir))
-    if not finish:
-        return SearchResult(
-            workdir=workdir,
-            experiment=experiment,
-            records=store.read_records(study),
-            best=None,
-            leaderboard_csv=None,
-            leaderboard_json=None,
-            stop_reasons=stop_reasons,
-            elapsed_s=time.time() - start,
-            trial_store=trial_store_name,
-            artifact_dir=job.artifact_dir,
-        )
-    if ray is not None:
+    records, best, csv_path, json_path = store.read_records(study), None, None, None
+    if finish and ray is not None:
         say("finishing on the Ray cluster (confirmation, the best design, the test split)")
         records, best, csv_path, json_path = conclude_on_ray(
             job, ray, train_seed=experiment.training.seed
         )
-    else:
+    elif finish:
         records, best, csv_path, json_path = conclude(
             job, train_seed=experiment.training.seed, console=console
         )
@@ -263,7 +250,7 @@ def run(
         leaderboard_json=json_path,
         stop_reasons=stop_reasons,
         elapsed_s=time.time() - start,
-        trial_store=trial_store_name,
+        trial_store=storage or str(store.journal_path(workdir)),
         artifact_dir=job.artifact_dir,
     )
 
