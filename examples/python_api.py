@@ -82,7 +82,7 @@ def report(result) -> None:
     print(f"\ndeclared design: {best.message}")
     if best.summary is not None:
         print(f"  {best.summary['summary']}")
-        print(f"  spec, checkpoint and test metrics: {result.workdir / 'best'}")
+        print(f"  spec, checkpoint and test metrics: {result.artifact_dir / 'best'}")
         for requirement in best.reports:
             test = "not scored" if requirement.test is None else requirement.test.format()
             print(

@@ -32,3 +32,24 @@ def test_python_api_example_searches_and_reports(tmp_path: Path) -> None:
     assert "accuracy >= 0.0: validation " in out and "-> met" in out
     assert (workdir / "best" / "spec.json").is_file()
     assert (workdir / "leaderboard.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_python_api_walkthrough_runs_cell_by_cell(tmp_path: Path) -> None:
+    """docs/python_api.md's code blocks, in order, in one namespace, as a notebook runs them."""
+    import re
+
+    text = (ROOT / "docs" / "python_api.md").read_text(encoding="utf-8")
+    cells = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    script = "\n".join(cells) + "\nprint('walkthrough done', result.counts['proposed'])\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,  # the walkthrough's relative paths (data/api, runs/api) land here
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "walkthrough done 3" in done.stdout
+    assert (tmp_path / "runs" / "api" / "best" / "spec.json").is_file()

@@ -90,7 +90,7 @@ def test_ray_workers_run_the_search_and_one_finishes(ray_head, tmp_path):
     study = store.open_study(store.open_storage(job.workdir, None), job.study_name, "min_macs")
 
     reasons = run_on_ray(job, ray_head, workers=2)
-    records, best, csv_path, json_path = conclude_on_ray(job, ray_head, train_seed=0)
+    records, best, _csv_path, json_path = conclude_on_ray(job, ray_head, train_seed=0)
 
     assert len(reasons) == 2 and all("budget spent" in r for r in reasons), reasons
     trained = [r for r in store.read_records(study) if r.status == "trained"]
@@ -101,3 +101,22 @@ def test_ray_workers_run_the_search_and_one_finishes(ray_head, tmp_path):
     assert best.summary is not None and json_path == tmp_path / "shared" / "leaderboard.json"
     assert len((tmp_path / "test.log").read_text().splitlines()) == 1
     assert len(records) == 8
+
+
+@pytest.mark.slow
+def test_covidnet_search_on_ray_trains_for_real_and_finishes(ray_head, tmp_path, capsys):
+    from test_search_cli import write_experiment
+
+    from search.cli import main
+
+    path = write_experiment(tmp_path)
+    workdir = tmp_path / "run"
+    args = ["search", "--config", str(path), "--workdir", str(workdir), "--no-live"]
+    overrides = ["--set", "search.budget.max_trials=3", "--set", "search.confirm.seeds=0"]
+    assert main([*args, *overrides, "--ray", ray_head, "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "starting the workers on the Ray cluster" in out and "best design: trial" in out
+    records = store.read_records(store.load_study(store.open_storage(workdir), "run"))
+    assert len([r for r in records if r.is_proposal]) == 3
+    assert all(not r.worker.endswith(f":{os.getpid()}") for r in records if r.worker)
+    assert (workdir / "best" / "metrics.json").is_file()
