@@ -423,18 +423,22 @@ class HostRegistry:
 
     The policy is "grow": a candidate runs on its skeleton's current host when that
     dominates it; otherwise the host becomes the elementwise maximum of the two (one new
-    compile). A search that starts from its widest design (a shrinking search starts from
-    the prototype) compiles once per skeleton.
+    compile). Seeding the registry with the search's widest expected design (the prototype
+    of a shrinking search) makes its skeleton compile once.
+
+    Args:
+        seeds: designs whose skeletons start with them as hosts (unshareable ones ignored).
 
     Example:
-        >>> hosts = HostRegistry()
-        >>> hosts.host_for(prototype)  # the prototype itself
+        >>> hosts = HostRegistry(seeds=[prototype])
         >>> hosts.host_for(narrower) == prototype
         True
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seeds: Iterable[Any] = ()) -> None:
         self._hosts: dict[str, ArchSpec] = {}
+        for seed in seeds:
+            self.host_for(seed)
 
     def host_for(self, spec: Any) -> ArchSpec | None:
         """The host `spec` runs on, or None when it cannot share one (not a PEPX spec, a

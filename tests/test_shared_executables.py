@@ -236,6 +236,18 @@ def test_skeleton_and_domination_errors():
         sw.embed_arrays({"stem": {"conv": {"kernel": jnp.zeros((3, 3, 3, 9))}}}, layout)
 
 
+def test_host_registry_grows_hosts_per_skeleton():
+    wide = _spec(8, ((4, 16, 4, 8),))
+    narrow, wider_inside = _spec(8, ((2, 8, 4, 8),)), _spec(8, ((6, 8, 4, 8),))
+    hosts = sw.HostRegistry(seeds=[wide])
+    assert hosts.host_for(narrow) == wide  # the seed dominates it
+    assert hosts.host_for(wider_inside) == _spec(8, ((6, 16, 4, 8),))  # grown: the max
+    assert hosts.host_for(narrow) == _spec(8, ((6, 16, 4, 8),))
+    other = _spec(8, ((2, 8, 4, 8),), kernel=5)
+    assert hosts.host_for(other) == other  # another skeleton: its own host
+    assert hosts.host_for(dataclasses.replace(other, head=HeadSpec(dropout=0.1))) is None
+
+
 # -- candidate training and the search on shared executables ------------------------------
 
 SEARCH_EXPERIMENT = """\
@@ -297,8 +309,8 @@ def test_candidates_share_one_compile_and_checkpoint_their_own_network(shared_ro
     prototype = _spec(8, (((4, 16, 4, 12), (4, 12, 4, 12)),), connectivity="dense")
     experiment = load_experiment(_experiment(shared_root, "dense", prototype))
     evaluator = TrainingEvaluator.from_experiment(experiment)
-    assert evaluator.hosts is not None
     prototype = load_prototype(experiment)
+    assert evaluator.hosts.host_for(prototype) == prototype  # seeded with it
     narrower = [
         _spec(6, (((4, 8, 4, 8), (2, 12, 4, 8)),), connectivity="dense"),
         _spec(4, (((2, 16, 4, 4), (4, 4, 2, 4)),), connectivity="dense"),

@@ -170,7 +170,9 @@ class TrainingEvaluator:
         Python (pickled into a spawned worker process, no file read there)."""
         evaluator = cls(experiment.training)
         if experiment.search.executables == "shared":
-            evaluator.hosts = HostRegistry()
+            # Seeded with the prototype: candidates around it mostly fit inside its widths,
+            # so its skeleton does not recompile each time one is a little wider somewhere.
+            evaluator.hosts = HostRegistry(seeds=[load_prototype(experiment)])
         return evaluator
 
     @classmethod

@@ -1,0 +1,255 @@
+"""What a shared executable costs and saves: compile time and step time, padded vs narrow.
+
+A candidate of the quickstart search (the prototype `experiments/quickstart_prototype.json`,
+64 px, batch 16, every width scaled by `--narrow`) trains either on its own executable or,
+width-masked (`covidnet_jax.shared_widths`), on a host network's: the prototype itself (what a
+shrinking search starts from) and the prototype scaled by 1.5 (the largest widths of the
+quickstart space). For each it reports the train- and eval-step compile times and the train
+step time, and their ratios to the narrow candidate's own executable measured in the same
+run (step times interleaved, median of `--repeats` windows, so a loaded machine slows both
+alike). The analytic FLOPs ratio (`cost.count_cost`) is printed beside the measured one.
+
+With `--search SECONDS` it then runs the quickstart search twice as a worker (no finish,
+one process, `search.budget.max_wall_time_s` = SECONDS), with `search.executables` `exact`
+and then `shared`, on data prepared beforehand for every resolution, and reports for each:
+candidate-rungs trained, compiles, compile seconds and their share of candidate compute.
+
+    python bench/shared_executables.py
+    python bench/shared_executables.py --narrow 0.5 --steps 20 --repeats 5 --json out.json
+    python bench/shared_executables.py --search 180 --search-dir /tmp/shared_bench
+
+Results are recorded in bench/README.md ("Shared executables").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import numpy as np
+from flax import nnx
+
+from covidnet_jax import parallel, presets
+from covidnet_jax import shared_widths as sw
+from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
+from covidnet_jax.cost import count_cost
+from covidnet_jax.models import build_model
+from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+
+PROTOTYPE = "experiments/quickstart_prototype.json"
+
+
+def scale_widths(spec: ArchSpec, factor: float) -> ArchSpec:
+    """Every width times `factor`, rounded to a multiple of 4 (at least 4), as the space does."""
+
+    def w(value: int) -> int:
+        return max(4, round(value * factor / 4) * 4)
+
+    return dataclasses.replace(
+        spec,
+        stem=dataclasses.replace(spec.stem, channels=w(spec.stem.channels)),
+        stages=tuple(
+            StageSpec(
+                s.stride,
+                tuple(
+                    ModuleSpec(w(m.proj1), w(m.expand), w(m.proj2), w(m.out), m.kernel_size)
+                    for m in s.modules
+                ),
+            )
+            for s in spec.stages
+        ),
+    )
+
+
+class Runner:
+    """One executable (narrow or host) and a train state of the narrow candidate on it."""
+
+    def __init__(self, name, narrow, host, mesh, batch, hyper, eval_batch):
+        self.name, self.batch, self.hyper = name, batch, hyper
+        narrow_model = build_model(narrow, rngs=nnx.Rngs(0))
+        if host is None:
+            model, key = narrow_model, ("bench-narrow", narrow)
+        else:
+            layout = sw.width_layout(narrow, host)
+            model = sw.build_host_model(host, layout.skeleton, rngs=nnx.Rngs(0))
+            key = ("bench-host", layout.skeleton.key, host)
+        self.fns = StepFunctions.for_model(model, key=key, settings=StepSettings(), mesh=mesh)
+        state = StepFunctions.for_model(
+            narrow_model, key=("bench-narrow", narrow), settings=StepSettings(), mesh=mesh
+        ).init_state(narrow_model)
+        if host is not None:
+            state = sw.embed_train_state(state, layout)
+        self.state = jax.device_put(state, parallel.replicated(mesh))
+        self.flops = count_cost(narrow if host is None else host).flops
+        self.train, self.train_compile_s = self.fns.compile_train(self.state, batch, hyper)
+        _, self.eval_compile_s = self.fns.compile_eval(
+            self.state.params, self.state.model_state, eval_batch
+        )
+        self.windows: list[float] = []
+
+    def time_window(self, steps: int) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, _ = self.train(self.state, self.batch, self.hyper)
+        jax.block_until_ready(self.state.step)
+        self.windows.append((time.perf_counter() - start) / steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--narrow", type=float, default=0.5, help="candidate width factor")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20, help="steps per timing window")
+    parser.add_argument("--repeats", type=int, default=5, help="timing windows per executable")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--search", type=float, default=0, help="search wall seconds (0: skip)")
+    parser.add_argument("--search-dir", type=Path, default=Path("runs/shared_executables_bench"))
+    args = parser.parse_args()
+
+    prototype = presets.load_spec(PROTOTYPE)
+    narrow = scale_widths(prototype, args.narrow)
+    hosts = {
+        "host = prototype (1.0x)": prototype,
+        "host = space max (1.5x)": scale_widths(prototype, 1.5),
+    }
+    mesh = parallel.make_mesh()
+    rng = np.random.default_rng(0)
+    size = prototype.input_size
+    batch = parallel.shard_batch(
+        {
+            "image": rng.random((args.batch, size, size, 3), dtype=np.float32),
+            "label": rng.integers(0, 3, args.batch).astype(np.int32),
+        },
+        mesh,
+    )
+    eval_batch = parallel.shard_batch(
+        {
+            "image": np.zeros((args.batch, size, size, 3), np.float32),
+            "label": np.zeros(args.batch, np.int32),
+            "mask": np.ones(args.batch, bool),
+        },
+        mesh,
+    )
+    hyper = jax.device_put(
+        Hyper.create(learning_rate=3e-3, weight_decay=0.0, class_weights=np.ones(3), seed=0),
+        parallel.replicated(mesh),
+    )
+    # A throwaway compile first: the first one in a process pays one-time costs.
+    Runner("warm-up", scale_widths(prototype, 0.25), None, mesh, batch, hyper, eval_batch)
+    runners = [
+        Runner(f"narrow ({args.narrow}x) exact", narrow, None, mesh, batch, hyper, eval_batch)
+    ]
+    runners += [Runner(n, narrow, h, mesh, batch, hyper, eval_batch) for n, h in hosts.items()]
+    for runner in runners:
+        runner.time_window(2)  # warm the executable
+        runner.windows.clear()
+    for _ in range(args.repeats):  # interleaved, so load changes hit all alike
+        for runner in runners:
+            runner.time_window(args.steps)
+
+    base = runners[0]
+    base_step = statistics.median(base.windows)
+    print(
+        f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"batch {args.batch} x {size} px, narrow {narrow.summary()}"
+    )
+    columns = ("train compile s", "eval compile s", "step ms", "step ratio", "FLOPs ratio")
+    header = f"{'executable':28s} " + " ".join(f"{c:>15s}" for c in columns)
+    print(header)
+    rows = []
+    for r in runners:
+        step = statistics.median(r.windows)
+        row = {
+            "executable": r.name,
+            "train_compile_s": round(r.train_compile_s, 2),
+            "eval_compile_s": round(r.eval_compile_s, 2),
+            "step_ms": round(step * 1e3, 2),
+            "step_ratio": round(step / base_step, 2),
+            "flops_ratio": round(r.flops / base.flops, 2),
+        }
+        rows.append(row)
+        values = [v for k, v in row.items() if k != "executable"]
+        print(f"{r.name:28s} " + " ".join(f"{v:15.2f}" for v in values))
+    searches = compare_searches(args.search, args.search_dir) if args.search else []
+    if args.json:
+        plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"rows": rows, "searches": searches, "args": plain_args}))
+
+
+EXPERIMENT = "experiments/quickstart.yaml"
+
+
+def compare_searches(seconds: float, root: Path) -> list[dict]:
+    """Runs the quickstart search as a worker with each `search.executables` setting."""
+    from covidnet_jax.data import load_data
+    from search.execution.training import load_experiment  # the bench may see everything
+
+    experiment = load_experiment(EXPERIMENT)
+    for resolution in experiment.search.space.resolutions:  # data caches outside the budget
+        config = dataclasses.replace(experiment.training.data, resolution=resolution)
+        load_data(config, seed=experiment.training.seed)
+    results = []
+    print(f"\nquickstart search as one worker, {seconds:g} s of proposing, no finish")
+    print(f"{'executables':12s} {'rungs':>6s} {'designs':>8s} {'compiles':>9s} "
+          f"{'compile s':>10s} {'train+eval s':>13s} {'compile share':>14s} {'wall s':>7s}")  # fmt: skip
+    for mode in ("exact", "shared"):
+        workdir = root / mode
+        shutil.rmtree(workdir, ignore_errors=True)
+        command = [
+            sys.executable, "-m", "search.cli", "search", "--config", EXPERIMENT,
+            "--workdir", str(workdir), "--worker", "--workers", "1", "--no-live",
+            "--set", f"search.budget.max_wall_time_s={seconds}",
+            "--set", f"search.executables={mode}",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        wall = time.perf_counter() - start
+        row = {"executables": mode, "wall_s": round(wall, 1), **summarize_trials(workdir)}
+        results.append(row)
+        print(
+            f"{mode:12s} {row['rungs']:6d} {row['designs']:8d} {row['compiles']:9d} "
+            f"{row['compile_s']:10.1f} {row['train_eval_s']:13.1f} "
+            f"{row['compile_share']:14.2f} {wall:7.1f}"
+        )
+    return results
+
+
+def summarize_trials(workdir: Path) -> dict:
+    """Counts over every trial run's metrics.jsonl: rung runs, compiles and their seconds."""
+    rungs = designs = compiles = 0
+    compile_s = train_eval_s = 0.0
+    for log in sorted(workdir.glob("trials/*/metrics.jsonl")):
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        ends = [e for e in events if e["event"] == "end"]
+        designs += bool(ends)
+        rungs += len(ends)
+        for e in events:
+            if e["event"] == "compile":
+                seconds = e["train_step_s"] + e["eval_step_s"]
+                compiles += seconds > 0
+                compile_s += seconds
+        train_eval_s += sum(e["train_s"] + e["eval_s"] for e in ends)
+    return {
+        "rungs": rungs,
+        "designs": designs,
+        "compiles": compiles,
+        "compile_s": round(compile_s, 1),
+        "train_eval_s": round(train_eval_s, 1),
+        "compile_share": round(compile_s / max(compile_s + train_eval_s, 1e-9), 3),
+    }
+
+
+if __name__ == "__main__":
+    main()
