@@ -37,6 +37,10 @@ compare/export read them through `TrialRecord.from_trial` or straight from the s
 Trial values are the objective (min_macs: MACs; max_netscore: NetScore; pareto: validation
 accuracy and MACs) and the violations are set as Optuna constraints.
 
+A running trial's system attribute `search:progress` (`TrialRecord.progress_attrs`, written by
+the worker's heartbeat thread at most once per heartbeat interval) says where its training is:
+{"rung", "phase": "compiling" | "training" | "evaluating", "step", "of"}.
+
 The study's system attribute `search:gene_choices` holds every gene's readable choices in index
 order (`gene_choices_attrs`), so a viewer can show a parameter's value and its range without
 the search space (`covidnet dashboard`).
@@ -60,6 +64,7 @@ from search.ledger.requirements import COST_NAMES, Cost, is_feasible
 
 DESIGN_PREFIX = "design."
 GENE_CHOICES_ATTR = "search:gene_choices"
+PROGRESS_ATTR = "search:progress"
 
 Genome = dict[str, int]
 """A point of the search space: gene name -> index (Optuna's parameters of a trial)."""
@@ -191,6 +196,32 @@ class RungResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrialProgress:
+    """Where a running trial's training is (its worker publishes it with the heartbeat).
+
+    Attributes:
+        rung: the fidelity rung being trained (-1 for the final training).
+        phase: "loading", "compiling", "training" or "evaluating" (validation).
+        step: the last step trained.
+        total: the rung's step budget.
+    """
+
+    rung: int
+    phase: str
+    step: int
+    total: int
+
+    def describe(self) -> str:
+        """A few words for people, e.g. "r0 step 120/400" or "r1 compiling"."""
+        rung = "" if self.rung < 0 else f"r{self.rung} "
+        if self.phase == "training":
+            return f"{rung}step {self.step}/{self.total}"
+        if self.phase == "evaluating":
+            return f"{rung}validating at {self.step}/{self.total}"
+        return f"{rung}{self.phase}"
+
+
+@dataclasses.dataclass(frozen=True)
 class TrialRecord:
     """One candidate as recorded in the trial store (see the module docstring).
 
@@ -204,6 +235,8 @@ class TrialRecord:
         heartbeat: epoch seconds of the last heartbeat (None when none).
         started: epoch seconds the trial started (None while waiting).
         completed: epoch seconds it finished (None while running).
+        progress: where its training was at the worker's last heartbeat (None before any;
+            kept after the end, so read it for running trials).
     """
 
     number: int
@@ -215,6 +248,7 @@ class TrialRecord:
     heartbeat: float | None
     started: float | None = None
     completed: float | None = None
+    progress: TrialProgress | None = None
 
     @classmethod
     def of_running(cls, trial: optuna.Trial) -> TrialRecord:
@@ -253,6 +287,7 @@ class TrialRecord:
             completed=(
                 None if trial.datetime_complete is None else trial.datetime_complete.timestamp()
             ),
+            progress=_read_progress(trial.system_attrs.get(PROGRESS_ATTR)),
         )
 
     # Reading: typed views of the attributes ----------------------------------------------
@@ -423,6 +458,18 @@ class TrialRecord:
         return {**attrs, "reason": reason, "status": status}
 
     @staticmethod
+    def progress_attrs(progress: TrialProgress) -> dict[str, Any]:
+        """The system attribute publishing a running trial's progress."""
+        return {
+            PROGRESS_ATTR: {
+                "rung": progress.rung,
+                "phase": progress.phase,
+                "step": progress.step,
+                "of": progress.total,
+            }
+        }
+
+    @staticmethod
     def rung_attrs(result: RungResult) -> dict[str, Any]:
         """The attribute of one completed rung."""
         return {f"rung.{result.rung}": result.to_attr()}
@@ -482,6 +529,19 @@ class TrialRecord:
             "losses": losses,
             "failures": failures,
         }
+
+
+def _read_progress(value: Any) -> TrialProgress | None:
+    # A viewer must not fail on a record another version wrote: unreadable is unknown.
+    try:
+        return TrialProgress(
+            rung=int(value["rung"]),
+            phase=str(value["phase"]),
+            step=int(value["step"]),
+            total=int(value["of"]),
+        )
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
