@@ -15,6 +15,12 @@ step s, the dropout masks and the learning-rate scale depend only on (seed, s) a
 checkpoint, so an interrupted and resumed run ends with the same parameters as an
 uninterrupted one. A larger budget continues a finished run (successive halving).
 
+On a terminal (`show_progress` and stderr a tty) a status line says what runs before the
+first step (loading data, building or restoring the model, compiling) and a bar shows the
+steps with training loss/accuracy, images/s and the latest validation metrics. A caller (the
+search) follows the same phases through `on_progress`, called at phase changes and log steps
+only (never per step: the host does not wait on the device between log steps).
+
 It is meant to be called many times in one process (a search): data is loaded once per
 data config, the jitted steps are shared per (spec hash, settings, devices) and compiled
 once per batch shape, and compilation is timed apart from training.
@@ -33,9 +39,11 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +66,12 @@ from covidnet_jax.typed_yaml import to_dict
 log = logging.getLogger(__name__)
 
 FailureKind = Literal["non_finite", "out_of_memory", "compile_error"]
+
+Phase = Literal["loading", "compiling", "training", "evaluating"]
+ProgressCallback = Callable[[Phase, int, int], None]
+"""`on_progress(phase, step, total)`: "loading" (data; step and total 0, not yet known),
+"compiling" (step = the step training starts from), "training" (step = steps done, at log
+steps), "evaluating" (a validation at `step`); `total` is the run's step budget."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +164,7 @@ def train_and_evaluate(
     data: Data | None = None,
     show_progress: bool = True,
     host: AnySpec | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> TrainResult | TrainFailure:
     """Trains one design, evaluating on validation and checkpointing; resumes if possible.
 
@@ -161,11 +176,14 @@ def train_and_evaluate(
             statistics whose paths and shapes match are copied from its best checkpoint
             into a fresh run (weight inheritance); ignored when resuming.
         data: an already loaded data set for `config.data` (else it is loaded).
-        show_progress: show a progress bar with loss, accuracy and images/s.
+        show_progress: show a progress bar (loss, accuracy, images/s, validation metrics)
+            and, when stderr is a terminal, a status line while data loads and steps compile.
         host: train on the width-masked executable of this dominating design
             (`covidnet_jax.shared_widths`; fitted to the data like `spec`): exactly the
             same training, and one compiled step for every design the host dominates.
             Checkpoints hold `spec`'s own network.
+        on_progress: called with each phase change and at log steps (`ProgressCallback`);
+            it runs on the training thread, so it must return quickly.
 
     Returns:
         `TrainResult`, or `TrainFailure` for a non-finite loss, out-of-memory or a compile
@@ -176,10 +194,27 @@ def train_and_evaluate(
         CheckpointError: the workdir holds checkpoints of a different design, or
             `init_from` has none.
     """
-    workdir = Path(workdir)
+    with _Phases(on_progress, sys.stderr if show_progress else None) as phases:
+        return _train_and_evaluate(
+            config, Path(workdir), spec, init_from, data, show_progress, host, phases
+        )
+
+
+def _train_and_evaluate(
+    config: TrainConfig,
+    workdir: Path,
+    spec: AnySpec | None,
+    init_from: str | Path | None,
+    data: Data | None,
+    show_progress: bool,
+    host: AnySpec | None,
+    phases: _Phases,
+) -> TrainResult | TrainFailure:
     workdir.mkdir(parents=True, exist_ok=True)
     _enable_compilation_cache(Path(config.compile_cache_dir or workdir / "compile_cache"))
-    data = load_data(config.data, seed=config.seed) if data is None else data
+    if data is None:
+        phases.report("loading", 0, 0, f"loading data ({config.data.resolution} px)")
+        data = load_data(config.data, seed=config.seed)
     spec = resolve_spec(config, data, spec)
     if host is not None:
         host = resolve_spec(config, data, host)
@@ -195,7 +230,9 @@ def train_and_evaluate(
     parallel.check_batch_size(eval_batch_size, mesh, key="train.eval_batch_size")
     total_steps = _total_steps(config, data)
 
-    run = _Run(config, workdir, spec, data, mesh, total_steps, eval_batch_size, show_progress, host)
+    run = _Run(
+        config, workdir, spec, data, mesh, total_steps, eval_batch_size, show_progress, host, phases
+    )
     try:
         return run.execute(init_from)
     except _Failure as failure:
@@ -276,6 +313,7 @@ class _Run:
         eval_batch_size: int,
         show_progress: bool,
         host: AnySpec | None = None,
+        phases: _Phases | None = None,
     ) -> None:
         self.config, self.workdir, self.spec, self.data = config, workdir, spec, data
         self.host = host  # see train_and_evaluate
@@ -298,6 +336,8 @@ class _Run:
         self._layout: shared_widths.WidthLayout | None = None
         self.compile_s = self.train_s = self.eval_s = 0.0
         self.images = 0
+        self.phases = phases if phases is not None else _Phases(None, None)
+        self._postfix: dict[str, str] = {}
         self._log_file = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
 
     def close(self) -> None:
@@ -314,6 +354,7 @@ class _Run:
 
     def execute(self, init_from: str | Path | None) -> TrainResult:
         dtype = jnp.bfloat16 if self.config.model.compute_dtype == "bfloat16" else jnp.float32
+        self.phases.status("building the model")
         try:
             model = build_model(self.spec, rngs=nnx.Rngs(self.config.seed), dtype=dtype)
         except jax.errors.JaxRuntimeError as err:
@@ -344,6 +385,7 @@ class _Run:
         )
         if start < self.total_steps:
             state = self._train(fns, state, start)
+        self.phases.status("saving the last checkpoint")
         self.checkpoints.wait()
         best_step = self.checkpoints.selected_step()
         saved = self.checkpoints.metrics(best_step) if best_step is not None else None
@@ -385,6 +427,7 @@ class _Run:
         latest = self.checkpoints.latest_step()
         if latest is None:
             return fns.init_state(model), None
+        self.phases.status(f"restoring the checkpoint of step {latest}")
         meta = self.checkpoints.read_metadata(latest)
         if meta.get("spec_hash") != self.spec_hash:
             raise CheckpointError(
@@ -455,10 +498,15 @@ class _Run:
             parallel.replicated(self.mesh),
         )
         state = state.replace(lr_scale=self._lr_scale_array())
+        self.phases.report(
+            "compiling", start, self.total_steps, "compiling the train and validation steps"
+        )
         batches = self.data.train_batches(loop.batch_size, seed=config.seed, start_step=start)
         first = parallel.shard_batch(next(batches), self.mesh)
         train_step = self._compile(fns, state, first, hyper)
 
+        self.phases.report("training", start, self.total_steps)
+        self.phases.clear()  # the bar takes over
         progress = _progress(self.total_steps, start, self.show_progress)
         pending: list[dict[str, jax.Array]] = []
         window_start, window_images = time.perf_counter(), 0
@@ -479,8 +527,15 @@ class _Run:
                     self.images += window_images
                     self._log_train(done, pending, window_images / max(elapsed, 1e-9), progress)
                     pending = []
+                    self.phases.report("training", done, self.total_steps)
                     if done % loop.eval_every == 0 or is_last:
+                        self.phases.report("evaluating", done, self.total_steps)
+                        progress.set_description("validate")
                         state = self._validate_and_save(fns, state, done)
+                        progress.set_description("train")
+                        progress.set_postfix(self._postfix)
+                        if not is_last:
+                            self.phases.report("training", done, self.total_steps)
                     window_start, window_images = time.perf_counter(), 0
         except jax.errors.JaxRuntimeError as err:
             raise _Failure(*_classify_runtime_error(err), int(jax.device_get(state.step))) from None
@@ -559,7 +614,8 @@ class _Run:
             images_per_s=round(images_per_s, 1),
         )
         progress.update(len(host))
-        progress.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", img_s=f"{images_per_s:.0f}")
+        self._postfix.update(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", img_s=f"{images_per_s:.0f}")
+        progress.set_postfix(self._postfix)
 
     def _validate_and_save(self, fns: StepFunctions, state: TrainState, step: int) -> TrainState:
         start = time.perf_counter()
@@ -586,6 +642,7 @@ class _Run:
         )
         self.eval_s += time.perf_counter() - start
         selection = metrics.selection_value(self.config.train.selection_metric)
+        self._show_validation(metrics, selection)
         self.log_event(
             "validation",
             step=step,
@@ -615,6 +672,16 @@ class _Run:
             self.log_event("checkpoint", step=step)
         return state
 
+    def _show_validation(self, metrics: EvalMetrics, selection: float) -> None:
+        """The bar's validation fields: loss and accuracy, and the selection metric when it
+        is another one."""
+        if metrics.loss is not None:
+            self._postfix["val_loss"] = f"{metrics.loss:.4f}"
+        self._postfix["val_acc"] = f"{metrics.accuracy:.3f}"
+        name = self.config.train.selection_metric
+        if name != "accuracy":
+            self._postfix[f"val_{name}"] = f"{selection:.3f}"
+
     def _lr_scale_array(self) -> jax.Array:
         return jax.device_put(jnp.float32(self.plateau.lr_scale), parallel.replicated(self.mesh))
 
@@ -642,12 +709,70 @@ def _classify_runtime_error(err: Exception) -> tuple[FailureKind, str]:
     return "compile_error", f"XLA error: {first[:300]}"
 
 
+class _Phases:
+    """Where a run is: the caller's `on_progress`, and on a terminal a status line (a spinner
+    and a few words) while no bar shows. A context: leaving it clears the line.
+
+    Args:
+        on_progress: the caller's callback (None: none).
+        stream: where the status line goes; shown only when it is a terminal (logs and
+            captured output stay clean).
+    """
+
+    def __init__(self, on_progress: ProgressCallback | None, stream: TextIO | None) -> None:
+        self._on_progress = on_progress
+        self._console = None
+        self._live: Any = None
+        self._spinner: Any = None
+        if stream is not None and stream.isatty():
+            from rich.console import Console
+
+            self._console = Console(file=stream, force_terminal=True, highlight=False)
+
+    def __enter__(self) -> _Phases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def report(self, phase: Phase, step: int, total: int, text: str = "") -> None:
+        """A phase change or log step: to the callback, and `text` to the status line."""
+        if self._on_progress is not None:
+            self._on_progress(phase, step, total)
+        if text:
+            self.status(text)
+
+    def status(self, text: str) -> None:
+        """Shows `text` on the status line at once (on a terminal)."""
+        if self._console is None:
+            return
+        if self._live is None:
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", text=f"{text}...", style="green")
+            self._live = Live(self._spinner, console=self._console, transient=True)
+            self._live.start(refresh=True)
+        else:
+            self._spinner.update(text=f"{text}...")
+            self._live.refresh()
+
+    def clear(self) -> None:
+        """Removes the status line (before the bar draws, and at the end)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = self._spinner = None
+
+
 class _NoProgress:
     def update(self, n: int) -> None:
         del n
 
-    def set_postfix(self, **values: str) -> None:
+    def set_postfix(self, values: dict[str, str]) -> None:
         del values
+
+    def set_description(self, text: str) -> None:
+        del text
 
     def close(self) -> None:
         pass

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 _TRAIN_EPILOG = """\
@@ -38,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="copy matching parameters from another run's best checkpoint (fresh runs only)",
     )
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument(
+        "--no-progress", action="store_true", help="hide the status line and the progress bar"
+    )
     train.set_defaults(func=_run_train)
 
     evaluate = subparsers.add_parser(
@@ -121,14 +125,30 @@ def _add_set(parser: argparse.ArgumentParser, what: str = "the config") -> None:
     )
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from covidnet_jax.config import load_train_config
-    from covidnet_jax.disk import ensure_writable
-    from covidnet_jax.train import train_and_evaluate
+@contextlib.contextmanager
+def _starting(show: bool) -> Iterator[None]:
+    """A status line while the command starts (importing JAX takes seconds), on a terminal
+    only; `train_and_evaluate` shows its own from there on."""
+    if not show or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
 
-    config = load_train_config(args.config, args.overrides)
-    workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config).stem
-    ensure_writable(workdir, "--workdir", create=False)  # fails now, not at the first save
+    with Console(stderr=True, highlight=False).status(
+        "starting (importing JAX)...", spinner="dots"
+    ):
+        yield
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    with _starting(show=not args.no_progress):
+        from covidnet_jax.config import load_train_config
+        from covidnet_jax.disk import ensure_writable
+        from covidnet_jax.train import train_and_evaluate
+
+        config = load_train_config(args.config, args.overrides)
+        workdir = Path(args.workdir) if args.workdir else Path("runs") / Path(args.config).stem
+        ensure_writable(workdir, "--workdir", create=False)  # fails now, not at the first save
     result = train_and_evaluate(
         config, workdir, init_from=args.init_from, show_progress=not args.no_progress
     )

@@ -10,6 +10,7 @@ tests pass cheap fakes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -34,6 +35,9 @@ class EvalRequest:
             experiment's; None keeps it.
         validation_draw: which patient-disjoint validation split judges the run (0: the
             search's own; see `covidnet_jax.data.DataConfig.validation_draw`).
+        on_progress: where an evaluator may report its progress, `(phase, step, total)` as
+            `covidnet_jax.train.ProgressCallback` (the runner publishes it in the trial);
+            None: nobody listens.
     """
 
     spec: AnySpec
@@ -43,6 +47,9 @@ class EvalRequest:
     rung: int
     seed: int | None = None
     validation_draw: int = 0
+    on_progress: Callable[[str, int, int], None] | None = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)

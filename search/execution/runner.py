@@ -54,6 +54,7 @@ from search.ledger.records import (
     Candidate,
     Proposal,
     RungResult,
+    TrialProgress,
     TrialRecord,
     gene_choices_attrs,
 )
@@ -181,6 +182,7 @@ class Worker:
         self.genes = tuple(gene.name for gene in self.space.genes)
         self.storage = store.open_storage(self.workdir, job.storage_url)
         self._trial_id = -1  # the storage's id of the trial being run
+        self._progress = _PublishedProgress()
         self.study = store.open_study(
             self.storage, job.study_name, self.settings.objective, self.sampler
         )
@@ -269,7 +271,13 @@ class Worker:
                 return
         _write(trial, TrialRecord.running_attrs(store.worker_id()))
         self._trial_id = store.trial_id(self.storage, self.study, trial.number)
-        with store.heartbeat(self.storage, self._trial_id, self.settings.heartbeat.interval_s):
+        self._progress = _PublishedProgress()
+        with store.heartbeat(
+            self.storage,
+            self._trial_id,
+            self.settings.heartbeat.interval_s,
+            attrs=self._progress.unpublished,
+        ):
             try:
                 self._evaluate(trial)
             except Exception as err:
@@ -337,6 +345,7 @@ class Worker:
                 workdir=trial_dir,
                 init_from=init_from if rung == 0 else None,
                 rung=rung,
+                on_progress=self._progress.reporter(rung),
             )
             outcome = self._call_evaluator(request)
             if isinstance(outcome, EvalFailure):
@@ -551,6 +560,33 @@ def _costed_once(cost_model: CostModel) -> CostModel:
     return cost
 
 
+class _PublishedProgress:
+    """The running trial's progress: the evaluator reports it as often as it likes (on its
+    training thread); the heartbeat thread publishes the latest, only when it changed, so
+    the trial store sees one write per heartbeat interval at most."""
+
+    def __init__(self) -> None:
+        # One reference swapped whole on each side: no lock needed.
+        self._latest: TrialProgress | None = None
+        self._published: TrialProgress | None = None
+
+    def reporter(self, rung: int) -> Callable[[str, int, int], None]:
+        """The `EvalRequest.on_progress` of one rung."""
+
+        def report(phase: str, step: int, total: int) -> None:
+            self._latest = TrialProgress(rung=rung, phase=phase, step=step, total=total)
+
+        return report
+
+    def unpublished(self) -> dict[str, Any]:
+        """The attribute to write now (empty when nothing changed since the last write)."""
+        latest = self._latest
+        if latest is None or latest == self._published:
+            return {}
+        self._published = latest
+        return TrialRecord.progress_attrs(latest)
+
+
 def _write(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     """Stores attributes built by the ledger (`TrialRecord.*_attrs`, `Candidate.to_attrs`)."""
     for key, value in attrs.items():
@@ -716,6 +752,7 @@ def run_search(
             records,
             job.settings.budget,
             console,
+            objective=job.settings.objective,
             lines=lines,
             spent_s=max(0.0, job.settings.budget.max_wall_time_s - (job.deadline - time.time())),
         )

@@ -210,6 +210,7 @@ class TrainingEvaluator:
             data=self.data(request.spec.input_size, request.validation_draw),
             show_progress=False,
             host=None if self.hosts is None else self.hosts.host_for(request.spec),
+            on_progress=request.on_progress,
         )
         if isinstance(result, TrainFailure):
             return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +277,20 @@ def _every(interval_s: float, tick: Callable[[], bool], *, name: str) -> Iterato
 
 
 @contextlib.contextmanager
-def heartbeat(storage: BaseStorage, trial_id: int, interval_s: float) -> Iterator[None]:
-    """Records a heartbeat for `trial_id` every `interval_s` seconds while the block runs."""
+def heartbeat(
+    storage: BaseStorage,
+    trial_id: int,
+    interval_s: float,
+    attrs: Callable[[], Mapping[str, Any]] | None = None,
+) -> Iterator[None]:
+    """Records a heartbeat for `trial_id` every `interval_s` seconds while the block runs,
+    with the system attributes `attrs()` returns then (the trial's progress: written at the
+    heartbeat's pace, however often the trial reports it)."""
 
     def beat() -> bool:
         try:
+            for key, value in (attrs() if attrs is not None else {}).items():
+                storage.set_trial_system_attr(trial_id, key, value)
             storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
         except (UpdateFinishedTrialError, RuntimeError):
             return False  # the trial ended (or was declared lost by another worker)
