@@ -1,8 +1,10 @@
 """Self-contained HTML reports: tables and PNG figures in one file that works offline.
 
 Images are embedded as base64 `data:` URIs and the style sheet is inline, so the file can be
-mailed, archived or opened without a network or a server. Every text is HTML-escaped; there
-is no script.
+mailed, archived or opened without a network or a server. Every text is HTML-escaped. The
+only script is a few inline lines that sort a `Table(sortable=True)` when its column heading
+is clicked (numbers by their raw value, kept in each cell's `data-sort`); without script the
+table reads in the order it was written.
 
 Example:
     >>> html = render_html(
@@ -21,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Figure", "Paragraph", "Section", "Table", "png_data_uri", "render_html"]
+__all__ = ["Cell", "Figure", "Paragraph", "Section", "Table", "png_data_uri", "render_html"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLUMN_STYLES = ("number", "wrap")
@@ -48,7 +50,66 @@ figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figure { max-width: 1400px; }
 figcaption { color: #57606a; font-size: 0.85rem; }
 div.scroll { overflow-x: auto; }
+table.sortable th { cursor: pointer; user-select: none; }
+table.sortable th::after { content: " \\2195"; color: #8c959f; font-size: 0.8em; }
+table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; color: #1b1f24; }
+table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; color: #1b1f24; }
 """
+
+# Sorts a table.sortable by the clicked column: cells compare by data-sort (numbers
+# numerically), empty values last in either direction, ties in the original row order;
+# a second click reverses. No library, so the page works offline.
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var body = table.tBodies[0], heads = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(body.rows, function (row, i) { row.dataset.order = i; });
+  function key(row, col) {
+    var cell = row.cells[col];
+    var raw = cell.hasAttribute("data-sort") ? cell.dataset.sort : cell.textContent.trim();
+    if (raw === "") { return null; }
+    var number = Number(raw);
+    return isNaN(number) ? raw.toLowerCase() : number;
+  }
+  function sortBy(col, th) {
+    var up = th.getAttribute("aria-sort") !== "ascending";
+    Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", up ? "ascending" : "descending");
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = key(a, col), y = key(b, col);
+      if (x === null || y === null) {
+        if (x === y) { return a.dataset.order - b.dataset.order; }
+        return x === null ? 1 : -1;
+      }
+      if (typeof x !== typeof y) { x = String(x); y = String(y); }
+      var order = x < y ? -1 : x > y ? 1 : 0;
+      return (up ? order : -order) || a.dataset.order - b.dataset.order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  }
+  Array.prototype.forEach.call(heads, function (th, col) {
+    th.tabIndex = 0;
+    th.title = "sort by " + th.textContent;
+    th.addEventListener("click", function () { sortBy(col, th); });
+    th.addEventListener("keydown", function (e) {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(col, th); }
+    });
+  });
+});
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A table cell shown as `text` and sorted by `sort` (e.g. "1.2M" sorted as 1200000).
+
+    Attributes:
+        text: what the cell shows.
+        sort: the raw value a sortable table orders by (None: sorts last).
+    """
+
+    text: str
+    sort: float | str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +125,8 @@ class Table:
         column_styles: column heading -> "number" (text already formatted as a number:
             right-aligned, digits lined up) or "wrap" (prose such as a reason: left-aligned,
             wrapped instead of widening the table).
+        sortable: clicking a heading sorts the rows by that column (ints, floats and
+            `Cell.sort` values as numbers); the rows start in the order given.
     """
 
     columns: Sequence[str]
@@ -72,6 +135,7 @@ class Table:
     dim_rows: frozenset[int] = frozenset()
     table_id: str = ""
     column_styles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    sortable: bool = False
 
     def __post_init__(self) -> None:
         for column, style in self.column_styles.items():
@@ -128,8 +192,26 @@ def png_data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _sort_attr(value: Any) -> str:
+    """The `data-sort` attribute of a sortable table's cell ("" for text, which sorts by
+    what it shows)."""
+    if isinstance(value, Cell):
+        value = value.sort
+        if value is None:
+            return ' data-sort=""'
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ' data-sort=""'
+    if isinstance(value, int | float):
+        return f' data-sort="{value!r}"'
+    return f' data-sort="{html.escape(str(value))}"' if isinstance(value, str) else ""
+
+
 def _cell(value: Any) -> tuple[str, bool]:
     """(escaped text, is_text) of one table cell."""
+    if isinstance(value, Cell):
+        return html.escape(value.text), not isinstance(value.sort, int | float)
     if value is None:
         return "", False
     if isinstance(value, bool):
@@ -145,6 +227,7 @@ def _cell(value: Any) -> tuple[str, bool]:
 
 def _render_table(table: Table) -> str:
     id_attr = f' id="{html.escape(table.table_id)}"' if table.table_id else ""
+    id_attr += ' class="sortable"' if table.sortable else ""
     parts = ['<div class="scroll">', f"<table{id_attr}>"]
     if table.title:
         parts.append(f"<caption>{html.escape(table.title)}</caption>")
@@ -157,7 +240,9 @@ def _render_table(table: Table) -> str:
         for value, style in zip(row, styles, strict=True):
             text, is_text = _cell(value)
             css = style or ("text" if is_text else "")
-            parts.append(f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>")
+            sort = _sort_attr(value) if table.sortable else ""
+            class_attr = f' class="{css}"' if css else ""
+            parts.append(f"<td{class_attr}{sort}>{text}</td>")
         parts.append("</tr>")
     parts.append("</tbody></table></div>")
     return "".join(parts)
@@ -188,7 +273,8 @@ def render_html(title: str, sections: Sequence[Section], *, subtitle: str = "") 
         subtitle: an optional line under the heading.
 
     Returns:
-        The HTML text (UTF-8, no external resources, no script).
+        The HTML text (UTF-8, no external resources; inline script only to sort sortable
+        tables).
     """
     parts = [
         "<!DOCTYPE html>",
@@ -203,5 +289,12 @@ def render_html(title: str, sections: Sequence[Section], *, subtitle: str = "") 
         parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
         parts += [_render_block(block) for block in section.blocks]
         parts.append("</section>")
+    sortable = any(
+        isinstance(block, Table) and block.sortable
+        for section in sections
+        for block in section.blocks
+    )
+    if sortable:
+        parts.append(f"<script>{_SORT_SCRIPT}</script>")
     parts.append("</body></html>\n")
     return "\n".join(parts)

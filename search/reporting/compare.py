@@ -4,7 +4,9 @@
 `search.ledger.records`) and its `leaderboard.json` (requirements, objective, best design);
 `ranked` orders the trained candidates of several runs by `search.ledger.records.rank_key`
 (the leaderboard's one rank) and `comparison_rows` gives every candidate as one JSON-ready
-row; `write_tables(runs, out_dir)` writes them:
+row; `best_so_far` follows a run's best design (same rank) as its trials finish, and
+`param_importances` asks Optuna which genes the trained designs' accuracy and cost depend on;
+`write_tables(runs, out_dir)` writes the rows:
 
     comparison.csv / comparison.json   every candidate of every run: trained ones ranked
                                        (feasible first), then those never trained, with why
@@ -23,6 +25,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,23 +38,31 @@ from covidnet_jax.arch import ArchSpec, spec_from_json
 from covidnet_jax.errors import ConfigError, SpecError, UserError
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.typed_yaml import from_dict
-from search.config import RequirementsConfig
+from search.config import Objective, RequirementsConfig
 from search.ledger import store
 from search.ledger.records import TrialRecord, pareto_indices, rank_key
 
 __all__ = [
     "CONNECTIVITY",
+    "MIN_IMPORTANCE_DESIGNS",
     "Candidate",
     "CompareError",
+    "Importance",
+    "ProgressPoint",
     "RunData",
+    "best_so_far",
     "comparison_rows",
     "design_knobs",
     "front_keys",
+    "gene_label",
+    "importance_targets",
     "load_run",
     "open_search_study",
+    "param_importances",
     "ranked",
     "read_training_curve",
     "requirements_config",
+    "shared_objective",
     "write_atomic",
     "write_tables",
 ]
@@ -140,6 +151,8 @@ class RunData:
         requirements: the requirements as plain data (`search.config.RequirementsConfig`).
         candidates: every proposed candidate except duplicates, trial order.
         best: the best design's summary (`best/metrics.json`), or None.
+        distributions: gene name -> the Optuna distribution of its choice index (what
+            `param_importances` needs to rebuild trials).
     """
 
     name: str
@@ -150,6 +163,9 @@ class RunData:
     requirements: Mapping[str, Any]
     candidates: tuple[Candidate, ...]
     best: Mapping[str, Any] | None
+    distributions: Mapping[str, optuna.distributions.BaseDistribution] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 def open_search_study(
@@ -297,6 +313,9 @@ def load_run(
         )
     best = board.get("best")
     reqs = requirements_config(board.get("requirements") or {})
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        distributions.update(trial.distributions)
     candidates = tuple(
         _candidate(workdir.name, r, best, reqs)
         for r in records
@@ -311,6 +330,7 @@ def load_run(
         requirements=dict(board.get("requirements") or {}),
         candidates=candidates,
         best=best,
+        distributions=distributions,
     )
 
 
@@ -323,13 +343,17 @@ def requirements_config(data: Mapping[str, Any]) -> RequirementsConfig:
         return RequirementsConfig()  # an older leaderboard: intervals at 95%, Wilson
 
 
+def shared_objective(runs: Sequence[RunData]) -> Objective:
+    """The objective the runs share, or "pareto" when they differ (or is unknown)."""
+    objectives = {run.objective for run in runs}
+    objective = objectives.pop() if len(objectives) == 1 else "pareto"
+    return objective if objective in ("min_macs", "max_netscore") else "pareto"  # type: ignore[return-value]
+
+
 def ranked(runs: Sequence[RunData]) -> list[Candidate]:
     """Trained candidates of all runs, best first, by `search.ledger.records.rank_key` (the
     leaderboard's rank) under the objective the runs share, or "pareto" when they differ."""
-    objectives = {run.objective for run in runs}
-    objective = objectives.pop() if len(objectives) == 1 else "pareto"
-    if objective not in ("min_macs", "max_netscore", "pareto"):
-        objective = "pareto"
+    objective = shared_objective(runs)
     trained = [c for run in runs for c in run.candidates if c.trained and c.record is not None]
     return sorted(
         trained,
@@ -343,6 +367,168 @@ def front_keys(candidates: Sequence[Candidate]) -> set[tuple[str, int]]:
     pool = [c for c in candidates if c.trained and c.feasible and c.macs is not None]
     points = [(float(c.val_accuracy or 0.0), float(c.macs or 0)) for c in pool]
     return {(pool[i].run, pool[i].trial) for i in pareto_indices(points)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressPoint:
+    """The state of a search when one more of its candidates finished.
+
+    Attributes:
+        finished: candidates finished so far, this one included (trained or rejected).
+        elapsed_s: seconds from the start of the run's first trial to this one's end.
+        trial: the trial that just finished.
+        best: the best trained design so far by `search.ledger.records.rank_key` (None
+            before the first one was trained).
+    """
+
+    finished: int
+    elapsed_s: float
+    trial: int
+    best: Candidate | None
+
+
+def best_so_far(run: RunData, objective: Objective) -> list[ProgressPoint]:
+    """The run's best design so far, one point per finished candidate in order of finishing.
+
+    Args:
+        run: one search.
+        objective: the objective ranking the designs (`shared_objective` of the compared runs,
+            so every line of a figure uses the one rank).
+
+    Returns:
+        One `ProgressPoint` per candidate, in order of its end time (then trial number);
+        candidates without an end time are left out.
+    """
+    timed = [c for c in run.candidates if c.record is not None and c.record.completed is not None]
+    timed.sort(key=lambda c: (c.record.completed, c.trial))  # type: ignore[union-attr]
+    starts = [c.record.started for c in timed if c.record.started is not None]  # type: ignore[union-attr]
+    start = min(starts, default=None)
+    points, best, best_key = [], None, None
+    for i, c in enumerate(timed, start=1):
+        if c.trained:
+            key = rank_key(c.record, objective)  # type: ignore[arg-type]
+            if best_key is None or key < best_key:
+                best, best_key = c, key
+        end = float(c.record.completed)  # type: ignore[union-attr, arg-type]
+        points.append(ProgressPoint(i, end - (end if start is None else start), c.trial, best))
+    return points
+
+
+# Fewest trained designs `param_importances` works from: Optuna's random forests fit on fewer
+# rank genes by noise (with 12 genes, each needs a few designs that differ in it).
+MIN_IMPORTANCE_DESIGNS = 8
+
+
+def importance_targets(objective: Objective) -> tuple[str, ...]:
+    """What the parameter importance explains under `objective`: validation accuracy always
+    (it decides feasibility), and the objective's cost side (log10 MACs, or NetScore)."""
+    if objective == "max_netscore":
+        return ("validation accuracy", "NetScore")
+    return ("validation accuracy", "log10 MACs")
+
+
+def _target_value(c: Candidate, target: str) -> float | None:
+    if target == "validation accuracy":
+        return c.val_accuracy
+    if target == "NetScore":
+        return c.netscore
+    if target == "log10 MACs":
+        return math.log10(c.macs) if c.macs else None
+    raise ValueError(f"importance target {target!r}; expected one of {_TARGETS}")
+
+
+_TARGETS = ("validation accuracy", "log10 MACs", "NetScore")
+
+
+@dataclasses.dataclass(frozen=True)
+class Importance:
+    """How much each gene explains one target over a run's trained designs.
+
+    Attributes:
+        run: the run's name.
+        target: "validation accuracy", "log10 MACs" or "NetScore".
+        values: gene name -> importance (they sum to 1), largest first; empty with a `note`.
+        designs: trained designs it was computed from.
+        note: why there are no values ("" when there are).
+    """
+
+    run: str
+    target: str
+    values: Mapping[str, float]
+    designs: int
+    note: str = ""
+
+
+def param_importances(
+    run: RunData,
+    targets: Sequence[str],
+    *,
+    evaluator: optuna.importance.BaseImportanceEvaluator | None = None,
+) -> list[Importance]:
+    """Optuna's parameter importance (`optuna.importance.get_param_importances`) of the
+    run's genes, over its trained designs only (a candidate the cost model rejected says
+    nothing about accuracy).
+
+    Args:
+        run: one search.
+        targets: names from `importance_targets`.
+        evaluator: Optuna's evaluator (default fANOVA, seeded so reports repeat).
+
+    Returns:
+        One `Importance` per target; with fewer than `MIN_IMPORTANCE_DESIGNS` trained designs,
+        or genes that never varied, its `note` says so instead.
+    """
+    trained = [c for c in run.candidates if c.trained and c.record is not None]
+    genes = {
+        g: d for g, d in run.distributions.items() if all(g in c.record.params for c in trained)
+    }
+    found = []
+    for target in targets:
+        rows = [(c, _target_value(c, target)) for c in trained]
+        rows = [(c, v) for c, v in rows if v is not None and math.isfinite(v)]
+        varied = {g for g in genes if len({c.record.params[g] for c, _ in rows}) > 1}
+        note = ""
+        if len(rows) < MIN_IMPORTANCE_DESIGNS:
+            note = f"needs at least {MIN_IMPORTANCE_DESIGNS} trained designs, {len(rows)} so far"
+        elif not varied:
+            note = "no gene differs between the trained designs"
+        if note:
+            found.append(Importance(run.name, target, {}, len(rows), note))
+            continue
+        study = optuna.create_study(direction="maximize")
+        study.add_trials(
+            [
+                optuna.trial.create_trial(
+                    params={g: c.record.params[g] for g in genes},  # type: ignore[union-attr]
+                    distributions=dict(genes),
+                    value=value,
+                )
+                for c, value in rows
+            ]
+        )
+        values = optuna.importance.get_param_importances(
+            study,
+            evaluator=evaluator or optuna.importance.FanovaImportanceEvaluator(seed=0),
+            params=sorted(varied),
+        )
+        found.append(Importance(run.name, target, dict(values), len(rows)))
+    return found
+
+
+def gene_label(name: str) -> str:
+    """A gene's name as people read it: `s1.m0.width` -> "stage 2 module 1 width
+    (s1.m0.width)"; stages and modules counted from 1, as in the spec summary."""
+    parts = name.split(".")
+    words = []
+    for part in parts:
+        if part[:1] == "s" and part[1:].isdigit():
+            words.append(f"stage {int(part[1:]) + 1}")
+        elif part[:1] == "m" and part[1:].isdigit():
+            words.append(f"module {int(part[1:]) + 1}")
+        else:
+            words.append(part)
+    readable = " ".join(words)
+    return readable if readable == name else f"{readable} ({name})"
 
 
 def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:

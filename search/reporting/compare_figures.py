@@ -13,6 +13,12 @@ Matplotlib figure (`covidnet_jax.figures.new_figure`: no pyplot, no global state
                     bar for validation accuracy
     curves_figure   training and validation loss and validation accuracy over steps, every
                     trained design in grey, the top designs in colour, rung boundaries
+    progress_figure the best design so far (the one rank) against candidates finished and
+                    against wall time, one line per run, a star where the first feasible
+                    design was found
+    importance_figure  Optuna's parameter importance of each gene for validation accuracy
+                    and the objective's cost, or a note when there are too few designs
+    times_figure    compile and train seconds of every trained design, stacked
 
 Example:
     >>> png = figure_png(pareto_figure([load_run("runs/quickstart")]))
@@ -28,24 +34,34 @@ import numpy as np
 
 from covidnet_jax.arch import COVIDX_CLASSES
 from covidnet_jax.figures import new_figure
+from covidnet_jax.intervals import Estimate
 from search.reporting.compare import (
     CONNECTIVITY,
     TRIALS_DIR,
     Candidate,
+    Importance,
     RunData,
+    best_so_far,
     design_knobs,
     front_keys,
+    gene_label,
     ranked,
     read_training_curve,
+    requirements_config,
+    shared_objective,
 )
 from search.reporting.leaderboard import format_count
 
 __all__ = [
     "PAPER_REFERENCES",
     "curves_figure",
+    "importance_figure",
     "knob_label",
     "knobs_figure",
+    "needed_accuracy",
     "pareto_figure",
+    "progress_figure",
+    "times_figure",
 ]
 
 # The paper's v4 comparison on the COVIDx3 test set (Wang & Wong 2020, arXiv 2003.09871 v4):
@@ -114,6 +130,63 @@ def _draw_references(ax: Any) -> None:
     ax.set_xlabel("test accuracy on COVIDx3 (paper)")
     ax.set_title("Published networks\n(other data and split:\nnot comparable)", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
+
+
+def needed_accuracy(minimum: float, trials: int, confidence: float, method: str) -> float | None:
+    """The lowest validation accuracy whose one-sided lower bound at `confidence` clears
+    `minimum` on `trials` images (None when even 100% does not).
+
+    Example: minimum 0.87 on 600 images at 95% (Wilson) needs 0.890.
+    """
+    for successes in range(math.ceil(minimum * trials), trials + 1):
+        estimate = Estimate.of(successes, trials, method=method)  # type: ignore[arg-type]
+        if estimate.lower_bound(confidence) >= minimum:
+            return successes / trials
+    return None
+
+
+def _accuracy_requirement(ax: Any, runs: Sequence[RunData], minimum: float) -> None:
+    """The minimum accuracy as a line; when the runs judge by the lower bound, a band above
+    it up to the accuracy a design needs on the validation split for its lower bound to
+    clear the minimum (the requirement's uncertainty at that split size)."""
+    ax.axhline(
+        minimum,
+        color="crimson",
+        linestyle=":",
+        linewidth=1.2,
+        gid="min-accuracy",
+        label=f"min accuracy {minimum:.3f}",
+    )
+    reqs = [requirements_config(run.requirements) for run in runs]
+    if (
+        any(r.decision != "lower_bound" for r in reqs)
+        or len({(r.confidence, r.interval) for r in reqs}) != 1
+    ):
+        return
+    sizes = [
+        c.record.last.metrics.estimate("accuracy").trials
+        for run in runs
+        for c in run.candidates
+        if c.trained and c.record is not None and c.record.last is not None
+    ]
+    if not sizes:
+        return
+    trials = int(np.median(sizes))
+    needed = needed_accuracy(minimum, trials, reqs[0].confidence, reqs[0].interval)
+    if needed is None:
+        return
+    ax.axhspan(
+        minimum,
+        needed,
+        color="crimson",
+        alpha=0.12,
+        linewidth=0,
+        gid="needed-accuracy",
+        label=(
+            f"clears it: {reqs[0].confidence:.0%} lower bound >= min needs "
+            f">= {needed:.3f} on {trials} images"
+        ),
+    )
 
 
 def pareto_figure(runs: Sequence[RunData]) -> Any:
@@ -205,15 +278,7 @@ def pareto_figure(runs: Sequence[RunData]) -> Any:
         )
     min_accuracy = _requirement(runs, "min_accuracy")
     if min_accuracy is not None:
-        rules = {run.requirements.get("decision", "lower_bound") for run in runs}
-        judged = " (judged by the lower bound)" if rules == {"lower_bound"} else ""
-        ax.axhline(
-            min_accuracy,
-            color="crimson",
-            linestyle=":",
-            linewidth=1,
-            label=f"min accuracy {min_accuracy:.3f}{judged}",
-        )
+        _accuracy_requirement(ax, runs, min_accuracy)
     _macs_axis(ax, [float(c.macs) for c in everything if c.macs])
     ax.set_ylabel("validation accuracy (bars: confidence interval)")
     ax.set_title("Validation accuracy vs MACs")
@@ -427,4 +492,198 @@ def curves_figure(runs: Sequence[RunData], *, top: int = 8) -> Any:
             handles.append(Line2D([], [], color="lightgray"))
             labels.append(f"{others} other trained design{'s' if others > 1 else ''}")
         fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+def _objective_value(c: Candidate, objective: str) -> tuple[float, str]:
+    """What the best-so-far line plots: the quantity the objective ranks feasible designs by."""
+    if objective == "min_macs":
+        return float(c.macs or 0), "MACs of the best design (fewer is better)"
+    if objective == "max_netscore":
+        return float(c.netscore or 0.0), "NetScore of the best design (higher is better)"
+    return float(c.val_accuracy or 0.0), "validation accuracy of the best design"
+
+
+def progress_figure(runs: Sequence[RunData]) -> Any:
+    """The best design so far (by `search.ledger.records.rank_key` under the runs' shared
+    objective) against candidates finished and against wall time, one line per run.
+
+    Until a run finds a feasible design its line is dashed (the best of the infeasible
+    ones); a star marks the candidate that was its first feasible design.
+
+    Returns:
+        The Matplotlib figure; axes 0 is against candidates, axes 1 against wall time.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    objective = shared_objective(runs)
+    fig = new_figure(12, 4.8)
+    count_ax, time_ax = fig.subplots(1, 2, sharey=True)
+    ylabel = ""
+    longest = max((p.elapsed_s for run in runs for p in best_so_far(run, objective)), default=0)
+    minutes = longest > 300
+    for i, run in enumerate(runs):
+        colour = f"C{i % 10}"
+        points = [p for p in best_so_far(run, objective) if p.best is not None]
+        if not points:
+            continue
+        first = next((p for p in points if p.best is not None and p.best.feasible), None)
+        for ax, x_of in ((count_ax, "finished"), (time_ax, "elapsed_s")):
+            xs = [getattr(p, x_of) / (60 if minutes and x_of == "elapsed_s" else 1) for p in points]
+            ys = []
+            for p in points:
+                y, ylabel = _objective_value(p.best, objective)  # type: ignore[arg-type]
+                ys.append(y)
+            split = len(points) if first is None else points.index(first)
+            if split:  # before any feasible design: the best infeasible one
+                ax.step(
+                    xs[: split + 1] if first else xs[:split],
+                    ys[: split + 1] if first else ys[:split],
+                    where="post",
+                    color=colour,
+                    linestyle="--",
+                    linewidth=1.2,
+                    gid="infeasible",
+                    label=f"{run.name}: best so far, none feasible yet" if ax is count_ax else None,
+                )
+            if first is not None:
+                ax.step(
+                    xs[split:],
+                    ys[split:],
+                    where="post",
+                    color=colour,
+                    linewidth=1.8,
+                    gid="best-so-far",
+                    label=f"{run.name}: best feasible so far" if ax is count_ax else None,
+                )
+                ax.plot(
+                    xs[split],
+                    ys[split],
+                    marker="*",
+                    markersize=14,
+                    color=colour,
+                    markeredgecolor="black",
+                    linestyle="none",
+                    gid="first-feasible",
+                    label=(
+                        f"{run.name}: first feasible design (trial {first.best.trial}, "  # type: ignore[union-attr]
+                        f"candidate {first.finished})"
+                    )
+                    if ax is count_ax
+                    else None,
+                )
+    count_ax.set_xlabel("candidates finished (trained or rejected)")
+    time_ax.set_xlabel("wall time since the first trial started (" + ("min)" if minutes else "s)"))
+    count_ax.set_ylabel(ylabel)
+    if objective == "min_macs":
+        count_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_count(round(v))))
+    for ax, title in ((count_ax, "against candidates"), (time_ax, "against wall time")):
+        ax.set_title(f"Best design so far, {title}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    return fig
+
+
+def importance_figure(importances: Sequence[Importance]) -> Any:
+    """Bars of Optuna's parameter importance, one panel per target, one bar colour per run;
+    genes labelled as people read them (`search.reporting.compare.gene_label`). A target
+    with too few trained designs shows its note instead of bars.
+
+    Args:
+        importances: from `search.reporting.compare.param_importances`, for one or more runs.
+
+    Returns:
+        The Matplotlib figure; one axes per target.
+    """
+    targets = list(dict.fromkeys(i.target for i in importances))
+    run_names = list(dict.fromkeys(i.run for i in importances))
+    genes = list(dict.fromkeys(g for i in importances for g in i.values))
+    height = max(3.5, 1.2 + 0.32 * len(genes) * max(1, len(run_names)) ** 0.5)
+    fig = new_figure(12, height)
+    axes = fig.subplots(1, max(1, len(targets)), sharey=True, squeeze=False)[0]
+    # Genes in order of their largest importance, the most important on top.
+    top = {g: max(i.values.get(g, 0.0) for i in importances) for g in genes}
+    genes.sort(key=lambda g: top[g])
+    width = 0.8 / max(1, len(run_names))
+    for ax, target in zip(axes, targets, strict=False):
+        notes = []
+        for k, name in enumerate(run_names):
+            found = next((i for i in importances if i.run == name and i.target == target), None)
+            if found is None:
+                continue
+            if found.note:
+                notes.append(f"{name}: {found.note}" if len(run_names) > 1 else found.note)
+                continue
+            ys = [j + (k - (len(run_names) - 1) / 2) * width for j in range(len(genes))]
+            ax.barh(
+                ys,
+                [found.values.get(g, 0.0) for g in genes],
+                height=width,
+                color=f"C{k % 10}",
+                gid="importance",
+                label=f"{name} ({found.designs} trained designs)",
+            )
+        if notes and not ax.patches:
+            ax.set_xticks([])
+        if notes:
+            ax.text(
+                0.5,
+                0.5,
+                "\n".join(notes),
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=10,
+                wrap=True,
+                gid="importance-note",
+            )
+        ax.set_title(f"importance for {target}", fontsize=10)
+        ax.set_xlabel("share of the variance explained (fANOVA)")
+        ax.grid(True, axis="x", alpha=0.3)
+        if genes:
+            ax.set_yticks(range(len(genes)), [gene_label(g) for g in genes], fontsize=8)
+        else:
+            ax.set_yticks([])
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def times_figure(runs: Sequence[RunData]) -> Any:
+    """Compile and train seconds of every trained design (over all its rungs), stacked, in
+    trial order per run.
+
+    Returns:
+        The Matplotlib figure; its bars carry gid "compile" and "train".
+    """
+    fig = new_figure(12, 4.2)
+    ax = fig.add_subplot()
+    multi = len(runs) > 1
+    labels, compile_s, train_s = [], [], []
+    for run in runs:
+        for c in sorted((c for c in run.candidates if c.trained), key=lambda c: c.trial):
+            labels.append(f"{run.name} #{c.trial}" if multi else str(c.trial))
+            compile_s.append(c.compile_s)
+            train_s.append(c.train_s)
+    xs = range(len(labels))
+    ax.bar(xs, compile_s, color="darkorange", label="compile", gid="compile")
+    ax.bar(
+        xs, train_s, bottom=compile_s, color="steelblue", label="train and evaluate", gid="train"
+    )
+    rotation = 90 if multi or len(labels) > 30 else 0
+    ax.set_xticks(list(xs), labels, rotation=rotation, fontsize=7 if len(labels) > 30 else 8)
+    ax.set_xlabel("trained design (" + ("run #trial" if multi else "trial") + ")")
+    ax.set_ylabel("seconds, over all rungs")
+    total_c, total_t = sum(compile_s), sum(train_s)
+    share = total_c / (total_c + total_t) if total_c + total_t else 0.0
+    ax.set_title(
+        f"Compile and train time per trained design (compiling: {total_c:.0f} s of "
+        f"{total_c + total_t:.0f} s, {share:.0%})",
+        fontsize=10,
+    )
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    if not labels:
+        ax.text(0.5, 0.5, "no trained designs", ha="center", va="center", transform=ax.transAxes)
     return fig

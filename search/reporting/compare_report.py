@@ -4,10 +4,13 @@
 
     comparison.csv / comparison.json   every candidate (`search.reporting.compare.write_tables`)
     pareto.png, knobs.png, curves.png  the figures (`search.reporting.compare_figures`)
+    progress.png                       best design so far against candidates and wall time
+    importance.png                     Optuna's parameter importance of each gene
+    times.png                          compile and train seconds per trained design
     report.html                        all of the above in one offline file: the runs, each
-                                       run's final verdict, the leaderboard (a "why not"
-                                       column beside "feasible"), the figures and the
-                                       candidates never trained, with why
+                                       run's final verdict, the leaderboard (sortable by any
+                                       column; a "why not" column beside "feasible"), the
+                                       figures and the candidates never trained, with why
 
 Numbers on the page have one format per kind: rates to 3 decimals with their interval,
 counts as "12.3M", seconds and NetScore to one decimal.
@@ -24,17 +27,29 @@ from typing import Any
 
 from covidnet_jax.figures import figure_png
 from covidnet_jax.metrics import EvalMetrics
-from covidnet_jax.report_html import Figure, Paragraph, Section, Table, render_html
+from covidnet_jax.report_html import Cell, Figure, Paragraph, Section, Table, render_html
 from search.ledger.requirements import final_verdicts, format_verdicts
 from search.reporting.compare import (
+    MIN_IMPORTANCE_DESIGNS,
     CompareError,
+    Importance,
     RunData,
     comparison_rows,
+    importance_targets,
+    param_importances,
     requirements_config,
+    shared_objective,
     write_atomic,
     write_tables,
 )
-from search.reporting.compare_figures import curves_figure, knobs_figure, pareto_figure
+from search.reporting.compare_figures import (
+    curves_figure,
+    importance_figure,
+    knobs_figure,
+    pareto_figure,
+    progress_figure,
+    times_figure,
+)
 from search.reporting.leaderboard import format_count
 
 __all__ = ["write_comparison"]
@@ -52,6 +67,11 @@ def _with_interval(value: float | None, interval: Sequence[float] | None) -> str
 
 def _one_decimal(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _num(text: str, value: float | None) -> Cell:
+    """A formatted number that sorts by its raw value."""
+    return Cell(text, None if value is None else float(value))
 
 
 def _requirements_text(requirements: Mapping[str, Any]) -> str:
@@ -101,7 +121,7 @@ def _leaderboard_table(
 ) -> Table:
     rates = [f"sens {n}" for n in class_names] + [f"PPV {n}" for n in class_names]
     numbers = ["MACs", "params", "act. bytes", "rung (steps)", "val acc [CI]", "test acc [CI]"]
-    numbers += [*rates, "NetScore", "train s"]
+    numbers += [*rates, "NetScore", "compile s", "train s"]
     columns = ["#", *(["run"] if multi else []), "trial", "feasible", "why not", *numbers]
     columns.append("design")
     body, dim = [], set()
@@ -114,22 +134,32 @@ def _leaderboard_table(
             row["trial"],
             ("best, " if row["best"] else "") + ("yes" if row["feasible"] else "no"),
             "" if row["feasible"] else row["reason"] or row["status"],
-            format_count(row["macs"]),
-            format_count(row["params"]),
-            format_count(row["activation_bytes"]),
-            f"{row['rung']} ({row['steps']})",
-            _with_interval(row["val_accuracy"], row["val_interval"]),
-            _with_interval(row["test_accuracy"], row["test_interval"]),
+            _num(format_count(row["macs"]), row["macs"]),
+            _num(format_count(row["params"]), row["params"]),
+            _num(format_count(row["activation_bytes"]), row["activation_bytes"]),
+            _num(f"{row['rung']} ({row['steps']})", row["steps"]),
+            _num(_with_interval(row["val_accuracy"], row["val_interval"]), row["val_accuracy"]),
+            _num(_with_interval(row["test_accuracy"], row["test_interval"]), row["test_accuracy"]),
         ]
-        cells += [_rate(row["sensitivity"].get(n)) for n in class_names]
-        cells += [_rate(row["ppv"].get(n)) for n in class_names]
-        cells += [_one_decimal(row["netscore"]), _one_decimal(row["train_s"]), row["summary"]]
+        cells += [_num(_rate(v), v) for v in (row["sensitivity"].get(n) for n in class_names)]
+        cells += [_num(_rate(v), v) for v in (row["ppv"].get(n) for n in class_names)]
+        cells += [
+            _num(_one_decimal(row["netscore"]), row["netscore"]),
+            _num(_one_decimal(row["compile_s"]), row["compile_s"]),
+            _num(_one_decimal(row["train_s"]), row["train_s"]),
+            row["summary"],
+        ]
         if not row["feasible"]:
             dim.add(i)
         body.append(cells)
     styles = {name: "number" for name in numbers} | {"why not": "wrap"}
     return Table(
-        columns, body, dim_rows=frozenset(dim), table_id="leaderboard", column_styles=styles
+        columns,
+        body,
+        dim_rows=frozenset(dim),
+        table_id="leaderboard",
+        column_styles=styles,
+        sortable=True,
     )
 
 
@@ -185,6 +215,32 @@ def _runs_table(runs: Sequence[RunData]) -> Table:
     return Table(columns, body, table_id="runs", column_styles=styles)
 
 
+def _judged_text(runs: Sequence[RunData]) -> str:
+    rules = {requirements_config(run.requirements).decision for run in runs}
+    if rules == {"lower_bound"}:
+        return (
+            "Points are judged by the one-sided lower bound of their accuracy, not by the "
+            "point itself: the shaded band above the minimum is where a point can sit and "
+            "still miss it, its top the accuracy whose lower bound clears the minimum on this "
+            "validation split. "
+        )
+    if rules == {"point"}:
+        return "Points are judged by their point estimate. "
+    return "The runs judge requirements differently (lower bound or point estimate). "
+
+
+def _importance_caption(importances: Sequence[Importance]) -> str:
+    notes = [f"{i.run}, {i.target}: {i.note}." for i in importances if i.note]
+    text = (
+        "How much of the variation of each target over a run's trained designs each gene "
+        "explains: Optuna's get_param_importances with the fANOVA evaluator, on the trained "
+        "designs only (never the candidates the cost model rejected). An importance is "
+        "association over the designs the strategy chose to train, not a causal effect; "
+        f"it needs at least {MIN_IMPORTANCE_DESIGNS} trained designs."
+    )
+    return " ".join([text, *notes])
+
+
 def write_comparison(
     runs: Sequence[RunData], out_dir: str | Path, *, top: int = 8, table_limit: int = 200
 ) -> dict[str, Path]:
@@ -197,7 +253,8 @@ def write_comparison(
         table_limit: most leaderboard rows in the HTML report (the CSV/JSON hold all).
 
     Returns:
-        Name -> path of every file written (csv, json, pareto, knobs, curves, html).
+        Name -> path of every file written (csv, json, pareto, knobs, curves, progress,
+        importance, times, html).
 
     Raises:
         CompareError: if no run has a trained candidate or `out_dir` is a file.
@@ -211,10 +268,15 @@ def write_comparison(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs)
     paths = write_tables(runs, out_dir, rows)
+    targets = importance_targets(shared_objective(runs))
+    importances = [i for run in runs for i in param_importances(run, targets)]
     figures = {
         "pareto": figure_png(pareto_figure(runs)),
         "knobs": figure_png(knobs_figure(runs)),
         "curves": figure_png(curves_figure(runs, top=top)),
+        "progress": figure_png(progress_figure(runs)),
+        "importance": figure_png(importance_figure(importances)),
+        "times": figure_png(times_figure(runs)),
     }
     for name, png in figures.items():
         paths[name] = out_dir / f"{name}.png"
@@ -244,7 +306,8 @@ def write_comparison(
                     "objective. Validation metrics of the last checkpoint at each design's last "
                     "fidelity rung, with confidence intervals; test accuracy only for the "
                     "declared design, scored once. Greyed rows miss a requirement; 'why not' "
-                    "says which and by how much."
+                    "says which and by how much. Click a column heading to sort by it (again "
+                    "to reverse); '#' restores the rank."
                 ),
                 _leaderboard_table(rows, class_names, multi, table_limit),
             ],
@@ -257,9 +320,48 @@ def write_comparison(
                     "validation accuracy vs MACs",
                     "Filled: meets every requirement. Hollow: trained but misses a "
                     "requirement. Diamond: the declared design. Ticks on the bottom axis: "
-                    "never trained. The paper's networks, where shown, are in their own panel: "
+                    "never trained. Bars: two-sided confidence intervals. Dotted red lines: "
+                    "the MACs limit and the minimum accuracy. "
+                    + _judged_text(runs)
+                    + "The paper's networks, where shown, are in their own panel: "
                     "their numbers are COVIDx3 test accuracies, not validation accuracies of "
                     "this data.",
+                )
+            ],
+        ),
+        Section(
+            "Search progress",
+            [
+                Figure(
+                    figures["progress"],
+                    "best design so far against candidates and wall time",
+                    "The best design so far by the leaderboard's rank (feasible first, then "
+                    "the objective), after each candidate finished (trained, or rejected by "
+                    "the cost model before training), and against wall time. Dashed: no "
+                    "feasible design yet (the best of the infeasible ones); star: the first "
+                    "feasible design.",
+                )
+            ],
+        ),
+        Section(
+            "Parameter importance",
+            [
+                Figure(
+                    figures["importance"],
+                    "parameter importance",
+                    _importance_caption(importances),
+                )
+            ],
+        ),
+        Section(
+            "Compile and train time",
+            [
+                Figure(
+                    figures["times"],
+                    "compile and train seconds per trained design",
+                    "Seconds per trained design over all its rungs: compiling (XLA; cached "
+                    "compiles are short) and training with validation. The leaderboard has "
+                    "both as columns.",
                 )
             ],
         ),
