@@ -20,6 +20,12 @@ widths, the host computes exactly the narrow network, to float summation order:
   Adam and decay (zero gradient, zero moments, zero update), so slicing loses nothing;
 - initialization: the candidate's own initial values (scaled for its own fan-in), padded.
 
+"Float summation order" matters in one place: a bias whose exact gradient is zero (one
+feeding only BatchNorm'd convs, e.g. a dense side chain's before the next stage) gets float
+noise as its gradient, and Adam turns that into full-size steps; two programs (this one and
+the narrow network's, or the narrow network's on another device) then drift apart over many
+steps the way any two float orders do. Each step is exact; trajectories are not bitwise.
+
 Masks live in the model state (beside the BatchNorm statistics), so they are traced inputs
 of the jitted steps: one compiled executable serves every candidate the host dominates.
 `slice_train_state` cuts a host state back to the narrow network's arrays (checkpoints
