@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 
 import pytest
 from rich.console import Console
+from search_support import fast_tmp, run, settings
 
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, StemSpec
 from covidnet_jax.config import TrainConfig
@@ -16,9 +18,12 @@ from covidnet_jax.train import train_and_evaluate
 from covidnet_jax.typed_yaml import from_dict
 from search.config import BudgetConfig
 from search.execution.runner import _PublishedProgress
+from search.execution.surrogate import SurrogateEvaluator
 from search.ledger import store
 from search.ledger.records import RungResult, TrialProgress, TrialRecord, rank_key
 from search.reporting.live import differing_parts, render
+
+__all__ = ["fast_tmp"]
 
 # The trainer's tests --------------------------------------------------------------------
 
@@ -246,3 +251,25 @@ def test_progress_round_trips_through_the_store_at_the_heartbeat_pace(tmp_path):
     # The next beat publishes the latest report, once.
     assert progress.unpublished()["search:progress"]["step"] == 49
     assert progress.unpublished() == {}
+
+
+class _ReportingSurrogate(SurrogateEvaluator):
+    """The surrogate, reporting progress as `TrainingEvaluator` does (through the request)."""
+
+    def train(self, request):
+        request.on_progress("compiling", 0, request.steps)
+        time.sleep(0.1)  # a few heartbeats: the phase is published
+        request.on_progress("training", request.steps, request.steps)
+        time.sleep(0.1)
+        return super().train(request)
+
+
+def test_a_worker_publishes_its_evaluators_progress_in_the_trial(fast_tmp):
+    changes = {"budget.max_trials": 2, "heartbeat.interval_s": 0.02, "requirements.max_macs": 1e9}
+    data = settings(**changes)
+    records, _ = run(fast_tmp, "progress", data, _ReportingSurrogate())
+    trained = [r for r in records if r.is_trained]
+    assert trained
+    for r in trained:
+        last = r.last
+        assert r.progress == TrialProgress(last.rung, "training", last.steps, last.steps)
