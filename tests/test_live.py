@@ -273,3 +273,12 @@ def test_a_worker_publishes_its_evaluators_progress_in_the_trial(fast_tmp):
     for r in trained:
         last = r.last
         assert r.progress == TrialProgress(last.rung, "training", last.steps, last.steps)
+
+
+def test_the_table_fits_a_narrow_terminal():
+    console = Console(record=True, width=90)
+    budget = BudgetConfig(max_trials=20, max_wall_time_s=600)
+    console.print(render(RECORDS, budget, 12.0, rows=12, objective="min_macs"))
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│ │")]
+    assert len(rows) == len(RECORDS)
+    assert all(line.rstrip().endswith("│ │") for line in rows)  # not cropped at the edge

@@ -212,12 +212,13 @@ class TrialProgress:
     total: int
 
     def describe(self) -> str:
-        """A few words for people, e.g. "r0 step 120/400" or "r1 compiling"."""
+        """A few words for people, e.g. "r0 step 120/400", "r0 val 200/400" (validating
+        after step 200) or "r1 compiling"."""
         rung = "" if self.rung < 0 else f"r{self.rung} "
         if self.phase == "training":
             return f"{rung}step {self.step}/{self.total}"
         if self.phase == "evaluating":
-            return f"{rung}validating at {self.step}/{self.total}"
+            return f"{rung}val {self.step}/{self.total}"
         return f"{rung}{self.phase}"
 
 

@@ -164,7 +164,8 @@ def render(
         ("val acc", "right"),
     ):
         table.add_column(name, justify=justify, no_wrap=True, min_width=max(len(name), 5))
-    table.add_column("design (what differs) / reason", no_wrap=True, overflow="ellipsis")
+    # Wrappable, so the table shrinks it to fit; its cells are cut with an ellipsis instead.
+    table.add_column("design (differs) / reason")
     for r in shown:
         last = r.last
         table.add_row(
@@ -174,12 +175,19 @@ def render(
             format_count(r.params_count),
             _rung_cell(r),
             "-" if last is None else f"{last.metrics.accuracy:.3f}",
-            design.get(r.number, r.reason or r.summary),
+            Text(design.get(r.number, r.reason or r.summary), no_wrap=True, overflow="ellipsis"),
         )
     parts = [header, Text(tally), _best_line(best, design), table]
     if lead or trail:
         shared = _PART_SEPARATOR.join(part for part in (lead, "…", trail) if part)
-        parts.append(Text(f"all shown designs share: {shared}", style="dim", overflow="ellipsis"))
+        parts.append(
+            Text(
+                f"all shown designs share: {shared}",
+                style="dim",
+                no_wrap=True,
+                overflow="ellipsis",
+            )
+        )
     return Panel(Group(*parts), title="covidnet search")
 
 
@@ -187,14 +195,14 @@ def _best_line(best: TrialRecord | None, design: dict[int, str]) -> Text:
     if best is None or best.last is None:
         return Text("best so far: none trained yet", style="dim")
     last = best.last
-    verdict = "meets the requirements" if best.feasible else f"misses: {best.reason}"
+    # The reason a design misses can be long: it goes last, where the ellipsis cuts.
+    verdict = "feasible" if best.feasible else f"misses: {best.reason}"
     return Text.assemble(
         ("best so far: ", "bold"),
         f"trial {best.number}  val acc {last.metrics.accuracy:.3f} (rung {last.rung}, "
         f"{last.steps} steps)  MACs {format_count(best.macs)}  "
-        f"params {format_count(best.params_count)}  ",
+        f"params {format_count(best.params_count)}  {design.get(best.number, best.summary)}  ",
         (verdict, "green" if best.feasible else "yellow"),
-        f"  {design.get(best.number, best.summary)}",
         overflow="ellipsis",
         no_wrap=True,
     )
