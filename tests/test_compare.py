@@ -430,6 +430,7 @@ def test_leaderboard_reads_in_rank_order_and_sorts_by_raw_values(written):
         r["rank"] for r in ranked
     ]
     heads = re.findall(r"<th>(.*?)</th>", _table(html, "leaderboard"))
+    assert heads.index("compile s") + 1 == heads.index("train s")
     macs_col, test_col = heads.index("MACs"), heads.index("test acc [CI]")
     for row, expected in zip(rows, ranked, strict=True):
         cells = re.findall(r"<td([^>]*)>", row)
@@ -521,6 +522,7 @@ def test_importance_needs_enough_designs(two_runs, gamma):
     assert [i.target for i in found] == ["validation accuracy", "log10 MACs"]
     for importance in found:
         assert not importance.note and importance.designs >= MIN_IMPORTANCE_DESIGNS
+        assert importance.designs == sum(c.trained for c in gamma.candidates)  # trained only
         assert sum(importance.values.values()) == pytest.approx(1.0)
         assert set(importance.values) <= set(gamma.distributions)
     fig = importance_figure([*found, *param_importances(few, targets)])
@@ -535,8 +537,14 @@ def test_importance_needs_enough_designs(two_runs, gamma):
 
 
 def test_times_show_compile_and_train_per_trained_design(gamma):
-    trained = sorted((c for c in gamma.candidates if c.trained), key=lambda c: c.trial)
-    fig = times_figure([gamma])
+    # The surrogate neither compiles nor trains: give each design its own seconds.
+    timed = tuple(
+        dataclasses.replace(c, compile_s=1.0 + c.trial, train_s=2.0 + 0.5 * c.trial)
+        for c in gamma.candidates
+    )
+    run = dataclasses.replace(gamma, candidates=timed)
+    trained = sorted((c for c in run.candidates if c.trained), key=lambda c: c.trial)
+    fig = times_figure([run])
     (ax,) = fig.axes
     compile_bars = [p for p in ax.patches if p.get_gid() == "compile"]
     train_bars = [p for p in ax.patches if p.get_gid() == "train"]

@@ -5,7 +5,9 @@
     covidnet compare runs/big --storage postgresql+psycopg2://user@host/db
 
 The output folder gets comparison.csv and comparison.json (every candidate), pareto.png,
-knobs.png, curves.png and report.html (images embedded; opens without a network).
+knobs.png, curves.png, progress.png (best so far against candidates and wall time),
+importance.png (which genes matter), times.png (compile and train seconds) and report.html
+(images embedded, leaderboard sortable by clicking a heading; opens without a network).
 """
 
 from __future__ import annotations

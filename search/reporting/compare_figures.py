@@ -183,8 +183,8 @@ def _accuracy_requirement(ax: Any, runs: Sequence[RunData], minimum: float) -> N
         linewidth=0,
         gid="needed-accuracy",
         label=(
-            f"clears it: {reqs[0].confidence:.0%} lower bound >= min needs "
-            f">= {needed:.3f} on {trials} images"
+            f"accuracy whose {reqs[0].confidence:.0%} lower bound clears the min on "
+            f"{trials} validation images: >= {needed:.3f}"
         ),
     )
 

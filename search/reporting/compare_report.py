@@ -222,7 +222,8 @@ def _judged_text(runs: Sequence[RunData]) -> str:
             "Points are judged by the one-sided lower bound of their accuracy, not by the "
             "point itself: the shaded band above the minimum is where a point can sit and "
             "still miss it, its top the accuracy whose lower bound clears the minimum on this "
-            "validation split. "
+            "validation split. Hollow points above the band miss another requirement "
+            "(the leaderboard's 'why not' says which). "
         )
     if rules == {"point"}:
         return "Points are judged by their point estimate. "
@@ -343,6 +344,7 @@ def write_comparison(
                 )
             ],
         ),
+        Section("Design knobs", [Figure(figures["knobs"], "parallel coordinates")]),
         Section(
             "Parameter importance",
             [
@@ -350,6 +352,17 @@ def write_comparison(
                     figures["importance"],
                     "parameter importance",
                     _importance_caption(importances),
+                )
+            ],
+        ),
+        Section(
+            "Training curves",
+            [
+                Figure(
+                    figures["curves"],
+                    "training curves",
+                    f"The top {top} designs in colour, every other trained design in grey; "
+                    "dotted lines: where fidelity rungs end.",
                 )
             ],
         ),
@@ -362,18 +375,6 @@ def write_comparison(
                     "Seconds per trained design over all its rungs: compiling (XLA; cached "
                     "compiles are short) and training with validation. The leaderboard has "
                     "both as columns.",
-                )
-            ],
-        ),
-        Section("Design knobs", [Figure(figures["knobs"], "parallel coordinates")]),
-        Section(
-            "Training curves",
-            [
-                Figure(
-                    figures["curves"],
-                    "training curves",
-                    f"The top {top} designs in colour, every other trained design in grey; "
-                    "dotted lines: where fidelity rungs end.",
                 )
             ],
         ),
