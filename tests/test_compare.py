@@ -528,8 +528,11 @@ def test_importance_needs_enough_designs(two_runs, gamma):
     fig = importance_figure([*found, *param_importances(few, targets)])
     bars = [p for ax in fig.axes for p in ax.patches if p.get_gid() == "importance"]
     assert len(bars) == sum(len(i.values) for i in found)
-    notes = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "importance-note"]
+    texts = [t for ax in fig.axes for t in (*ax.texts, ax.title)]
+    notes = [t.get_text() for t in texts if t.get_gid() == "importance-note"]
     assert len(notes) == 2 and all("beta: needs at least" in n for n in notes)
+    alone = importance_figure(param_importances(few, targets))  # no bars: the note alone
+    assert all(ax.texts[0].get_text().startswith("needs at least") for ax in alone.axes)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert "stage 2 module 1 width (s1.m0.width)" in labels or "stage 1 width (s0.width)" in labels
     assert gene_label("s1.m0.width") == "stage 2 module 1 width (s1.m0.width)"

@@ -586,8 +586,9 @@ def progress_figure(runs: Sequence[RunData]) -> Any:
 
 def importance_figure(importances: Sequence[Importance]) -> Any:
     """Bars of Optuna's parameter importance, one panel per target, one bar colour per run;
-    genes labelled as people read them (`search.reporting.compare.gene_label`). A target
-    with too few trained designs shows its note instead of bars.
+    genes labelled as people read them (`search.reporting.compare.gene_label`). A run with
+    too few trained designs shows its note instead of bars (in the panel when no run has
+    bars, else under the panel's title; either text has gid "importance-note").
 
     Args:
         importances: from `search.reporting.compare.param_importances`, for one or more runs.
@@ -623,9 +624,9 @@ def importance_figure(importances: Sequence[Importance]) -> Any:
                 gid="importance",
                 label=f"{name} ({found.designs} trained designs)",
             )
-        if notes and not ax.patches:
+        title = ax.set_title(f"importance for {target}", fontsize=10)
+        if notes and not ax.patches:  # nothing to draw: the note fills the panel
             ax.set_xticks([])
-        if notes:
             ax.text(
                 0.5,
                 0.5,
@@ -634,10 +635,11 @@ def importance_figure(importances: Sequence[Importance]) -> Any:
                 va="center",
                 transform=ax.transAxes,
                 fontsize=10,
-                wrap=True,
                 gid="importance-note",
             )
-        ax.set_title(f"importance for {target}", fontsize=10)
+        elif notes:  # under the title, clear of the bars
+            title.set_text("\n".join([title.get_text(), *notes]))
+            title.set_gid("importance-note")
         ax.set_xlabel("share of the variance explained (fANOVA)")
         ax.grid(True, axis="x", alpha=0.3)
         if genes:
