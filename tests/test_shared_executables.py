@@ -353,3 +353,8 @@ def test_a_shared_search_compiles_once_per_skeleton(shared_root):
         for run_dir in trained
     }
     assert sum(s > 0.0 for s in compiles) == len(skeletons) < len(trained)
+    # The setting changes how trials compile, not what they are: a resume may switch it.
+    again = search.run(
+        str(path), workdir, finish=False, workers=1, overrides=["search.executables=exact"]
+    )
+    assert len(again.records) == len(result.records)

@@ -39,6 +39,7 @@ MUTABLE = (
     "search.workers",
     "search.study_name",
     "search.artifact_root",
+    "search.executables",  # exact and shared train alike; only compile counts differ
     "train.log_every",
     "compile_cache_dir",
     "data.max_image_pixels",
