@@ -50,18 +50,20 @@ figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 figure { max-width: 1400px; }
 figcaption { color: #57606a; font-size: 0.85rem; }
 div.scroll { overflow-x: auto; }
-table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th::after { content: " \\2195"; color: #8c959f; font-size: 0.8em; }
-table.sortable th[aria-sort="ascending"]::after { content: " \\25B2"; color: #1b1f24; }
-table.sortable th[aria-sort="descending"]::after { content: " \\25BC"; color: #1b1f24; }
+table.sorting th { cursor: pointer; user-select: none; }
+table.sorting th::after { content: " \\2195"; color: #8c959f; font-size: 0.8em; }
+table.sorting th[aria-sort="ascending"]::after { content: " \\25B2"; color: #1b1f24; }
+table.sorting th[aria-sort="descending"]::after { content: " \\25BC"; color: #1b1f24; }
 """
 
 # Sorts a table.sortable by the clicked column: cells compare by data-sort (numbers
 # numerically), empty values last in either direction, ties in the original row order;
-# a second click reverses. No library, so the page works offline.
+# a second click reverses. It marks the table "sorting" so the headings look clickable only
+# where they are. No library, so the page works offline.
 _SORT_SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
   var body = table.tBodies[0], heads = table.tHead.rows[0].cells;
+  table.classList.add("sorting");
   Array.prototype.forEach.call(body.rows, function (row, i) { row.dataset.order = i; });
   function key(row, col) {
     var cell = row.cells[col];

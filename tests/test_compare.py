@@ -224,6 +224,7 @@ window.addEventListener("load", function () {
       }));
     }
   });
+  sorts["class"] = board.className;
   var marker = document.createElement("pre");
   marker.id = "render-check";
   marker.textContent = "IMAGES " + loaded + "/" + images.length + " TABLES " + tables.join(",") +
@@ -266,6 +267,7 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     loaded, total = int(match.group(1)), int(match.group(2))
     assert total == len(_FIGURES) and loaded == total
     sorts = json.loads(html_module.unescape(match.group(4)))
+    assert sorts["class"] == "sortable sorting"  # headings look clickable once script runs
     trials = [[int(t) for t in order] for order in sorts["trial"]]
     assert trials[0] == sorted(trials[0]) and trials[1] == sorted(trials[1], reverse=True)
     assert trials[0] != sorted(map(str, trials[0]))  # numbers, not text: 2 before 11

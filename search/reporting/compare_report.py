@@ -307,8 +307,8 @@ def write_comparison(
                     "objective. Validation metrics of the last checkpoint at each design's last "
                     "fidelity rung, with confidence intervals; test accuracy only for the "
                     "declared design, scored once. Greyed rows miss a requirement; 'why not' "
-                    "says which and by how much. Click a column heading to sort by it (again "
-                    "to reverse); '#' restores the rank."
+                    "says which and by how much. With JavaScript on, click a column heading to "
+                    "sort by it (again to reverse); '#' restores the rank."
                 ),
                 _leaderboard_table(rows, class_names, multi, table_limit),
             ],
