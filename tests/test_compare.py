@@ -527,6 +527,14 @@ def test_importance_needs_enough_designs(two_runs, gamma):
         assert importance.designs == sum(c.trained for c in gamma.candidates)  # trained only
         assert sum(importance.values.values()) == pytest.approx(1.0)
         assert set(importance.values) <= set(gamma.distributions)
+    flat = dataclasses.replace(
+        gamma,
+        candidates=tuple(
+            dataclasses.replace(c, val_accuracy=0.5) if c.trained else c for c in gamma.candidates
+        ),
+    )  # fANOVA itself fails on a target without variance
+    (same, _) = param_importances(flat, targets)
+    assert same.note == "every trained design has the same validation accuracy"
     fig = importance_figure([*found, *param_importances(few, targets)])
     bars = [p for ax in fig.axes for p in ax.patches if p.get_gid() == "importance"]
     assert len(bars) == sum(len(i.values) for i in found)

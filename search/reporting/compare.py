@@ -305,7 +305,9 @@ def load_run(
         except (OSError, ValueError) as err:
             raise CompareError(f"{board_path}: unreadable ({err})") from None
     study = open_search_study(workdir, storage_url, study_name or board.get("study"))
-    records = [r for r in store.read_records(study) if r.status != "duplicate"]
+    trials = study.get_trials(deepcopy=False)  # one read (a database query for PostgreSQL)
+    records = [TrialRecord.from_trial(t) for t in trials]
+    records = [r for r in records if r.status != "duplicate"]
     finished = [r for r in records if r.is_trained or r.status in ("infeasible", "failed")]
     if not finished:
         raise CompareError(
@@ -314,7 +316,7 @@ def load_run(
     best = board.get("best")
     reqs = requirements_config(board.get("requirements") or {})
     distributions: dict[str, optuna.distributions.BaseDistribution] = {}
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         distributions.update(trial.distributions)
     candidates = tuple(
         _candidate(workdir.name, r, best, reqs)
@@ -476,7 +478,7 @@ def param_importances(
 
     Returns:
         One `Importance` per target; with fewer than `MIN_IMPORTANCE_DESIGNS` trained designs,
-        or genes that never varied, its `note` says so instead.
+        genes that never varied or a target that did not, its `note` says so instead.
     """
     trained = [c for c in run.candidates if c.trained and c.record is not None]
     genes = {
@@ -492,6 +494,8 @@ def param_importances(
             note = f"needs at least {MIN_IMPORTANCE_DESIGNS} trained designs, {len(rows)} so far"
         elif not varied:
             note = "no gene differs between the trained designs"
+        elif len({v for _, v in rows}) == 1:  # fANOVA: "zero total variance in all trees"
+            note = f"every trained design has the same {target}"
         if note:
             found.append(Importance(run.name, target, {}, len(rows), note))
             continue
