@@ -63,5 +63,5 @@ def _run_compare(args: argparse.Namespace) -> int:
             f"{best.macs:,} MACs, {'feasible' if best.feasible else 'infeasible: ' + best.reason}"
         )
     for name, path in paths.items():
-        print(f"  {name:7s} {path}")
+        print(f"  {name:10s} {path}")
     return 0
