@@ -321,8 +321,8 @@ def write_comparison(
                     "validation accuracy vs MACs",
                     "Filled: meets every requirement. Hollow: trained but misses a "
                     "requirement. Diamond: the declared design. Ticks on the bottom axis: "
-                    "never trained. Bars: two-sided confidence intervals. Dotted red lines: "
-                    "the MACs limit and the minimum accuracy. "
+                    "never trained. Bars: two-sided confidence intervals. Red lines: the MACs "
+                    "limit (dashed) and the minimum accuracy (dotted). "
                     + _judged_text(runs)
                     + "The paper's networks, where shown, are in their own panel: "
                     "their numbers are COVIDx3 test accuracies, not validation accuracies of "
