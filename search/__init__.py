@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from search.execution.session import SearchResult, run
     from search.execution.training import SearchExperiment, load_experiment
-    from search.strategies.registry import StrategyContext, register_strategy
+    from search.strategies.context import StrategyContext
+    from search.strategies.registry import register_strategy
 
 __all__ = [
     "SearchExperiment",
@@ -37,7 +38,7 @@ _HOMES = {
     "run": "search.execution.session",
     "SearchExperiment": "search.execution.training",
     "load_experiment": "search.execution.training",
-    "StrategyContext": "search.strategies.registry",
+    "StrategyContext": "search.strategies.context",
     "register_strategy": "search.strategies.registry",
 }
 

@@ -10,6 +10,7 @@ models and generations from the stored trials), and one worker's proposals are r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +22,10 @@ from optuna.trial import FrozenTrial, TrialState
 from covidnet_jax.arch import AnySpec
 from search.config import Objective, StrategyConfig
 from search.ledger.records import Proposal
+from search.strategies.context import StrategyContext
 from search.strategies.evolution import EvolutionSampler
 from search.strategies.genome import GenomeSampler, trial_rng
 from search.strategies.registry import (
-    StrategyContext,
     StrategyFactory,
     register_strategy,
     registered_strategies,
@@ -73,26 +74,21 @@ class StrategySampler(BaseSampler):
         on_proposal: Callable[[int, Proposal], None] | None = None,
         factory: StrategyFactory | None = None,
     ) -> None:
-        self.within_cost = within_cost
-        self.on_proposal = on_proposal
-        self.space = space
-        self.strategy = strategy
-        self.objective = objective
-        self.seed = seed
+        self.context = StrategyContext(
+            space=space,
+            strategy=strategy,
+            objective=objective,
+            seed=seed,
+            trial_seed=0,
+            within_cost=within_cost,
+            on_proposal=on_proposal,
+        )
         self.factory = factory if factory is not None else strategy_factory(strategy.name)
         self._inner: BaseSampler = self._build(0)
 
     def _build(self, number: int) -> BaseSampler:
-        context = StrategyContext(
-            space=self.space,
-            strategy=self.strategy,
-            objective=self.objective,
-            seed=self.seed,
-            trial_seed=int(trial_rng(self.seed, number).integers(2**31 - 1)),
-            within_cost=self.within_cost,
-            on_proposal=self.on_proposal,
-        )
-        return self.factory(context)
+        trial_seed = int(trial_rng(self.context.seed, number).integers(2**31 - 1))
+        return self.factory(dataclasses.replace(self.context, trial_seed=trial_seed))
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Builds this trial's sampler, then lets it prepare."""

@@ -10,7 +10,7 @@ continues the same strategy, and one worker's proposals are deterministic for a 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,10 +19,8 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial
 
-from covidnet_jax.arch import AnySpec
-from search.config import Objective, StrategyConfig
 from search.ledger.records import Genome, Proposal, TrialRecord
-from search.strategies.space import SearchSpace
+from search.strategies.context import StrategyContext
 
 
 def trial_rng(seed: int, number: int) -> np.random.Generator:
@@ -34,33 +32,22 @@ class GenomeSampler(BaseSampler, abc.ABC):
     """An Optuna sampler that proposes genomes from the records of earlier trials.
 
     Args:
-        space: the search space.
-        strategy: the `strategy:` section.
-        objective: the search objective (ranks parents).
-        seed: the search's root seed.
-        within_cost: whether a spec meets the hard cost limits (None: no check). Children are
-            resampled to meet them, so a strategy spends few proposals on designs that the
-            cost pre-filter would reject anyway.
-        on_proposal: called with (trial number, proposal) as soon as a genome is decided,
-            inside `study.ask()`: the runner records the proposal's origin in the trial
-            itself, so it survives a worker killed right after the ask.
+        context: the search space, the `strategy:` section, the objective (ranks parents),
+            the root seed, `within_cost` (whether a spec meets the hard cost limits, None: no
+            check; children are resampled to meet them, so a strategy spends few proposals
+            on designs the cost pre-filter would reject anyway) and `on_proposal` (called
+            with (trial number, proposal) as soon as a genome is decided, inside
+            `study.ask()`: the runner records the proposal's origin in the trial itself, so
+            it survives a worker killed right after the ask).
     """
 
-    def __init__(
-        self,
-        space: SearchSpace,
-        strategy: StrategyConfig,
-        objective: Objective,
-        seed: int,
-        within_cost: Callable[[AnySpec], bool] | None = None,
-        on_proposal: Callable[[int, Proposal], None] | None = None,
-    ) -> None:
-        self.space = space
-        self.strategy = strategy
-        self.objective = objective
-        self.seed = seed
-        self.within_cost = within_cost
-        self.on_proposal = on_proposal
+    def __init__(self, context: StrategyContext) -> None:
+        self.context = context
+        self.space, self.strategy, self.objective = (
+            context.space,
+            context.strategy,
+            context.objective,
+        )
         self._genomes: dict[int, Genome] = {}
 
     @abc.abstractmethod
@@ -76,10 +63,10 @@ class GenomeSampler(BaseSampler, abc.ABC):
             for t in study.get_trials(deepcopy=False)
             if t.number < trial.number
         ]
-        proposal = self.propose(records, trial_rng(self.seed, trial.number))
+        proposal = self.propose(records, trial_rng(self.context.seed, trial.number))
         self._genomes[trial.number] = proposal.genome
-        if self.on_proposal is not None:
-            self.on_proposal(trial.number, proposal)
+        if self.context.on_proposal is not None:
+            self.context.on_proposal(trial.number, proposal)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial
@@ -121,7 +108,7 @@ class GenomeSampler(BaseSampler, abc.ABC):
         spec = self.space.decode(genome)
         if spec.content_hash() in seen:
             return False
-        return self.within_cost is None or self.within_cost(spec)
+        return self.context.within_cost is None or self.context.within_cost(spec)
 
     def mutate(
         self,
