@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -58,6 +59,7 @@ from flax import nnx
 
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, conv_out_size
 from covidnet_jax.blocks import WidthMask
+from covidnet_jax.cost import count_cost
 from covidnet_jax.errors import SpecError
 from covidnet_jax.models import PepxNet
 
@@ -458,3 +460,230 @@ class HostRegistry:
             current = spec if current is None else host_spec([current, spec])
             self._hosts[key] = current
         return current
+
+
+# --- Choosing between padding and compiling (`search.executables: auto`) -------------------
+
+PRIOR_COMPILE_S = 10.0
+"""Seconds a new train + eval compile is assumed to take until one is measured (the median
+of a quickstart search's candidates on 2 CPU cores; issue 16)."""
+
+PRIOR_SECONDS_PER_MAC = 2e-8
+"""Seconds per train step per MAC of one example until a step is timed (the quickstart's
+narrow candidates at batch 16 on 2 CPU cores: ~8.5 ms for ~0.45 M MACs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimeModel:
+    """Predicted seconds of one train step from the MACs of one example of the executable:
+    `intercept_s + seconds_per_mac * macs`.
+
+    Small networks cost much less per step than their MACs say (per-op overhead dominates:
+    bench/README.md, "Shared executables"), so the intercept matters; with timings of only
+    one executable size it cannot be told from the slope, and the model is proportional
+    (intercept 0), which overstates what padding costs and so leans towards compiling.
+    """
+
+    intercept_s: float
+    seconds_per_mac: float
+
+    def predict(self, macs: float) -> float:
+        """Seconds of one train step of an executable whose example costs `macs`."""
+        return self.intercept_s + self.seconds_per_mac * macs
+
+
+def fit_step_times(
+    samples: Iterable[tuple[float, float]], *, prior_seconds_per_mac: float = PRIOR_SECONDS_PER_MAC
+) -> StepTimeModel:
+    """Calibrates `StepTimeModel` on measured steps.
+
+    Args:
+        samples: (MACs of one example of the executable that ran, measured seconds per
+            train step) pairs, e.g. one per trained rung.
+        prior_seconds_per_mac: the slope while nothing is measured.
+
+    Returns:
+        No samples: the prior, proportional. Samples whose MACs span less than 1.2x: the
+        median seconds per MAC, proportional. Otherwise the least-squares line, kept
+        proportional when that line would have a negative intercept or slope.
+    """
+    pairs = [(float(m), float(s)) for m, s in samples if m > 0 and s > 0]
+    if not pairs:
+        return StepTimeModel(0.0, prior_seconds_per_mac)
+    macs = np.array([m for m, _ in pairs])
+    seconds = np.array([s for _, s in pairs])
+    proportional = StepTimeModel(0.0, float(np.median(seconds / macs)))
+    if macs.max() < 1.2 * macs.min():
+        return proportional
+    slope, intercept = np.polyfit(macs, seconds, 1)
+    if slope <= 0 or intercept < 0:
+        return proportional
+    return StepTimeModel(float(intercept), float(slope))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutableChoice:
+    """What `choose_executable` decided.
+
+    Attributes:
+        compile: True: compile a new executable; False: run padded on `host`.
+        host: with `compile=False`, the key of the existing host to run on; with
+            `compile=True`, the key of the wider seed host to compile, or None for the
+            candidate's own widths.
+        predicted_s: predicted seconds of the choice (compile + steps).
+    """
+
+    compile: bool
+    host: Any | None
+    predicted_s: float
+
+
+def choose_executable(
+    *,
+    narrow_step_s: float,
+    steps: int,
+    compile_s: float,
+    hosts: Mapping[Any, float],
+    seed: tuple[Any, float] | None = None,
+) -> ExecutableChoice:
+    """Run padded on a compiled host, or compile a new executable: whichever is predicted
+    to finish this rung sooner.
+
+    Running on host h costs `steps * hosts[h]`; compiling costs `compile_s + steps *
+    narrow_step_s`. When compiling, a wider `seed` host (the search's prototype) is compiled
+    instead of the candidate's own widths if padding this rung on it costs no more than one
+    compile: the compile it saves the next candidate inside it is worth at least that.
+
+    Args:
+        narrow_step_s: predicted seconds of one train step of the candidate's own executable.
+        steps: train steps the candidate runs in this rung.
+        compile_s: predicted seconds to compile a new executable (train and eval steps).
+        hosts: key -> predicted seconds per step, for each compiled host that dominates the
+            candidate.
+        seed: (key, predicted seconds per step) of an uncompiled host that dominates the
+            candidate, or None.
+
+    Returns:
+        The choice; ties go to the compiled host.
+    """
+    compile_new = compile_s + steps * narrow_step_s
+    if hosts:
+        key = min(hosts, key=lambda k: hosts[k])
+        if steps * hosts[key] <= compile_new:
+            return ExecutableChoice(False, key, steps * hosts[key])
+    if seed is not None and steps * max(seed[1] - narrow_step_s, 0.0) <= compile_s:
+        return ExecutableChoice(True, seed[0], compile_s + steps * seed[1])
+    return ExecutableChoice(True, None, compile_new)
+
+
+@functools.lru_cache(maxsize=1024)
+def _macs(spec: ArchSpec) -> int:
+    return count_cost(spec).macs
+
+
+class ExecutablePolicy:
+    """`search.executables: auto`: per candidate, a compiled host or a new compile
+    (`choose_executable`), from this process's own measurements.
+
+    Per process: the compiled hosts, the compile seconds of each new executable (median; a
+    prior until one is measured) and the step times of trained rungs (`fit_step_times`
+    over each executable's MACs from `cost.count_cost`). A new executable is a host network
+    of the candidate's own widths (or of a seed's), so later candidates inside it can reuse it.
+
+    Args:
+        seeds: designs (the search's prototype) worth compiling as the host of their skeleton
+            when a candidate inside them needs a compile anyway.
+        prior_compile_s: compile seconds assumed until one is measured.
+        prior_seconds_per_mac: step-time slope assumed until a step is timed.
+
+    Example:
+        >>> policy = ExecutablePolicy(seeds=[prototype])
+        >>> host = policy.host_for(candidate, steps=100)  # train_and_evaluate(host=host)
+        >>> policy.record(host, compile_s=r.compile_s, steps=100, train_s=r.train_s)
+    """
+
+    def __init__(
+        self,
+        seeds: Iterable[Any] = (),
+        *,
+        prior_compile_s: float = PRIOR_COMPILE_S,
+        prior_seconds_per_mac: float = PRIOR_SECONDS_PER_MAC,
+    ) -> None:
+        self.prior_compile_s = prior_compile_s
+        self.prior_seconds_per_mac = prior_seconds_per_mac
+        self.compiled: dict[str, list[ArchSpec]] = {}
+        self.compile_samples: list[float] = []
+        self.step_samples: list[tuple[float, float]] = []
+        self.choices: list[ExecutableChoice] = []
+        self._seeds: dict[str, ArchSpec] = {}
+        self._untimed: set[ArchSpec] = set()  # compiled hosts whose compile is not yet recorded
+        for seed in seeds:
+            with contextlib.suppress(SpecError):
+                self._seeds.setdefault(skeleton_of(seed).key, seed)
+
+    @property
+    def compile_s(self) -> float:
+        """Predicted seconds of a new compile: the median measured, or the prior."""
+        if not self.compile_samples:
+            return self.prior_compile_s
+        return float(np.median(self.compile_samples))
+
+    @property
+    def step_model(self) -> StepTimeModel:
+        """The step-time model calibrated on this process's timed rungs."""
+        return fit_step_times(self.step_samples, prior_seconds_per_mac=self.prior_seconds_per_mac)
+
+    def host_for(self, spec: Any, steps: int) -> ArchSpec | None:
+        """The host `spec` trains on for `steps` steps, or None when it cannot share one
+        (not a PEPX spec, a head with dropout): then it trains on its own executable.
+
+        A host not compiled before in this process is registered as compiled now: the
+        caller trains on it (and calls `record` with its compile seconds).
+        """
+        try:
+            key = skeleton_of(spec).key
+        except SpecError:
+            return None
+        model = self.step_model
+        compiled = self.compiled.setdefault(key, [])
+        hosts = {i: model.predict(_macs(h)) for i, h in enumerate(compiled) if dominates(h, spec)}
+        seed = self._seeds.get(key)
+        seed_option = None
+        if seed is not None and seed not in compiled and dominates(seed, spec):
+            seed_option = ("seed", model.predict(_macs(seed)))
+        choice = choose_executable(
+            narrow_step_s=model.predict(_macs(spec)),
+            steps=max(int(steps), 0),
+            compile_s=self.compile_s,
+            hosts=hosts,
+            seed=seed_option,
+        )
+        self.choices.append(choice)
+        if not choice.compile:
+            return compiled[choice.host]
+        host = seed if choice.host == "seed" else spec
+        if host not in compiled:
+            compiled.append(host)
+            self._untimed.add(host)
+        return host
+
+    def record(
+        self, host: ArchSpec | None, *, compile_s: float, steps: int, train_s: float
+    ) -> None:
+        """Measurements of a rung trained on `host` (None: its own, unshared executable).
+
+        Args:
+            host: what `host_for` returned.
+            compile_s: the run's compile seconds (counted once per new host: later runs on
+                it find its steps compiled).
+            steps: train steps the run took.
+            train_s: seconds those steps took (no compile, eval or saving).
+        """
+        if host is None:
+            return
+        if host in self._untimed:
+            self._untimed.discard(host)
+            if compile_s > 0:
+                self.compile_samples.append(float(compile_s))
+        if steps > 0 and train_s > 0:
+            self.step_samples.append((float(_macs(host)), train_s / steps))

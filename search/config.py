@@ -327,7 +327,12 @@ class SearchSettings:
             "shared" (designs that differ only in widths train on one compiled step of a
             wider host network with the surplus channels masked: the same training, exactly,
             and one compile per skeleton and host; checkpoints hold each design's own
-            network; `covidnet_jax.shared_widths`).
+            network; `covidnet_jax.shared_widths`), or "auto" (per candidate and rung,
+            padded on a host this worker already compiled or a new compile, whichever is
+            predicted to finish sooner from the worker's measured compile and step times:
+            `shared_widths.ExecutablePolicy`). The default stays "exact" until "auto" is
+            measured at least as good as both on the quickstart (bench/README.md, "Shared
+            executables").
     """
 
     space: SpaceConfig
@@ -341,7 +346,7 @@ class SearchSettings:
     workers: int = bounded(1, ge=1)
     study_name: str = ""
     artifact_root: str = ""
-    executables: Literal["exact", "shared"] = "exact"
+    executables: Literal["exact", "shared", "auto"] = "exact"
 
     def __post_init__(self) -> None:
         check(self, path="search")  # built in Python: validated as the file's section is

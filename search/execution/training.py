@@ -16,12 +16,13 @@ from typing import Any
 
 from covidnet_jax import presets
 from covidnet_jax.arch import AnySpec, ArchSpec
+from covidnet_jax.checkpointing import finished_steps
 from covidnet_jax.config import TrainConfig
 from covidnet_jax.data import Data, load_data
 from covidnet_jax.errors import ConfigError
 from covidnet_jax.evaluate import evaluate_workdir
 from covidnet_jax.metrics import EvalMetrics
-from covidnet_jax.shared_widths import HostRegistry
+from covidnet_jax.shared_widths import ExecutablePolicy, HostRegistry
 from covidnet_jax.train import TrainFailure, train_and_evaluate
 from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
 from search.config import SearchSettings
@@ -164,6 +165,10 @@ class TrainingEvaluator:
     """With `search.executables: shared`: the host network each skeleton's candidates train
     on in this process (None: every candidate compiles its own steps)."""
 
+    policy: ExecutablePolicy | None = None
+    """With `search.executables: auto`: chooses each candidate's host from this process's
+    measured compile and step times (recorded after every rung it trains)."""
+
     @classmethod
     def from_experiment(cls, experiment: SearchExperiment) -> TrainingEvaluator:
         """Builds the evaluator from a validated experiment, read from a file or built in
@@ -173,6 +178,8 @@ class TrainingEvaluator:
             # Seeded with the prototype: candidates around it mostly fit inside its widths,
             # so its skeleton does not recompile each time one is a little wider somewhere.
             evaluator.hosts = HostRegistry(seeds=[load_prototype(experiment)])
+        elif experiment.search.executables == "auto":
+            evaluator.policy = ExecutablePolicy(seeds=[load_prototype(experiment)])
         return evaluator
 
     @classmethod
@@ -209,17 +216,34 @@ class TrainingEvaluator:
             init_from=request.init_from,
             data=self.data(request.spec.input_size, request.validation_draw),
             show_progress=False,
-            host=None if self.hosts is None else self.hosts.host_for(request.spec),
+            host=(host := self._host_for(request)),
             on_progress=request.on_progress,
         )
         if isinstance(result, TrainFailure):
             return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)
+        if self.policy is not None:
+            self.policy.record(
+                host,
+                compile_s=result.compile_s,
+                steps=result.step - (result.resumed_from or 0),
+                train_s=result.train_s,
+            )
         return EvalSuccess(
             metrics=result.metrics,
             compile_s=result.compile_s,
             train_s=result.train_s + result.eval_s,
             checkpoint=Path(result.checkpoint_dir),
         )
+
+    def _host_for(self, request: EvalRequest) -> AnySpec | None:
+        """The host network `request.spec` trains on (None: its own executable)."""
+        if self.hosts is not None:
+            return self.hosts.host_for(request.spec)
+        if self.policy is not None:
+            # The rung resumes from the trial's latest checkpoint: only the rest is trained.
+            done = finished_steps(request.workdir / "checkpoints")
+            return self.policy.host_for(request.spec, request.steps - (done[-1] if done else 0))
+        return None
 
     def test(self, request: EvalRequest) -> EvalMetrics:
         """Test-split metrics of the checkpoint `request.workdir` hands on (its last)."""

@@ -1,0 +1,157 @@
+"""`search.executables: auto`: per candidate, run padded on a compiled host or compile a new
+executable (`shared_widths.choose_executable`), from measured compile and step times.
+
+The decision function is tested on fake cost tables; the stateful policy on tiny specs (it
+only counts MACs); the evaluator trains two tiny candidates under `auto`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from covidnet_jax import shared_widths as sw
+from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, StemSpec
+from covidnet_jax.errors import ConfigError
+from search.config import SearchSettings, SpaceConfig
+from search.execution.evaluation import EvalRequest, EvalSuccess
+from search.execution.training import TrainingEvaluator, load_experiment, load_prototype
+from tests.test_shared_executables import _experiment
+
+
+def _spec(stem: int, modules: tuple[tuple[int, int, int, int], ...]) -> ArchSpec:
+    return ArchSpec(
+        input_size=32,
+        stem=StemSpec(channels=stem, kernel_size=3, stride=2, pool_size=0),
+        stages=(StageSpec(1, tuple(ModuleSpec(*m, kernel_size=3) for m in modules)),),
+        connectivity="dense",
+    )
+
+
+# -- the decision on a fake cost table -----------------------------------------------------
+
+
+def test_cheap_padding_reuses_the_cheapest_host():
+    choice = sw.choose_executable(
+        narrow_step_s=0.010, steps=100, compile_s=10.0, hosts={"wide": 0.015, "wider": 0.020}
+    )
+    assert (choice.compile, choice.host) == (False, "wide")
+    assert choice.predicted_s == pytest.approx(1.5)
+
+
+def test_expensive_padding_with_a_cheap_compile_compiles():
+    # 1000 steps x 10 ms surplus = 10 s of padding against a 2 s compile.
+    choice = sw.choose_executable(
+        narrow_step_s=0.010, steps=1000, compile_s=2.0, hosts={"wide": 0.020}
+    )
+    assert (choice.compile, choice.host) == (True, None)
+    assert choice.predicted_s == pytest.approx(12.0)
+    # the same padding against a 20 s compile: reuse
+    assert not sw.choose_executable(
+        narrow_step_s=0.010, steps=1000, compile_s=20.0, hosts={"wide": 0.020}
+    ).compile
+
+
+def test_no_host_compiles_the_seed_when_padding_it_costs_less_than_a_compile():
+    choice = sw.choose_executable(narrow_step_s=0.010, steps=100, compile_s=10.0, hosts={})
+    assert (choice.compile, choice.host) == (True, None)
+    seeded = sw.choose_executable(
+        narrow_step_s=0.010, steps=100, compile_s=10.0, hosts={}, seed=("proto", 0.015)
+    )
+    assert (seeded.compile, seeded.host) == (True, "proto")
+    # 100 steps x 0.2 s surplus = 20 s > one 10 s compile: the candidate's own widths
+    costly = sw.choose_executable(
+        narrow_step_s=0.010, steps=100, compile_s=10.0, hosts={}, seed=("proto", 0.21)
+    )
+    assert (costly.compile, costly.host) == (True, None)
+
+
+# -- calibration from timings ---------------------------------------------------------------
+
+
+def test_step_times_calibrate_from_measurements():
+    prior = sw.fit_step_times([], prior_seconds_per_mac=1e-8)
+    assert (prior.intercept_s, prior.seconds_per_mac) == (0.0, 1e-8)
+    # one executable size: proportional, the median seconds per MAC
+    one = sw.fit_step_times([(1e6, 0.010), (1e6, 0.012), (1e6, 0.011)])
+    assert (one.intercept_s, one.predict(2e6)) == (0.0, pytest.approx(0.022))
+    # several sizes: the line (bench/README.md: 7 ms overhead + 3 ns per MAC, made up here)
+    line = sw.fit_step_times([(m, 0.007 + 3e-9 * m) for m in (0.5e6, 1.4e6, 2.8e6)])
+    assert line.intercept_s == pytest.approx(0.007)
+    assert line.seconds_per_mac == pytest.approx(3e-9)
+    # a line through a negative intercept is not believed: proportional
+    odd = sw.fit_step_times([(1e6, 0.001), (3e6, 0.009)])
+    assert odd.intercept_s == 0.0
+
+
+def test_policy_reuses_the_seed_then_compiles_when_measured_padding_is_dear():
+    proto = _spec(8, ((8, 16, 8, 16), (8, 16, 8, 16)))
+    narrow = _spec(4, ((4, 8, 4, 8), (4, 8, 4, 8)))
+    policy = sw.ExecutablePolicy(seeds=[proto])
+    assert policy.compile_s == sw.PRIOR_COMPILE_S
+    # Nothing compiled: the padding of a 10-step rung on the seed is cheap, so the seed
+    # is compiled (and shrinking candidates inside it reuse it).
+    assert policy.host_for(narrow, steps=10) == proto
+    assert policy.choices[-1].compile
+    macs = sw.count_cost(proto).macs
+    policy.record(proto, compile_s=4.0, steps=10, train_s=10 * 2e-8 * macs)
+    assert policy.compile_samples == [4.0]
+    assert policy.step_samples == [(macs, pytest.approx(2e-8 * macs))]
+    assert policy.host_for(narrow, steps=10) == proto
+    assert not policy.choices[-1].compile
+    policy.record(proto, compile_s=0.0, steps=10, train_s=10 * 2e-8 * macs)
+    assert policy.compile_samples == [4.0]  # a reused executable's compile is not a sample
+    # A long rung whose padding costs more than the measured compile: its own executable,
+    # which then serves it.
+    assert policy.host_for(narrow, steps=10**6) == narrow
+    assert policy.choices[-1].compile
+    assert policy.compiled[sw.skeleton_of(narrow).key] == [proto, narrow]
+    assert policy.host_for(narrow, steps=10**6) == narrow
+    assert not policy.choices[-1].compile
+    # wider than every compiled host, and than the seed: its own widths
+    wider = _spec(12, ((8, 16, 8, 16), (8, 16, 8, 16)))
+    assert policy.host_for(wider, steps=10) == wider
+    # not shareable: its own plain executable
+    dropout = dataclasses.replace(narrow, head=dataclasses.replace(narrow.head, dropout=0.1))
+    assert policy.host_for(dropout, steps=10) is None
+
+
+# -- the setting and the evaluator ----------------------------------------------------------
+
+
+def test_executables_setting_accepts_auto_and_names_bad_values():
+    assert SearchSettings(space=SpaceConfig(prototype="tiny"), executables="auto")
+    with pytest.raises(ConfigError, match="executables"):
+        SearchSettings(space=SpaceConfig(prototype="tiny"), executables="sometimes")
+
+
+@pytest.mark.slow
+def test_auto_evaluator_compiles_once_and_records_timings(tmp_path):
+    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
+    path = _experiment(tmp_path, "auto", prototype)
+    experiment = load_experiment(path, ("search.executables=auto",))
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    assert evaluator.hosts is None and evaluator.policy is not None
+    prototype = load_prototype(experiment)
+    narrower = _spec(6, ((4, 8, 4, 8), (2, 12, 4, 8)))
+    results = [
+        evaluator.train(
+            EvalRequest(spec=s, steps=4, workdir=tmp_path / f"trials/{i}", init_from=None, rung=0)
+        )
+        for i, s in enumerate([narrower, prototype])
+    ]
+    assert all(isinstance(r, EvalSuccess) for r in results), results
+    # the first candidate compiled the seed (the prototype), the second ran on it
+    assert results[0].compile_s > 0.0 and results[1].compile_s == 0.0
+    assert [c.compile for c in evaluator.policy.choices] == [True, False]
+    assert evaluator.policy.compile_samples == [pytest.approx(results[0].compile_s)]
+    assert len(evaluator.policy.step_samples) == 2
+    # a resumed rung predicts only the steps it still trains (6 - 4)
+    model = evaluator.policy.step_model
+    evaluator.train(
+        EvalRequest(spec=narrower, steps=6, workdir=tmp_path / "trials/0", init_from=None, rung=1)
+    )
+    assert evaluator.policy.choices[-1].predicted_s == pytest.approx(
+        2 * model.predict(sw.count_cost(prototype).macs)
+    )
