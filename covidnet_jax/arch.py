@@ -35,8 +35,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
+from covidnet_jax.block_registry import block_kind
 from covidnet_jax.errors import SpecError
-from covidnet_jax.typed_yaml import JSON_SPEC, describe, from_dict, to_dict
+from covidnet_jax.typed_yaml import JSON_SPEC, FrozenDict, describe, from_dict, to_dict
 
 COVIDX_CLASSES: tuple[str, ...] = ("normal", "pneumonia", "COVID-19")
 """Class names of the 3-class COVIDx releases, in label-index order."""
@@ -113,6 +114,11 @@ class ModuleSpec:
         proj2: channels of the second-stage 1x1 projection.
         out: channels of the 1x1 extension, the module's output width.
         kernel_size: odd size of the depthwise conv (it carries the stage stride).
+        kind: the block kind (`covidnet_jax.block_registry`): "pepx" (the default) or
+            another registered kind such as "se_pepx". A "pepx" module writes neither
+            `kind` nor `options` to spec JSON, so specs from before kinds keep their hash.
+        options: the kind's extra fields; missing ones take the kind's defaults, so a
+            spec always holds all of them.
     """
 
     proj1: int
@@ -120,11 +126,45 @@ class ModuleSpec:
     proj2: int
     out: int
     kernel_size: int = 3
+    kind: str = "pepx"
+    options: Mapping[str, int | float] = FrozenDict()
 
     def __post_init__(self) -> None:
         for name in ("proj1", "expand", "proj2", "out"):
             _check_int(name, getattr(self, name), 1, MAX_WIDTH)
         _check_kernel("kernel_size", self.kernel_size)
+        block = block_kind(self.kind)
+        if not isinstance(self.options, Mapping):
+            raise SpecError(f"options: expected a mapping, got {describe(self.options)}")
+        unknown = sorted(set(self.options) - set(block.fields))
+        if unknown:
+            expected = ", ".join(block.fields) or "no options"
+            raise SpecError(
+                f"options.{unknown[0]}: not a field of block kind {self.kind!r} "
+                f"(expected: {expected})"
+            )
+        for name, value in self.options.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(f"options.{name}: expected a number, got {describe(value)}")
+        # Frozen: filled in once here, so equal designs compare and hash equal.
+        object.__setattr__(self, "options", FrozenDict({**block.fields, **self.options}))
+        if block.validate is not None:
+            block.validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; a "pepx" module omits `kind` and `options` (its JSON predates them)."""
+        data = to_dict(self)
+        if self.kind == "pepx" and not self.options:
+            del data["kind"], data["options"]
+        return data
+
+    def label(self) -> str:
+        """Compact form for summaries, e.g. `4-16-4-16k3` or `se_pepx(se_ratio=4):4-16-4-16k3`."""
+        widths = f"{self.proj1}-{self.expand}-{self.proj2}-{self.out}k{self.kernel_size}"
+        if self.kind == "pepx" and not self.options:
+            return widths
+        options = ",".join(f"{k}={v:g}" for k, v in self.options.items())
+        return f"{self.kind}({options}):{widths}" if options else f"{self.kind}:{widths}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +265,14 @@ class _SpecMethods:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON-ready data, with its `"type"` tag first."""
-        return {"type": self.TYPE, **to_dict(self)}
+        data = {"type": self.TYPE, **to_dict(self)}
+        # PEPX stages: each module writes itself (a "pepx" module omits its kind).
+        for stage_data, stage in zip(
+            data.get("stages", ()), getattr(self, "stages", ()), strict=True
+        ):
+            if isinstance(stage, StageSpec):
+                stage_data["modules"] = [m.to_dict() for m in stage.modules]
+        return data
 
     def to_json(self, *, indent: int | None = 2) -> str:
         """The spec as JSON text (`spec_from_json` reads it back to an equal spec)."""
@@ -332,9 +379,7 @@ class ArchSpec(_SpecMethods):
             f"stem {stem.channels}/{stem.kernel_size}s{stem.stride}{pool}",
         ]
         for stage in self.stages:
-            mods = ",".join(
-                f"{m.proj1}-{m.expand}-{m.proj2}-{m.out}k{m.kernel_size}" for m in stage.modules
-            )
+            mods = ",".join(m.label() for m in stage.modules)
             parts.append(f"s{stage.stride} x{len(stage.modules)} [{mods}]")
         parts.append(f"{self.connectivity} {self.norm} {self.activation}")
         parts.append(_head_summary(self.head))

@@ -31,7 +31,9 @@ import numpy as np
 from flax import nnx
 
 from covidnet_jax.arch import HeadSpec, ModuleSpec, StageSpec
+from covidnet_jax.block_registry import block_kind, register_block
 from covidnet_jax.conv import Conv
+from covidnet_jax.cost import count_pepx_module
 
 ACTIVATION_FNS: Mapping[str, Callable[[jax.Array], jax.Array]] = MappingProxyType(
     {"relu": jax.nn.relu, "relu6": jax.nn.relu6, "silu": jax.nn.silu, "gelu": jax.nn.gelu}
@@ -369,6 +371,9 @@ class PEPX(nnx.Module):
 class PepxStage(nnx.Module):
     """A stage of PEPX modules with long-range connectivity; the first module has `stride`.
 
+    Each module is built by its kind's builder (`covidnet_jax.block_registry`; "pepx":
+    `PEPX`).
+
     Connectivity (x is the stage input, m_1..m_n the modules, y the stage output):
 
     - "dense": the paper's Figure 2 pattern, read as follows. A side-chain 1x1 conv `side`
@@ -430,7 +435,8 @@ class PepxStage(nnx.Module):
         channels = in_channels
         for k, module_spec in enumerate(spec.modules):
             stride = spec.stride if k == 0 else 1
-            modules.append(PEPX(channels, module_spec, stride=stride, layers=layers, rngs=rngs))
+            build = block_kind(module_spec.kind).build
+            modules.append(build(channels, module_spec, stride=stride, layers=layers, rngs=rngs))
             needs_projection = (
                 stride != 1 or channels != module_spec.out
                 if projections is None
@@ -587,3 +593,6 @@ class Head(nnx.Module):
             if self.masks is not None and i < len(self.masks):
                 x = _apply_mask(self.masks[i], x)
         return x.astype(jnp.float32)
+
+
+register_block("pepx", build=PEPX, count=count_pepx_module)

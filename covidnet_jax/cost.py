@@ -33,7 +33,16 @@ import dataclasses
 import itertools
 import math
 
-from covidnet_jax.arch import AnySpec, ArchSpec, HeadSpec, ResNetSpec, VGGSpec, conv_out_size
+from covidnet_jax.arch import (
+    AnySpec,
+    ArchSpec,
+    HeadSpec,
+    ModuleSpec,
+    ResNetSpec,
+    VGGSpec,
+    conv_out_size,
+)
+from covidnet_jax.block_registry import block_kind
 from covidnet_jax.errors import SpecError
 
 
@@ -94,8 +103,18 @@ def _valid_taps(size: int, kernel: int, stride: int) -> int:
     return total
 
 
-class _Counter:
-    """Accumulates layers while tracking the current (h, w, C) shape."""
+class CostCounter:
+    """Accumulates layers while tracking the current (h, w, C) shape.
+
+    A block kind's cost function (`covidnet_jax.block_registry`) adds its layers with
+    `conv` or, for other layers, `add`, and leaves `shape` at the block's output.
+
+    Attributes:
+        shape: the current (h, w, C).
+        norm: whether convs are followed by BatchNorm (else they carry a bias).
+        act_flops: flops per element of the network's activation.
+        layers: the layers counted so far, in forward order.
+    """
 
     def __init__(self, size: int, channels: int, *, norm: bool, activation: str):
         self.shape = (size, size, channels)
@@ -142,6 +161,10 @@ class _Counter:
         self.layers.append(LayerCost(name, kind, out, params, macs, flops, elements * copies))
         self.shape = out
 
+    def add(self, layer: LayerCost) -> None:
+        """Adds a layer counted by the caller (`shape` is left as it is)."""
+        self.layers.append(layer)
+
     def pool(self, name: str, size: int, stride: int) -> None:
         h, w, c = self.shape
         self.shape = (conv_out_size(h, stride), conv_out_size(w, stride), c)
@@ -175,8 +198,33 @@ class _Counter:
         )
 
 
+def count_pepx_module(
+    counter: CostCounter, prefix: str, module: ModuleSpec, *, stride: int, merge: bool
+) -> None:
+    """Counts a PEPX module (`blocks.PEPX`): the cost function of block kind "pepx".
+
+    Args:
+        counter: the network's counter, at the module's input shape.
+        prefix: the module's path in the built model, e.g. `stages.0.modules.1`.
+        module: its widths and kernel size.
+        stride: stride of its depthwise conv.
+        merge: count one addition per output element (a residual or dense merge).
+    """
+    counter.conv(f"{prefix}.proj1", module.proj1, kernel_size=1)
+    counter.conv(f"{prefix}.expand", module.expand, kernel_size=1)
+    counter.conv(
+        f"{prefix}.depthwise",
+        module.expand,
+        kernel_size=module.kernel_size,
+        stride=stride,
+        depthwise=True,
+    )
+    counter.conv(f"{prefix}.proj2", module.proj2, kernel_size=1)
+    counter.conv(f"{prefix}.extend", module.out, kernel_size=1, merge=merge)
+
+
 def _count_pepx(spec: ArchSpec) -> CostReport:
-    counter = _Counter(
+    counter = CostCounter(
         spec.input_size,
         spec.input_channels,
         norm=spec.norm == "batchnorm",
@@ -197,19 +245,14 @@ def _count_pepx(spec: ArchSpec) -> CostReport:
         for k, module in enumerate(stage.modules):
             stride = stage.stride if k == 0 else 1
             module_in = counter.shape
-            prefix = f"stages.{i}.modules.{k}"
             residual = spec.connectivity == "residual"
-            counter.conv(f"{prefix}.proj1", module.proj1, kernel_size=1)
-            counter.conv(f"{prefix}.expand", module.expand, kernel_size=1)
-            counter.conv(
-                f"{prefix}.depthwise",
-                module.expand,
-                kernel_size=module.kernel_size,
+            block_kind(module.kind).count(
+                counter,
+                f"stages.{i}.modules.{k}",
+                module,
                 stride=stride,
-                depthwise=True,
+                merge=dense or residual,
             )
-            counter.conv(f"{prefix}.proj2", module.proj2, kernel_size=1)
-            counter.conv(f"{prefix}.extend", module.out, kernel_size=1, merge=dense or residual)
             if residual and (stride != 1 or module_in[2] != module.out):
                 counter.conv(
                     f"stages.{i}.shortcuts.{k}",
@@ -224,7 +267,7 @@ def _count_pepx(spec: ArchSpec) -> CostReport:
 
 
 def _count_resnet(spec: ResNetSpec) -> CostReport:
-    counter = _Counter(spec.input_size, spec.input_channels, norm=True, activation="relu")
+    counter = CostCounter(spec.input_size, spec.input_channels, norm=True, activation="relu")
     counter.conv("stem", spec.stem_channels, kernel_size=7, stride=2)
     counter.pool("stem.pool", 3, 2)
     block = 0
@@ -252,7 +295,7 @@ def _count_resnet(spec: ResNetSpec) -> CostReport:
 
 
 def _count_vgg(spec: VGGSpec) -> CostReport:
-    counter = _Counter(
+    counter = CostCounter(
         spec.input_size, spec.input_channels, norm=spec.norm == "batchnorm", activation="relu"
     )
     index = 0
