@@ -92,8 +92,9 @@ def skeleton_of(spec: ArchSpec) -> Skeleton:
     """The skeleton of a PEPX spec.
 
     Raises:
-        SpecError: `spec` is not an `ArchSpec`, or its head has dropout (random masks drawn
-            at the host's shape would differ from the narrow network's).
+        SpecError: `spec` is not an `ArchSpec`, its head has dropout (random masks drawn
+            at the host's shape would differ from the narrow network's), or a module is
+            of a kind other than "pepx" (their inner widths are not masked).
     """
     if not isinstance(spec, ArchSpec):
         raise SpecError(f"spec: shared executables need a PEPX ArchSpec, got {type(spec).__name__}")
@@ -102,6 +103,13 @@ def skeleton_of(spec: ArchSpec) -> Skeleton:
             f"head.dropout: shared executables are exact only without dropout, "
             f"got {spec.head.dropout}"
         )
+    for i, stage in enumerate(spec.stages):
+        for j, module in enumerate(stage.modules):
+            if module.kind != "pepx":
+                raise SpecError(
+                    f"stages[{i}].modules[{j}].kind: shared executables mask only 'pepx' "
+                    f"modules, got {module.kind!r} (use search.executables: exact)"
+                )
     projections = []
     channels = spec.stem.channels
     for stage in spec.stages:
