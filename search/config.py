@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from typing import Literal
 
 from covidnet_jax.arch import HeadSpec
-from covidnet_jax.errors import ConfigError
+from covidnet_jax.block_registry import block_kind
+from covidnet_jax.errors import ConfigError, SpecError
 from covidnet_jax.typed_yaml import bounded, check
 
 Objective = Literal["min_macs", "max_netscore", "pareto"]
@@ -91,6 +92,8 @@ class SpaceConfig:
         heads: classifier-head choices (`covidnet_jax.arch.HeadSpec`: pool, hidden,
             dropout); empty keeps the prototype's.
         resolutions: input resolution choices; empty keeps the prototype's.
+        block_kinds: module kinds to choose among (`covidnet_jax.block_registry`, e.g.
+            ["pepx", "se_pepx"]; one gene per module slot); empty keeps the prototype's.
     """
 
     prototype: str
@@ -102,6 +105,7 @@ class SpaceConfig:
     connectivity: tuple[Literal["dense", "residual", "none"], ...] = ()
     heads: tuple[HeadSpec, ...] = ()
     resolutions: tuple[int, ...] = ()
+    block_kinds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for i, (low, high) in enumerate(self.stage_depths):
@@ -116,10 +120,15 @@ class SpaceConfig:
         for i, size in enumerate(self.resolutions):
             if size < 8:
                 raise ConfigError(f"resolutions[{i}]: expected a size >= 8, got {size}")
-        for name in ("kernel_sizes", "connectivity", "resolutions"):
+        for name in ("kernel_sizes", "connectivity", "resolutions", "block_kinds"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ConfigError(f"{name}: choices must be unique, got {list(values)}")
+        for i, kind in enumerate(self.block_kinds):
+            try:
+                block_kind(kind, key=f"block_kinds[{i}]")
+            except SpecError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)

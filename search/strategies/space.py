@@ -7,6 +7,7 @@ is stored as an Optuna integer parameter of that name:
     s{i}.width        stage i output-width multiplier (ordered)
     s{i}.kernel       stage i depthwise kernel size  (ordered)
     s{i}.m{j}.width   module j of stage i: inner-width multiplier (ordered)
+    s{i}.m{j}.kind    module j of stage i: block kind from `space.block_kinds` (unordered)
     connectivity      "dense" | "residual" | "none"  (unordered)
     head              index into `space.heads`       (unordered)
     resolution        input size                     (ordered)
@@ -48,15 +49,22 @@ class Gene:
         ordered: whether neighbouring choices are similar (mutations then step by one).
         stage: the stage the gene belongs to (None for global genes).
         module: the module index for per-module genes.
-        role: "depth", "stage_width", "kernel", "module_width", "connectivity", "head" or
-            "resolution".
+        role: "depth", "stage_width", "kernel", "module_width", "block_kind",
+            "connectivity", "head" or "resolution".
     """
 
     name: str
     choices: tuple
     ordered: bool
     role: Literal[
-        "depth", "stage_width", "kernel", "module_width", "connectivity", "head", "resolution"
+        "depth",
+        "stage_width",
+        "kernel",
+        "module_width",
+        "block_kind",
+        "connectivity",
+        "head",
+        "resolution",
     ]
     stage: int | None = None
     module: int | None = None
@@ -115,6 +123,8 @@ class SearchSpace:
         self._connectivity = tuple(config.connectivity) or (prototype.connectivity,)
         self._heads = tuple(config.heads) or (prototype.head,)
         self._resolutions = tuple(sorted(config.resolutions)) or (prototype.input_size,)
+        # Empty: each module keeps its prototype template's kind (no gene).
+        self._block_kinds = tuple(config.block_kinds)
 
         genes: list[Gene] = []
         for i, depths in enumerate(self._depth_choices):
@@ -135,6 +145,17 @@ class SearchSpace:
                         module=j,
                     )
                 )
+                if self._block_kinds:
+                    genes.append(
+                        Gene(
+                            f"s{i}.m{j}.kind",
+                            self._block_kinds,
+                            False,
+                            "block_kind",
+                            stage=i,
+                            module=j,
+                        )
+                    )
         genes.append(Gene("connectivity", self._connectivity, False, "connectivity"))
         genes.append(Gene("head", tuple(range(len(self._heads))), False, "head"))
         genes.append(Gene("resolution", self._resolutions, True, "resolution"))
@@ -177,6 +198,8 @@ class SearchSpace:
                 index = _nearest_index(gene.choices, 1.0)
             elif gene.role == "kernel":
                 index = _nearest_index(gene.choices, proto.stages[i].modules[0].kernel_size)
+            elif gene.role == "block_kind":
+                index = self._template_kind_index(i, gene.module)
             elif gene.role == "connectivity":
                 index = (
                     gene.choices.index(proto.connectivity)
@@ -189,6 +212,15 @@ class SearchSpace:
                 index = _nearest_index(gene.choices, proto.input_size)
             values[gene.name] = index
         return values
+
+    def _template(self, stage: int, module: int) -> ModuleSpec:
+        """The prototype module that module slot `module` of `stage` is derived from."""
+        modules = self.prototype.stages[stage].modules
+        return modules[min(module, len(modules) - 1)]
+
+    def _template_kind_index(self, stage: int, module: int) -> int:
+        kind = self._template(stage, module).kind
+        return self._block_kinds.index(kind) if kind in self._block_kinds else 0
 
     def random_genome(self, rng: np.random.Generator) -> Genome:
         """Every gene drawn uniformly."""
@@ -220,7 +252,12 @@ class SearchSpace:
             kernel = self._value(genome, f"s{i}.kernel") if self._kernel_choices else None
             modules = []
             for j in range(self.depth(genome, i)):
-                template = proto_stage.modules[min(j, len(proto_stage.modules) - 1)]
+                template = self._template(i, j)
+                kind, options = template.kind, template.options
+                if self._block_kinds:
+                    chosen = self._value(genome, f"s{i}.m{j}.kind", self._template_kind_index(i, j))
+                    if chosen != kind:  # another kind: its options take their defaults
+                        kind, options = chosen, {}
                 mult = self._value(
                     genome,
                     f"s{i}.m{j}.width",
@@ -233,6 +270,8 @@ class SearchSpace:
                         proj2=_round_width(template.proj2 * mult, divisor),
                         out=_round_width(template.out * stage_mult, divisor),
                         kernel_size=kernel or template.kernel_size,
+                        kind=kind,
+                        options=options,
                     )
                 )
             stages.append(StageSpec(stride=proto_stage.stride, modules=tuple(modules)))
@@ -255,6 +294,7 @@ class SearchSpace:
             s{i}.kernel       depthwise kernel size (int)
             s{i}.m{j}.width   "proj1/expand/proj2" channels of module j, or "unused" when the
                               stage has j modules or fewer
+            s{i}.m{j}.kind    the block kind of module j (e.g. "se_pepx"), or "unused"
             connectivity      "dense" | "residual" | "none"
             head              e.g. "avg", "flatten fc64 drop0.5"
             resolution        input size in pixels (int)
@@ -291,6 +331,12 @@ class SearchSpace:
                     values[gene.name] = f"{m.proj1}/{m.expand}/{m.proj2}"
                 else:
                     values[gene.name] = "unused"
+            elif gene.role == "block_kind":
+                values[gene.name] = (
+                    stage.modules[gene.module].kind
+                    if gene.module < len(stage.modules)
+                    else "unused"
+                )
             elif gene.role == "connectivity":
                 values[gene.name] = spec.connectivity
             elif gene.role == "head":
@@ -308,8 +354,9 @@ class SearchSpace:
         """Every single-step mutation of `genome` that changes the spec.
 
         Operators: widen/narrow a module or a stage by one multiplier step, add/remove a
-        module within the depth bounds (a new module copies its predecessor's width), change
-        a stage's kernel size, the connectivity, the head or the resolution.
+        module within the depth bounds (a new module copies its predecessor's width and
+        kind), change a module's kind, a stage's kernel size, the connectivity, the head or
+        the resolution.
 
         Returns:
             (description, child genome) pairs, in a fixed order.
@@ -317,7 +364,9 @@ class SearchSpace:
         options: list[tuple[str, Genome]] = []
         for gene in self.genes:
             index = genome[gene.name]
-            if gene.role == "module_width" and gene.module >= self.depth(genome, gene.stage):
+            if gene.role in ("module_width", "block_kind") and gene.module >= self.depth(
+                genome, gene.stage
+            ):
                 continue  # inactive module
             if gene.ordered:
                 steps = (-1, 1)
@@ -332,10 +381,11 @@ class SearchSpace:
                 if gene.role == "depth" and step > 0:
                     added = self.depth(child, gene.stage) - 1
                     if added > 0:
-                        prev = f"s{gene.stage}.m{added - 1}.width"
-                        slot = f"s{gene.stage}.m{added}.width"
-                        if prev in child and slot in child:
-                            child[slot] = child[prev]
+                        for field in ("width", "kind"):
+                            prev = f"s{gene.stage}.m{added - 1}.{field}"
+                            slot = f"s{gene.stage}.m{added}.{field}"
+                            if prev in child and slot in child:
+                                child[slot] = child[prev]
                 options.append((f"{_verb(gene, step)} {gene.name}", child))
         return options
 
