@@ -116,7 +116,24 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--search", type=float, default=0, help="search wall seconds (0: skip)")
     parser.add_argument("--search-dir", type=Path, default=Path("runs/shared_executables_bench"))
+    parser.add_argument(
+        "--modes", default="exact,shared,auto", help="search.executables settings to compare"
+    )
+    parser.add_argument(
+        "--cache-check", action="store_true", help="only: compile cold vs warm across processes"
+    )
+    parser.add_argument("--cache-child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--cache-min-compile-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cache_child is not None:
+        cache_child(args.cache_child, args.cache_workdir, args.cache_min_compile_s)
+        return
+    if args.cache_check:
+        rows = cache_check(args.search_dir / "cache_check")
+        if args.json:
+            args.json.write_text(json.dumps({"cache_check": rows}))
+        return
 
     prototype = presets.load_spec(PROTOTYPE)
     narrow = scale_widths(prototype, args.narrow)
@@ -249,6 +266,78 @@ def summarize_trials(workdir: Path) -> dict:
         "train_eval_s": round(train_eval_s, 1),
         "compile_share": round(compile_s / max(compile_s + train_eval_s, 1e-9), 3),
     }
+
+
+def cache_child(cache_dir: Path, workdir: Path, min_compile_s: float | None) -> None:
+    """One worker-like process: trains one quickstart candidate (the prototype with halved
+    widths, 10 steps) through `TrainingEvaluator` with the search's compile cache at
+    `cache_dir`; prints its compile seconds and JAX's persistent-cache events as JSON."""
+    from search.execution.evaluation import EvalRequest
+    from search.execution.training import TrainingEvaluator, load_experiment, load_prototype
+
+    counts: dict[str, float] = {}
+
+    def count(event: str, *_: object, **__: object) -> None:
+        counts[event.rsplit("/", 1)[-1]] = counts.get(event.rsplit("/", 1)[-1], 0) + 1
+
+    def seconds(event: str, duration: float, *_: object, **__: object) -> None:
+        name = event.rsplit("/", 1)[-1]
+        counts[name] = counts.get(name, 0.0) + duration
+
+    jax.monitoring.register_event_listener(count)
+    jax.monitoring.register_event_duration_secs_listener(seconds)
+    if min_compile_s is not None:  # the environment: search workers keep it
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(min_compile_s)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+    overrides = (f"compile_cache_dir={cache_dir}", "search.executables=exact")
+    experiment = load_experiment(EXPERIMENT, overrides)
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    spec = scale_widths(load_prototype(experiment), 0.5)
+    request = EvalRequest(spec=spec, steps=10, workdir=workdir / "trials/0", init_from=None, rung=0)
+    result = evaluator.train(request)
+    events = [json.loads(line) for line in (workdir / "trials/0/metrics.jsonl").open()]
+    compile_event = next(e for e in events if e["event"] == "compile")
+    print(
+        json.dumps(
+            {
+                "compile_s": round(result.compile_s, 3),
+                "train_step_s": compile_event["train_step_s"],
+                "eval_step_s": compile_event["eval_step_s"],
+                "cache_hits": counts.get("cache_hits", 0),
+                "cache_misses": counts.get("cache_misses", 0),
+                "compile_time_saved_s": round(counts.get("compile_time_saved_sec", 0.0), 3),
+                "cache_files": len(list(cache_dir.iterdir())),
+            }
+        )
+    )
+
+
+def cache_check(root: Path) -> list[dict]:
+    """Two processes, one after the other, train the same candidate on one compile cache:
+    the second finds what the first wrote. With JAX's default threshold (only compiles of
+    >= 1 s are written) and with every compile written (threshold 0)."""
+    rows = []
+    print("\npersistent compile cache across processes (same candidate, same cache dir)")
+    print(f"{'min compile s':>13s} {'process':>8s} {'compile s':>10s} {'train step s':>13s} "
+          f"{'eval steps s':>13s} {'hits':>5s} {'misses':>7s} {'cache files':>12s}")  # fmt: skip
+    for threshold in (1.0, 0.0):  # JAX's default; what search workers set
+        base = root / f"threshold_{threshold}"
+        shutil.rmtree(base, ignore_errors=True)
+        for process in ("cold", "warm"):
+            command = [
+                sys.executable, __file__, "--cache-child", str(base / "cache"),
+                "--cache-workdir", str(base / process), "--cache-min-compile-s", str(threshold),
+            ]  # fmt: skip
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            row = {"min_compile_s": threshold, "process": process}
+            row |= json.loads(out.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{row['min_compile_s']:13g} {process:>8s} {row['compile_s']:10.2f} "
+                f"{row['train_step_s']:13.2f} {row['eval_step_s']:13.2f} "
+                f"{row['cache_hits']:5.0f} {row['cache_misses']:7.0f} {row['cache_files']:12d}"
+            )
+    return rows
 
 
 if __name__ == "__main__":

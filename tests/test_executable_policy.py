@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import pytest
 
 from covidnet_jax import shared_widths as sw
@@ -124,6 +125,24 @@ def test_executables_setting_accepts_auto_and_names_bad_values():
     assert SearchSettings(space=SpaceConfig(prototype="tiny"), executables="auto")
     with pytest.raises(ConfigError, match="executables"):
         SearchSettings(space=SpaceConfig(prototype="tiny"), executables="sometimes")
+
+
+def test_search_workers_cache_every_compile_unless_the_environment_says(tmp_path, monkeypatch):
+    path = _experiment(tmp_path, "cache", _spec(8, ((4, 16, 4, 12),)))
+    training = load_experiment(path).training
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    try:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        jax.config.update(name, 1.0)
+        TrainingEvaluator(training)
+        assert getattr(jax.config, name) == 0.0
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2.5")
+        jax.config.update(name, 2.5)
+        TrainingEvaluator(training)
+        assert getattr(jax.config, name) == 2.5
+    finally:
+        jax.config.update(name, before)
 
 
 @pytest.mark.slow

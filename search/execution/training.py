@@ -11,8 +11,11 @@ full-fidelity steps), and `search.space.prototype` defaults to `model.arch`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from covidnet_jax import presets
 from covidnet_jax.arch import AnySpec, ArchSpec
@@ -27,6 +30,9 @@ from covidnet_jax.train import TrainFailure, train_and_evaluate
 from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
 from search.config import SearchSettings
 from search.execution.evaluation import EvalFailure, EvalRequest, EvalSuccess
+
+_MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+"""Set in the environment, it keeps its value in search workers (see `TrainingEvaluator`)."""
 
 _FAILURE_KINDS = {"non_finite": "nan", "out_of_memory": "oom", "compile_error": "compile"}
 
@@ -160,6 +166,13 @@ class TrainingEvaluator:
             raise ConfigError(f"config: expected a TrainConfig, got {type(config).__name__}")
         self.config = config
         self._data: dict[tuple[int, int], Data] = {}
+        if _MIN_COMPILE_ENV not in os.environ:
+            # Workers share compiled steps through the search's persistent cache. JAX writes
+            # only compiles of >= 1 s there by default, so under load which eval/moments
+            # steps get shared is chance; writing every one (tens of small files, < 1 MB per
+            # design) saved 0.3-1.3 s per warm process in bench/shared_executables.py
+            # --cache-check (bench/README.md, "Shared executables").
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     hosts: HostRegistry | None = None
     """With `search.executables: shared`: the host network each skeleton's candidates train
