@@ -9,14 +9,22 @@ step time, and their ratios to the narrow candidate's own executable measured in
 run (step times interleaved, median of `--repeats` windows, so a loaded machine slows both
 alike). The analytic FLOPs ratio (`cost.count_cost`) is printed beside the measured one.
 
-With `--search SECONDS` it then runs the quickstart search twice as a worker (no finish,
-one process, `search.budget.max_wall_time_s` = SECONDS), with `search.executables` `exact`
-and then `shared`, on data prepared beforehand for every resolution, and reports for each:
-candidate-rungs trained, compiles, compile seconds and their share of candidate compute.
+With `--search SECONDS` it then runs the quickstart search as a worker (no finish, one
+process, `search.budget.max_wall_time_s` = SECONDS) once per `--modes` setting of
+`search.executables` (exact, shared, auto), on data prepared beforehand for every
+resolution, and reports for each: candidate-rungs trained, compiles, compile seconds and
+their share of candidate compute, and the best design found.
+
+With `--cache-check` it only checks JAX's persistent compilation cache across processes:
+two processes, one after the other, train the same candidate on one cache directory, with
+JAX's default write threshold (compiles >= 1 s) and with every compile written (what search
+workers set): compile seconds, cache hits and misses.
 
     python bench/shared_executables.py
     python bench/shared_executables.py --narrow 0.5 --steps 20 --repeats 5 --json out.json
     python bench/shared_executables.py --search 180 --search-dir /tmp/shared_bench
+    python bench/shared_executables.py --search 150 --search-only --modes exact,shared,auto
+    python bench/shared_executables.py --cache-check --search-dir /tmp/shared_bench
 
 Results are recorded in bench/README.md ("Shared executables").
 """
@@ -125,7 +133,15 @@ def main() -> None:
     parser.add_argument("--cache-child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-workdir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-min-compile-s", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--search-only", action="store_true", help="skip the step-time table (with --search)"
+    )
     args = parser.parse_args()
+    if args.search_only:
+        searches = compare_searches(args.search, args.search_dir, args.modes.split(","))
+        if args.json:
+            args.json.write_text(json.dumps({"searches": searches}))
+        return
     if args.cache_child is not None:
         cache_child(args.cache_child, args.cache_workdir, args.cache_min_compile_s)
         return
@@ -199,7 +215,8 @@ def main() -> None:
         rows.append(row)
         values = [v for k, v in row.items() if k != "executable"]
         print(f"{r.name:28s} " + " ".join(f"{v:15.2f}" for v in values))
-    searches = compare_searches(args.search, args.search_dir) if args.search else []
+    modes = args.modes.split(",")
+    searches = compare_searches(args.search, args.search_dir, modes) if args.search else []
     if args.json:
         plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         args.json.write_text(json.dumps({"rows": rows, "searches": searches, "args": plain_args}))
@@ -208,7 +225,7 @@ def main() -> None:
 EXPERIMENT = "experiments/quickstart.yaml"
 
 
-def compare_searches(seconds: float, root: Path) -> list[dict]:
+def compare_searches(seconds: float, root: Path, modes: list[str]) -> list[dict]:
     """Runs the quickstart search as a worker with each `search.executables` setting."""
     from covidnet_jax.data import load_data
     from search.execution.training import load_experiment  # the bench may see everything
@@ -220,8 +237,9 @@ def compare_searches(seconds: float, root: Path) -> list[dict]:
     results = []
     print(f"\nquickstart search as one worker, {seconds:g} s of proposing, no finish")
     print(f"{'executables':12s} {'rungs':>6s} {'designs':>8s} {'compiles':>9s} "
-          f"{'compile s':>10s} {'train+eval s':>13s} {'compile share':>14s} {'wall s':>7s}")  # fmt: skip
-    for mode in ("exact", "shared"):
+          f"{'compile s':>10s} {'train+eval s':>13s} {'compile share':>14s} {'wall s':>7s} "
+          f"{'feasible':>9s} {'best MACs':>10s}")  # fmt: skip
+    for mode in modes:
         workdir = root / mode
         shutil.rmtree(workdir, ignore_errors=True)
         command = [
@@ -238,7 +256,8 @@ def compare_searches(seconds: float, root: Path) -> list[dict]:
         print(
             f"{mode:12s} {row['rungs']:6d} {row['designs']:8d} {row['compiles']:9d} "
             f"{row['compile_s']:10.1f} {row['train_eval_s']:13.1f} "
-            f"{row['compile_share']:14.2f} {wall:7.1f}"
+            f"{row['compile_share']:14.2f} {wall:7.1f} {row['feasible']:9d} "
+            f"{row['best_feasible_macs'] or 0:10.0f}"
         )
     return results
 
@@ -258,7 +277,13 @@ def summarize_trials(workdir: Path) -> dict:
                 compiles += seconds > 0
                 compile_s += seconds
         train_eval_s += sum(e["train_s"] + e["eval_s"] for e in ends)
+    from search.ledger import store
+
+    study = store.load_study(store.open_storage(workdir), workdir.name)
+    feasible = [r.macs for r in store.read_records(study) if r.is_trained and r.feasible]
     return {
+        "best_feasible_macs": min(feasible, default=None),
+        "feasible": len(feasible),
         "rungs": rungs,
         "designs": designs,
         "compiles": compiles,
