@@ -59,6 +59,9 @@ class BlockKind:
         fields: its extra spec fields (`ModuleSpec.options`) and their defaults.
         validate: checks a `ModuleSpec` of this kind (its options filled in), raising
             `SpecError("options.<field>: ...")`; None: no check beyond the field names.
+        genes: per field, the values a search may choose (ascending): one gene
+            `s{i}.m{j}.<kind>.<field>` per module slot, active where the module is of
+            this kind, when `space.block_kinds` names the kind.
     """
 
     name: str
@@ -68,6 +71,9 @@ class BlockKind:
         default_factory=lambda: MappingProxyType({})
     )
     validate: Callable[[Any], None] | None = None
+    genes: Mapping[str, tuple[int | float, ...]] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 _BLOCKS: dict[str, BlockKind] = {}
@@ -94,6 +100,7 @@ def register_block(
     count: BlockCounter,
     fields: Mapping[str, int | float] | None = None,
     validate: Callable[[Any], None] | None = None,
+    genes: Mapping[str, tuple[int | float, ...]] | None = None,
     replace: bool = False,
 ) -> None:
     """Makes `kind` a block kind that `ModuleSpec.kind` and `space.block_kinds` can name.
@@ -105,11 +112,13 @@ def register_block(
         fields: extra spec fields and their defaults (ints or floats); a spec of this kind
             stores them all in `ModuleSpec.options`.
         validate: checks a `ModuleSpec` of this kind, raising `SpecError`.
+        genes: per field, the values a search may give it (see `BlockKind.genes`).
         replace: allow replacing a registered kind of the same name.
 
     Raises:
         ValueError: `kind` is registered already (and `replace` is false) or not a name,
-            or a field default is not a number.
+            or a field default is not a number, or `genes` names no field or has no
+            ascending numbers.
     """
     _load_builtins()
     if not isinstance(kind, str) or not kind.replace("_", "a").isalnum():
@@ -127,7 +136,17 @@ def register_block(
                 f"register_block: field {name!r} of {kind!r}: expected an int or float "
                 f"default, got {default!r}"
             )
-    _BLOCKS[kind] = BlockKind(kind, build, count, MappingProxyType(fields), validate)
+    genes = {name: tuple(choices) for name, choices in (genes or {}).items()}
+    for name, choices in genes.items():
+        numbers = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+        if name not in fields or not choices or not numbers or list(choices) != sorted(choices):
+            raise ValueError(
+                f"register_block: genes[{name!r}] of {kind!r}: expected ascending numbers "
+                f"for one of its fields ({', '.join(fields) or 'none'}), got {choices!r}"
+            )
+    _BLOCKS[kind] = BlockKind(
+        kind, build, count, MappingProxyType(fields), validate, MappingProxyType(genes)
+    )
 
 
 def registered_blocks() -> tuple[str, ...]:

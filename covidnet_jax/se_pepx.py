@@ -2,7 +2,8 @@
 
 Registered through `covidnet_jax.block_registry.register_block`, the same public path a
 user's own block takes; this module is the worked example of one: the NNX module, its cost
-function, its extra spec field (`se_ratio`, default 4) and that field's check.
+function, its extra spec field (`se_ratio`, default 4), that field's check and the values a
+search may give it (2, 4, 8).
 
 Squeeze-excitation (Hu et al., 2018) rescales each output channel by a gate computed from the
 whole feature map: `y * sigmoid(W2 act(W1 mean_hw(y) + b1) + b2)`, with `W1` reducing the
@@ -162,4 +163,5 @@ register_block(
     count=count_se_pepx,
     fields={"se_ratio": 4},
     validate=check_se_pepx,
+    genes={"se_ratio": (2, 4, 8)},
 )

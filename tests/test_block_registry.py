@@ -25,6 +25,8 @@ from covidnet_jax.models import build_model
 from covidnet_jax.se_pepx import SePEPX, SqueezeExcite, se_channels
 from covidnet_jax.shared_widths import skeleton_of
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
+from search.config import SpaceConfig
+from search.strategies.space import SearchSpace
 
 __all__ = ["fast_tmp"]
 
@@ -257,7 +259,38 @@ def test_a_search_over_pepx_and_se_pepx_proposes_and_trains_both(fast_tmp):
         for r in trained
     ]
     assert any("se_pepx" in k for k in kinds) and any("pepx" in k for k in kinds)
+    ratios = {
+        m.options["se_ratio"]
+        for r in trained
+        for stage in spec_from_json(r.spec_json).stages
+        for m in stage.modules
+        if m.kind == "se_pepx"
+    }
+    assert len(ratios) > 1  # the se_ratio genes are searched too
     assert any(name.endswith(".kind") for name in trained[0].params)
+
+
+def test_a_kinds_fields_are_genes_active_only_where_the_module_is_of_that_kind():
+    config = SpaceConfig(prototype="tiny", block_kinds=("pepx", "se_pepx"))
+    space = SearchSpace(config, TINY)
+    names = [g.name for g in space.genes]
+    slots = ("s0.m0", "s0.m1", "s1.m0")
+    assert names == [
+        name for slot in slots for name in (f"{slot}.kind", f"{slot}.se_pepx.se_ratio")
+    ]
+    genome = space.prototype_genome()
+    assert space.decode(genome) == TINY
+    assert genome["s0.m0.se_pepx.se_ratio"] == 1  # the default, 4, among (2, 4, 8)
+    assert space.describe(genome)["s0.m0.se_pepx.se_ratio"] == "unused"
+    mutated = [child for _, child in space.mutation_options(genome)]
+    assert all(child["s0.m0.se_pepx.se_ratio"] == 1 for child in mutated)
+    se_genome = {**genome, "s0.m0.kind": 1, "s0.m0.se_pepx.se_ratio": 0}
+    module = space.decode(se_genome).stages[0].modules[0]
+    assert (module.kind, module.options) == ("se_pepx", {"se_ratio": 2})
+    assert space.describe(se_genome)["s0.m0.se_pepx.se_ratio"] == 2
+    assert "change s0.m0.se_pepx.se_ratio" in [d for d, _ in space.mutation_options(se_genome)]
+    with pytest.raises(ValueError, match=r"genes\['ratio'\] of 'bad': expected ascending"):
+        register_block("bad", build=PEPX, count=count_pepx_module, genes={"ratio": (2, 4)})
 
 
 def _readme_block(containing: str) -> str:

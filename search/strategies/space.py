@@ -8,6 +8,8 @@ is stored as an Optuna integer parameter of that name:
     s{i}.kernel       stage i depthwise kernel size  (ordered)
     s{i}.m{j}.width   module j of stage i: inner-width multiplier (ordered)
     s{i}.m{j}.kind    module j of stage i: block kind from `space.block_kinds` (unordered)
+    s{i}.m{j}.<kind>.<field>  module j of stage i: a field of that kind (`BlockKind.genes`,
+                      ordered), active while the module is of that kind
     connectivity      "dense" | "residual" | "none"  (unordered)
     head              index into `space.heads`       (unordered)
     resolution        input size                     (ordered)
@@ -34,6 +36,7 @@ import numpy as np
 import optuna
 
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
+from covidnet_jax.block_registry import block_kind
 from covidnet_jax.errors import ConfigError
 from search.config import SpaceConfig
 from search.ledger.records import Genome
@@ -50,7 +53,9 @@ class Gene:
         stage: the stage the gene belongs to (None for global genes).
         module: the module index for per-module genes.
         role: "depth", "stage_width", "kernel", "module_width", "block_kind",
-            "connectivity", "head" or "resolution".
+            "block_option", "connectivity", "head" or "resolution".
+        block: for "block_option" genes, the block kind whose field it sets.
+        option: for "block_option" genes, the field (`ModuleSpec.options` key).
     """
 
     name: str
@@ -62,12 +67,15 @@ class Gene:
         "kernel",
         "module_width",
         "block_kind",
+        "block_option",
         "connectivity",
         "head",
         "resolution",
     ]
     stage: int | None = None
     module: int | None = None
+    block: str | None = None
+    option: str | None = None
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
         """The Optuna distribution of the gene's index."""
@@ -156,6 +164,20 @@ class SearchSpace:
                             module=j,
                         )
                     )
+                for kind in self._block_kinds:
+                    for field, choices in block_kind(kind).genes.items():
+                        genes.append(
+                            Gene(
+                                f"s{i}.m{j}.{kind}.{field}",
+                                choices,
+                                True,
+                                "block_option",
+                                stage=i,
+                                module=j,
+                                block=kind,
+                                option=field,
+                            )
+                        )
         genes.append(Gene("connectivity", self._connectivity, False, "connectivity"))
         genes.append(Gene("head", tuple(range(len(self._heads))), False, "head"))
         genes.append(Gene("resolution", self._resolutions, True, "resolution"))
@@ -200,6 +222,8 @@ class SearchSpace:
                 index = _nearest_index(gene.choices, proto.stages[i].modules[0].kernel_size)
             elif gene.role == "block_kind":
                 index = self._template_kind_index(i, gene.module)
+            elif gene.role == "block_option":
+                index = self._template_option_index(gene)
             elif gene.role == "connectivity":
                 index = (
                     gene.choices.index(proto.connectivity)
@@ -221,6 +245,33 @@ class SearchSpace:
     def _template_kind_index(self, stage: int, module: int) -> int:
         kind = self._template(stage, module).kind
         return self._block_kinds.index(kind) if kind in self._block_kinds else 0
+
+    def _template_option_index(self, gene: Gene) -> int:
+        """The choice nearest the template's value of the field (else the kind's default)."""
+        template = self._template(gene.stage, gene.module)
+        value = (
+            template.options[gene.option]
+            if template.kind == gene.block
+            else block_kind(gene.block).fields[gene.option]
+        )
+        return _nearest_index(gene.choices, value)
+
+    def kind_of(self, genome: Mapping[str, int], stage: int, module: int) -> str:
+        """The block kind of module slot `module` of `stage` in `genome`."""
+        if not self._block_kinds:
+            return self._template(stage, module).kind
+        return self._value(
+            genome, f"s{stage}.m{module}.kind", self._template_kind_index(stage, module)
+        )
+
+    def _active(self, gene: Gene, genome: Mapping[str, int]) -> bool:
+        """Whether the gene changes the spec (its module exists and, for a field, is of
+        the field's kind)."""
+        if gene.module is None:
+            return True
+        if gene.module >= self.depth(genome, gene.stage):
+            return False
+        return gene.block is None or self.kind_of(genome, gene.stage, gene.module) == gene.block
 
     def random_genome(self, rng: np.random.Generator) -> Genome:
         """Every gene drawn uniformly."""
@@ -253,11 +304,16 @@ class SearchSpace:
             modules = []
             for j in range(self.depth(genome, i)):
                 template = self._template(i, j)
-                kind, options = template.kind, template.options
-                if self._block_kinds:
-                    chosen = self._value(genome, f"s{i}.m{j}.kind", self._template_kind_index(i, j))
-                    if chosen != kind:  # another kind: its options take their defaults
-                        kind, options = chosen, {}
+                kind = self.kind_of(genome, i, j)
+                # Another kind than the template's: its options start from their defaults.
+                options = dict(template.options) if kind == template.kind else {}
+                if kind in self._block_kinds:
+                    for field in block_kind(kind).genes:
+                        name = f"s{i}.m{j}.{kind}.{field}"
+                        gene = self._all_genes[name]
+                        options[field] = self._value(
+                            genome, name, self._template_option_index(gene)
+                        )
                 mult = self._value(
                     genome,
                     f"s{i}.m{j}.width",
@@ -295,6 +351,8 @@ class SearchSpace:
             s{i}.m{j}.width   "proj1/expand/proj2" channels of module j, or "unused" when the
                               stage has j modules or fewer
             s{i}.m{j}.kind    the block kind of module j (e.g. "se_pepx"), or "unused"
+            s{i}.m{j}.<kind>.<field>  the field's value, or "unused" when module j is
+                              absent or of another kind
             connectivity      "dense" | "residual" | "none"
             head              e.g. "avg", "flatten fc64 drop0.5"
             resolution        input size in pixels (int)
@@ -337,6 +395,13 @@ class SearchSpace:
                     if gene.module < len(stage.modules)
                     else "unused"
                 )
+            elif gene.role == "block_option":
+                module = stage.modules[gene.module] if gene.module < len(stage.modules) else None
+                values[gene.name] = (
+                    module.options[gene.option]
+                    if module is not None and module.kind == gene.block
+                    else "unused"
+                )
             elif gene.role == "connectivity":
                 values[gene.name] = spec.connectivity
             elif gene.role == "head":
@@ -354,8 +419,8 @@ class SearchSpace:
         """Every single-step mutation of `genome` that changes the spec.
 
         Operators: widen/narrow a module or a stage by one multiplier step, add/remove a
-        module within the depth bounds (a new module copies its predecessor's width and
-        kind), change a module's kind, a stage's kernel size, the connectivity, the head or
+        module within the depth bounds (a new module copies its predecessor's width, kind
+        and kind fields), change a module's kind or a field of its kind by one step, a stage's kernel size, the connectivity, the head or
         the resolution.
 
         Returns:
@@ -364,10 +429,8 @@ class SearchSpace:
         options: list[tuple[str, Genome]] = []
         for gene in self.genes:
             index = genome[gene.name]
-            if gene.role in ("module_width", "block_kind") and gene.module >= self.depth(
-                genome, gene.stage
-            ):
-                continue  # inactive module
+            if not self._active(gene, genome):
+                continue  # a module beyond the depth, or a field of another kind
             if gene.ordered:
                 steps = (-1, 1)
             else:
@@ -381,7 +444,12 @@ class SearchSpace:
                 if gene.role == "depth" and step > 0:
                     added = self.depth(child, gene.stage) - 1
                     if added > 0:
-                        for field in ("width", "kind"):
+                        kind_fields = (
+                            f"{kind}.{field}"
+                            for kind in self._block_kinds
+                            for field in block_kind(kind).genes
+                        )
+                        for field in ("width", "kind", *kind_fields):
                             prev = f"s{gene.stage}.m{added - 1}.{field}"
                             slot = f"s{gene.stage}.m{added}.{field}"
                             if prev in child and slot in child:
