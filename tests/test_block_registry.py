@@ -23,7 +23,7 @@ from covidnet_jax.cost import count_cost, count_pepx_module
 from covidnet_jax.errors import ConfigError, SpecError
 from covidnet_jax.models import build_model
 from covidnet_jax.se_pepx import SePEPX, SqueezeExcite, se_channels
-from covidnet_jax.shared_widths import skeleton_of
+from covidnet_jax.shared_widths import HostRegistry, skeleton_of
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
 from search.config import SpaceConfig
 from search.strategies.space import SearchSpace
@@ -233,10 +233,11 @@ def _se_params(state) -> dict[str, np.ndarray]:
     }
 
 
-def test_shared_executables_refuse_other_kinds():
+def test_shared_executables_refuse_other_kinds_and_fall_back_to_exact():
     skeleton_of(TINY)
     with pytest.raises(SpecError, match=r"^stages\[0\]\.modules\[0\]\.kind: shared executables"):
         skeleton_of(SE_TINY)
+    assert HostRegistry().host_for(SE_TINY) is None  # shared/auto: its own executable
 
 
 # Search -----------------------------------------------------------------------------------
