@@ -170,10 +170,19 @@ def _resolve(model, name: str):
     [
         presets.get_preset("tiny"),
         dataclasses.replace(presets.get_preset("tiny"), connectivity="residual"),
+        dataclasses.replace(
+            presets.get_preset("tiny"),
+            stages=tuple(
+                StageSpec(
+                    s.stride, tuple(dataclasses.replace(m, kind="se_pepx") for m in s.modules)
+                )
+                for s in presets.get_preset("tiny").stages
+            ),
+        ),
         ResNetSpec(32, depths=(1, 2), widths=(16, 32), stem_channels=8),
         VGGSpec(32, stages=((4,), (8, 8)), head=HeadSpec("flatten", (6,))),
     ],
-    ids=["tiny", "tiny-residual", "resnet", "vgg"],
+    ids=["tiny", "tiny-residual", "tiny-se_pepx", "resnet", "vgg"],
 )
 def test_layer_names_are_paths_into_the_built_model(spec):
     model = _abstract_model(spec)
