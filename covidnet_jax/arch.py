@@ -4,7 +4,8 @@ Three spec types share one interface (`to_json`, `from_json`, `content_hash`, `s
 `with_input_size`, `with_num_classes`, `with_head_classes`, `num_classes`):
 
 - `ArchSpec` (JSON type tag `"pepx"`): a COVID-Net style network. A stem, stages of PEPX
-  modules with per-module widths and kernel sizes, a stage stride, long-range connectivity
+  modules (or modules of another registered block kind, `covidnet_jax.block_registry`)
+  with per-module widths and kernel sizes, a stage stride, long-range connectivity
   (`"dense"`, `"residual"`, `"none"`), normalization, activation and a classifier head.
 - `ResNetSpec` (`"resnet"`): a ResNet v1.5 bottleneck baseline (stride on the 3x3 conv).
 - `VGGSpec` (`"vgg"`): a VGG baseline (3x3 convs, 2x2 max-pool after each stage).
