@@ -339,9 +339,10 @@ class SearchSettings:
             network; `covidnet_jax.shared_widths`), or "auto" (per candidate and rung,
             padded on a host this worker already compiled or a new compile, whichever is
             predicted to finish sooner from the worker's measured compile and step times:
-            `shared_widths.ExecutablePolicy`). The default stays "exact" until "auto" is
-            measured at least as good as both on the quickstart (bench/README.md, "Shared
-            executables").
+            `shared_widths.ExecutablePolicy`). The default stays "exact": in one 150 s
+            quickstart run "auto" made "shared"'s choices but trained 26 candidate-rungs to
+            its 29 (exact: 17), so it is not yet measured at least as good as both
+            (bench/README.md, "Shared executables").
     """
 
     space: SpaceConfig
