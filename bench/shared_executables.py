@@ -51,7 +51,7 @@ from flax import nnx
 
 from covidnet_jax import parallel, presets
 from covidnet_jax import shared_widths as sw
-from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec
+from covidnet_jax.arch import ArchSpec
 from covidnet_jax.cost import count_cost
 from covidnet_jax.models import build_model
 from covidnet_jax.steps import Hyper, StepFunctions, StepSettings
@@ -61,24 +61,7 @@ PROTOTYPE = "experiments/quickstart_prototype.json"
 
 def scale_widths(spec: ArchSpec, factor: float) -> ArchSpec:
     """Every width times `factor`, rounded to a multiple of 4 (at least 4), as the space does."""
-
-    def w(value: int) -> int:
-        return max(4, round(value * factor / 4) * 4)
-
-    return dataclasses.replace(
-        spec,
-        stem=dataclasses.replace(spec.stem, channels=w(spec.stem.channels)),
-        stages=tuple(
-            StageSpec(
-                s.stride,
-                tuple(
-                    ModuleSpec(w(m.proj1), w(m.expand), w(m.proj2), w(m.out), m.kernel_size)
-                    for m in s.modules
-                ),
-            )
-            for s in spec.stages
-        ),
-    )
+    return sw.map_widths(spec, lambda value: max(4, round(value * factor / 4) * 4))
 
 
 class Runner:

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -122,12 +122,13 @@ def skeleton_of(spec: ArchSpec) -> Skeleton:
             channels = module.out
         projections.append(tuple(flags))
     return Skeleton(
-        structure=_with_widths(spec, lambda _: 1).content_hash(), projections=tuple(projections)
+        structure=map_widths(spec, lambda _: 1).content_hash(), projections=tuple(projections)
     )
 
 
-def _with_widths(spec: ArchSpec, width: Any) -> ArchSpec:
-    """`spec` with every width w replaced by `width(w)`."""
+def map_widths(spec: ArchSpec, width: Callable[[int], int]) -> ArchSpec:
+    """`spec` with every width w (stem, and each module's four) replaced by `width(w)`, in
+    order: stem, then stage by stage, module by module, proj1/expand/proj2/out."""
     return dataclasses.replace(
         spec,
         stem=dataclasses.replace(spec.stem, channels=width(spec.stem.channels)),
@@ -150,7 +151,7 @@ def _with_widths(spec: ArchSpec, width: Any) -> ArchSpec:
 def _widths(spec: ArchSpec) -> list[int]:
     """Every width of `spec`, in a fixed order (stem, modules, hidden FC layers)."""
     found: list[int] = []
-    _with_widths(spec, lambda w: found.append(w) or w)
+    map_widths(spec, lambda w: found.append(w) or w)
     return found
 
 
@@ -171,7 +172,7 @@ def host_spec(specs: Iterable[ArchSpec]) -> ArchSpec:
                 f"{specs[0].summary()!r} in more than widths"
             )
     widths = iter(np.max([_widths(s) for s in specs], axis=0).tolist())
-    return _with_widths(specs[0], lambda _: next(widths))
+    return map_widths(specs[0], lambda _: next(widths))
 
 
 def dominates(host: ArchSpec, spec: ArchSpec) -> bool:
