@@ -9,11 +9,7 @@ step time, and their ratios to the narrow candidate's own executable measured in
 run (step times interleaved, median of `--repeats` windows, so a loaded machine slows both
 alike). The analytic FLOPs ratio (`cost.count_cost`) is printed beside the measured one.
 
-With `--search SECONDS` it then runs the quickstart search as a worker (no finish, one
-process, `search.budget.max_wall_time_s` = SECONDS) once per `--modes` setting of
-`search.executables` (exact, shared, auto), on data prepared beforehand for every
-resolution, and reports for each: candidate-rungs trained, compiles, compile seconds and
-their share of candidate compute, and the best design found.
+What that buys a whole search is measured by bench/search_throughput.py.
 
 With `--cache-check` it only checks JAX's persistent compilation cache across processes:
 two processes, one after the other, train the same candidate on one cache directory, with
@@ -22,8 +18,6 @@ workers set): compile seconds, cache hits and misses.
 
     python bench/shared_executables.py
     python bench/shared_executables.py --narrow 0.5 --steps 20 --repeats 5 --json out.json
-    python bench/shared_executables.py --search 180 --search-dir /tmp/shared_bench
-    python bench/shared_executables.py --search 150 --search-only --modes exact,shared,auto
     python bench/shared_executables.py --cache-check --search-dir /tmp/shared_bench
 
 Results are recorded in bench/README.md ("Shared executables").
@@ -32,7 +26,6 @@ Results are recorded in bench/README.md ("Shared executables").
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -105,26 +98,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timing window")
     parser.add_argument("--repeats", type=int, default=5, help="timing windows per executable")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--search", type=float, default=0, help="search wall seconds (0: skip)")
     parser.add_argument("--search-dir", type=Path, default=Path("runs/shared_executables_bench"))
-    parser.add_argument(
-        "--modes", default="exact,shared,auto", help="search.executables settings to compare"
-    )
     parser.add_argument(
         "--cache-check", action="store_true", help="only: compile cold vs warm across processes"
     )
     parser.add_argument("--cache-child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-workdir", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-min-compile-s", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--search-only", action="store_true", help="skip the step-time table (with --search)"
-    )
     args = parser.parse_args()
-    if args.search_only:
-        searches = compare_searches(args.search, args.search_dir, args.modes.split(","))
-        if args.json:
-            args.json.write_text(json.dumps({"searches": searches}))
-        return
     if args.cache_child is not None:
         cache_child(args.cache_child, args.cache_workdir, args.cache_min_compile_s)
         return
@@ -198,82 +179,12 @@ def main() -> None:
         rows.append(row)
         values = [v for k, v in row.items() if k != "executable"]
         print(f"{r.name:28s} " + " ".join(f"{v:15.2f}" for v in values))
-    modes = args.modes.split(",")
-    searches = compare_searches(args.search, args.search_dir, modes) if args.search else []
     if args.json:
         plain_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"rows": rows, "searches": searches, "args": plain_args}))
+        args.json.write_text(json.dumps({"rows": rows, "args": plain_args}))
 
 
 EXPERIMENT = "experiments/quickstart.yaml"
-
-
-def compare_searches(seconds: float, root: Path, modes: list[str]) -> list[dict]:
-    """Runs the quickstart search as a worker with each `search.executables` setting."""
-    from covidnet_jax.data import load_data
-    from search.execution.training import load_experiment  # the bench may see everything
-
-    experiment = load_experiment(EXPERIMENT)
-    for resolution in experiment.search.space.resolutions:  # data caches outside the budget
-        config = dataclasses.replace(experiment.training.data, resolution=resolution)
-        load_data(config, seed=experiment.training.seed)
-    results = []
-    print(f"\nquickstart search as one worker, {seconds:g} s of proposing, no finish")
-    print(f"{'executables':12s} {'rungs':>6s} {'designs':>8s} {'compiles':>9s} "
-          f"{'compile s':>10s} {'train+eval s':>13s} {'compile share':>14s} {'wall s':>7s} "
-          f"{'feasible':>9s} {'best MACs':>10s}")  # fmt: skip
-    for mode in modes:
-        workdir = root / mode
-        shutil.rmtree(workdir, ignore_errors=True)
-        command = [
-            sys.executable, "-m", "search.cli", "search", "--config", EXPERIMENT,
-            "--workdir", str(workdir), "--worker", "--workers", "1", "--no-live",
-            "--set", f"search.budget.max_wall_time_s={seconds}",
-            "--set", f"search.executables={mode}",
-        ]  # fmt: skip
-        start = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        wall = time.perf_counter() - start
-        row = {"executables": mode, "wall_s": round(wall, 1), **summarize_trials(workdir)}
-        results.append(row)
-        print(
-            f"{mode:12s} {row['rungs']:6d} {row['designs']:8d} {row['compiles']:9d} "
-            f"{row['compile_s']:10.1f} {row['train_eval_s']:13.1f} "
-            f"{row['compile_share']:14.2f} {wall:7.1f} {row['feasible']:9d} "
-            f"{row['best_feasible_macs'] or 0:10.0f}"
-        )
-    return results
-
-
-def summarize_trials(workdir: Path) -> dict:
-    """Counts over every trial run's metrics.jsonl: rung runs, compiles and their seconds."""
-    rungs = designs = compiles = 0
-    compile_s = train_eval_s = 0.0
-    for log in sorted(workdir.glob("trials/*/metrics.jsonl")):
-        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        ends = [e for e in events if e["event"] == "end"]
-        designs += bool(ends)
-        rungs += len(ends)
-        for e in events:
-            if e["event"] == "compile":
-                seconds = e["train_step_s"] + e["eval_step_s"]
-                compiles += seconds > 0
-                compile_s += seconds
-        train_eval_s += sum(e["train_s"] + e["eval_s"] for e in ends)
-    from search.ledger import store
-
-    study = store.load_study(store.open_storage(workdir), workdir.name)
-    feasible = [r.macs for r in store.read_records(study) if r.is_trained and r.feasible]
-    return {
-        "best_feasible_macs": min(feasible, default=None),
-        "feasible": len(feasible),
-        "rungs": rungs,
-        "designs": designs,
-        "compiles": compiles,
-        "compile_s": round(compile_s, 1),
-        "train_eval_s": round(train_eval_s, 1),
-        "compile_share": round(compile_s / max(compile_s + train_eval_s, 1e-9), 3),
-    }
 
 
 def cache_child(cache_dir: Path, workdir: Path, min_compile_s: float | None) -> None:

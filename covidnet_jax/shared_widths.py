@@ -252,19 +252,8 @@ def width_layout(narrow: ArchSpec, host: ArchSpec) -> WidthLayout:
             f"skeleton, or a narrower width)"
         )
 
-    def abstract(spec: ArchSpec, masks: bool) -> PepxNet:
-        return nnx.eval_shape(
-            lambda: PepxNet(
-                spec,
-                rngs=nnx.Rngs(0),
-                width_masks=masks,
-                projections=skeleton.projections if masks else None,
-            )
-        )
-
-    narrow_masked = nnx.state(abstract(narrow, True))
-    host_model = abstract(host, True)
-    host_all = nnx.state(host_model)
+    narrow_masked = _abstract_state(narrow, skeleton.projections)
+    host_all = _abstract_state(host, skeleton.projections)  # memoised: one per host
     narrow_flat = dict(nnx.to_flat_state(narrow_masked))
     shapes, masks = {}, {}
     for path, variable in nnx.to_flat_state(host_all):
@@ -285,8 +274,21 @@ def width_layout(narrow: ArchSpec, host: ArchSpec) -> WidthLayout:
         shapes=MappingProxyType(shapes),
         flat_inputs=MappingProxyType(flat_inputs),
         masks=MappingProxyType(masks),
-        host_model_state=nnx.state(host_model, nnx.Not(nnx.Param)),
-        narrow_model_state=nnx.state(abstract(narrow, False), nnx.Not(nnx.Param)),
+        host_model_state=host_all.filter(nnx.Not(nnx.Param)),
+        # The plain narrow network's model state is the masked one's without the masks (the
+        # same tree: tests/test_shared_executables.py builds both).
+        narrow_model_state=narrow_masked.filter(nnx.All(nnx.Not(nnx.Param), nnx.Not(WidthMask))),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_state(spec: ArchSpec, projections: tuple[tuple[bool, ...], ...]) -> nnx.State:
+    """The abstract state (shapes only) of `spec`'s masked network with these shortcut
+    kinds; memoised, since every candidate on one host needs the host's."""
+    return nnx.state(
+        nnx.eval_shape(
+            lambda: PepxNet(spec, rngs=nnx.Rngs(0), width_masks=True, projections=projections)
+        )
     )
 
 

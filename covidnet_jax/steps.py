@@ -381,11 +381,25 @@ class StepFunctions:
             settings: static settings.
             mesh: the data-parallel mesh.
         """
+        return cls.for_builder(lambda: model, key=key, settings=settings, mesh=mesh)
+
+    @classmethod
+    def for_builder(
+        cls,
+        build: Callable[[], nnx.Module],
+        *,
+        key: Hashable,
+        settings: StepSettings,
+        mesh: Mesh,
+    ) -> StepFunctions:
+        """`for_model` of the model `build()` returns, called only when the functions are
+        not memoised yet (e.g. an `nnx.eval_shape` of a network, which costs a trace)."""
         cache_key = (key, settings, tuple(mesh.devices.flat), mesh.axis_names)
         cached = _STEP_CACHE.get(cache_key)
         if cached is not None:
             _STEP_CACHE.move_to_end(cache_key)
             return cached
+        model = build()
         model.train()
         graphdef_train = nnx.graphdef(model)
         momenta = [bn.momentum for bn in _batch_norms(model)]

@@ -261,10 +261,37 @@ def _total_steps(config: TrainConfig, data: Data) -> int:
 def _enable_compilation_cache(directory: Path) -> None:
     # The cache is process-wide; a directory chosen earlier (by the user's environment or
     # an earlier run in this process) stays in force.
+    _CACHE_EVENTS.listen()
     if jax.config.jax_compilation_cache_dir:
         return
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory.absolute()))
+
+
+class _CacheEvents:
+    """Process-wide counts of JAX's persistent compilation cache hits and misses (its
+    `jax.monitoring` events), so that a compile event says whether XLA compiled or read
+    a compiled program another process (or run) wrote."""
+
+    def __init__(self) -> None:
+        self.counts = {"cache_hits": 0, "cache_misses": 0}
+        self._listening = False
+
+    def listen(self) -> None:
+        if not self._listening:
+            jax.monitoring.register_event_listener(self._count)
+            self._listening = True
+
+    def _count(self, event: str, *_: Any, **__: Any) -> None:
+        name = event.rsplit("/", 1)[-1]
+        if event.startswith("/jax/compilation_cache/") and name in self.counts:
+            self.counts[name] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+_CACHE_EVENTS = _CacheEvents()
 
 
 @dataclasses.dataclass
@@ -443,13 +470,12 @@ class _Run:
     def _on_host(self, state: TrainState, dtype: Any) -> tuple[StepFunctions, TrainState]:
         """The host's step functions, and `state` (the narrow network's) in its layout."""
         layout = shared_widths.width_layout(self.spec, self.host)
-        host_model = nnx.eval_shape(  # only its graph is used: no initialisation
-            lambda: shared_widths.build_host_model(
-                layout.host, layout.skeleton, rngs=nnx.Rngs(0), dtype=dtype
-            )
-        )
-        fns = StepFunctions.for_model(
-            host_model,
+        fns = StepFunctions.for_builder(
+            lambda: nnx.eval_shape(  # only its graph is used: no initialisation
+                lambda: shared_widths.build_host_model(
+                    layout.host, layout.skeleton, rngs=nnx.Rngs(0), dtype=dtype
+                )
+            ),
             key=("shared", layout.skeleton.key, layout.host, self.config.model.compute_dtype),
             settings=self.settings,
             mesh=self.mesh,
@@ -559,6 +585,7 @@ class _Run:
                 (self.eval_batch_size,), jnp.bool_, sharding=parallel.batch_sharding(self.mesh)
             ),
         }
+        cache_before = _CACHE_EVENTS.snapshot()
         try:
             train_step, train_compile_s = fns.compile_train(state, batch, hyper)
             _, eval_compile_s = fns.compile_eval(state.params, state.model_state, eval_batch)
@@ -583,6 +610,9 @@ class _Run:
             train_step_s=round(train_compile_s, 3),
             eval_step_s=round(eval_compile_s, 3),
             batch_shape=list(batch["image"].shape),
+            # Programs read from the persistent cache (compiled by another process or an
+            # earlier run) and programs XLA compiled here; both 0 when in-process.
+            **{k: v - cache_before[k] for k, v in _CACHE_EVENTS.snapshot().items()},
         )
         return train_step
 

@@ -358,3 +358,41 @@ def test_a_shared_search_compiles_once_per_skeleton(shared_root):
         str(path), workdir, finish=False, workers=1, overrides=["search.executables=exact"]
     )
     assert len(again.records) == len(result.records)
+
+
+@pytest.mark.slow
+def test_an_export_of_a_design_trained_on_a_host_predicts_as_the_narrow_network(shared_root):
+    from covidnet_jax import export
+    from covidnet_jax.cost import count_cost
+    from covidnet_jax.evaluate import load_trained, predict_batches
+
+    prototype = _spec(8, ((4, 16, 4, 12),), stride=2, kernel=5, connectivity="dense")
+    experiment = load_experiment(_experiment(shared_root, "export", prototype))
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    prototype = load_prototype(experiment)
+    narrow = _spec(4, ((2, 8, 4, 8),), stride=2, kernel=5, connectivity="dense")
+    assert evaluator.hosts.host_for(narrow) == prototype  # trains masked on the prototype
+    run_dir = shared_root / "export_runs/trials/0"
+    result = evaluator.train(EvalRequest(narrow, 6, run_dir, init_from=None, rung=0))
+    assert isinstance(result, EvalSuccess), result
+
+    out = export.export_training_run(run_dir, shared_root / "export_out")
+    loaded = export.load_export(out)
+    assert json.loads(loaded.spec_json()) == json.loads(narrow.to_json())
+    cost = count_cost(narrow)
+    assert (loaded.manifest["params"], loaded.manifest["macs"]) == (cost.params, cost.macs)
+
+    trained = load_trained(run_dir)  # the checkpoint as a plain narrow network
+    data = evaluator.data(narrow.input_size)
+    want, labels = predict_batches(
+        trained.fns, trained.params, trained.model_state, data.eval_batches("validation", 8)
+    )
+    images = np.concatenate(
+        [b["image"][b["mask"]] for b in data.eval_batches("validation", 8)], axis=0
+    )
+    got = loaded.predict_batch(images)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # ... and both agree with what the host network reported for the trial
+    confusion = np.zeros((3, 3), int)
+    np.add.at(confusion, (labels, got.argmax(axis=1)), 1)
+    np.testing.assert_array_equal(confusion, result.metrics.confusion)
