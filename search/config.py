@@ -332,17 +332,18 @@ class SearchSettings:
             directory, a mounted file system (NFS, or a bucket through gcsfuse/s3fs): paths
             the records hold are relative to it, so any host reads any trial's checkpoint.
             Relative paths are taken from the current directory.
-        executables: "exact" (every design compiles its own train and eval steps) or
-            "shared" (designs that differ only in widths train on one compiled step of a
-            wider host network with the surplus channels masked: the same training, exactly,
-            and one compile per skeleton and host; checkpoints hold each design's own
-            network; `covidnet_jax.shared_widths`), or "auto" (per candidate and rung,
-            padded on a host this worker already compiled or a new compile, whichever is
-            predicted to finish sooner from the worker's measured compile and step times:
-            `shared_widths.ExecutablePolicy`). The default stays "exact": in one 150 s
-            quickstart run "auto" made "shared"'s choices but trained 26 candidate-rungs to
-            its 29 (exact: 17), so it is not yet measured at least as good as both
-            (bench/README.md, "Shared executables").
+        executables: how candidates get compiled train and eval steps. "auto" (the
+            default): per candidate and rung, run on a host network this worker already
+            compiled, with the surplus channels masked, or compile a new one, whichever is
+            predicted to finish sooner from the worker's measured compile and step times
+            (`shared_widths.ExecutablePolicy`). "shared": designs that differ only in
+            widths always train on one compiled step of a wider host network (the same
+            training to float summation order, one compile per skeleton and host;
+            checkpoints hold each design's own network; `covidnet_jax.shared_widths`).
+            "exact": every design compiles its own steps. In the quickstart search (2
+            workers, 360 s, 2 repeats on 2 quiet cores) "auto" trained 3.3x and 2.7x the
+            candidate-rungs of "exact" ("shared" 3.3x, 2.9x), with compiles 11-12% of
+            candidate compute against 78-79% (bench/README.md, "Search throughput").
     """
 
     space: SpaceConfig
@@ -356,7 +357,7 @@ class SearchSettings:
     workers: int = bounded(1, ge=1)
     study_name: str = ""
     artifact_root: str = ""
-    executables: Literal["exact", "shared", "auto"] = "exact"
+    executables: Literal["exact", "shared", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         check(self, path="search")  # built in Python: validated as the file's section is
