@@ -322,3 +322,42 @@ def test_oom_and_compile_errors_become_failures(trained, tmp_path, monkeypatch, 
     assert isinstance(failure, TrainFailure) and failure.kind == kind
     assert failure.step == 0 and failure.last_good_step is None
     assert str(error).split(":")[0] in failure.reason
+
+
+_TRAIN_IN_A_PROCESS = """
+import json, sys
+from pathlib import Path
+from covidnet_jax.config import TrainConfig
+from covidnet_jax.train import train_and_evaluate
+from covidnet_jax.typed_yaml import from_dict
+config = from_dict(TrainConfig, json.loads(sys.argv[1]))
+train_and_evaluate(config, Path(sys.argv[2]), show_progress=False)
+"""
+
+
+def _compile_event(workdir: Path) -> dict:
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["event"] == "compile")
+
+
+@pytest.mark.slow
+def test_compile_events_tell_xla_compiles_from_persistent_cache_reads(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from covidnet_jax.typed_yaml import to_dict
+
+    config = make_config(data_dir, tmp_path / "cache", train__steps=2)
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for run in ("first", "second"):  # two processes, one cache: the second reads it
+        command = [sys.executable, "-c", _TRAIN_IN_A_PROCESS, json.dumps(to_dict(config))]
+        done = subprocess.run(
+            [*command, str(tmp_path / run)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    first, second = _compile_event(tmp_path / "first"), _compile_event(tmp_path / "second")
+    # train, eval and BN-moments steps: compiled by XLA in the first process, read back in
+    # the second
+    assert first["cache_misses"] >= 3 and first["cache_hits"] == 0
+    assert second["cache_hits"] >= 3 and second["cache_misses"] == 0
