@@ -49,6 +49,7 @@ SHRINK = {
         "search.workers=1",
         "data.synth.per_class=40",
         "train.eval_every=3",
+        "train.checkpoint_every=3",  # the quickstart's 100 is not a multiple of 3
         # A design must be declared for the export lines below: requirements a 6-step run
         # on 120 images meets.
         "search.requirements.max_macs=2.0e6",
