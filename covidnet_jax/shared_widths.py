@@ -274,10 +274,12 @@ def width_layout(narrow: ArchSpec, host: ArchSpec) -> WidthLayout:
         shapes=MappingProxyType(shapes),
         flat_inputs=MappingProxyType(flat_inputs),
         masks=MappingProxyType(masks),
-        host_model_state=host_all.filter(nnx.Not(nnx.Param)),
+        host_model_state=nnx.filter_state(host_all, nnx.Not(nnx.Param)),
         # The plain narrow network's model state is the masked one's without the masks (the
-        # same tree: tests/test_shared_executables.py builds both).
-        narrow_model_state=narrow_masked.filter(nnx.All(nnx.Not(nnx.Param), nnx.Not(WidthMask))),
+        # same tree: tests/test_shared_executables.py compares it with a plain network's).
+        narrow_model_state=nnx.filter_state(
+            narrow_masked, nnx.All(nnx.Not(nnx.Param), nnx.Not(WidthMask))
+        ),
     )
 
 

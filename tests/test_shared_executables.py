@@ -218,6 +218,18 @@ def test_one_compiled_step_serves_two_narrow_widths():
     assert pair_a.host_fns.train_step._cache_size() == 1  # the jitted path compiled once too
 
 
+def test_layout_model_states_have_the_plain_and_host_networks_structures():
+    for connectivity in ("dense", "residual"):
+        narrow = _spec(4, ((2, 8, 4, 8), (4, 8, 2, 8)), connectivity=connectivity)
+        host = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)), connectivity=connectivity)
+        layout = sw.width_layout(narrow, host)
+        plain = nnx.state(build_model(narrow, rngs=nnx.Rngs(0)), nnx.Not(nnx.Param))
+        assert jax.tree.structure(layout.narrow_model_state) == jax.tree.structure(plain)
+        masked_host = sw.build_host_model(host, layout.skeleton, rngs=nnx.Rngs(0))
+        host_state = nnx.state(masked_host, nnx.Not(nnx.Param))
+        assert jax.tree.structure(layout.host_model_state) == jax.tree.structure(host_state)
+
+
 def test_skeleton_and_domination_errors():
     narrow = _spec(4, ((3, 6, 3, 5),))
     other_kernel = _spec(4, ((3, 6, 3, 5),), kernel=5)
