@@ -92,7 +92,18 @@ def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):
     records = read(workdir)
     assert not [r.number for r in records if r.state in ("RUNNING", "WAITING")]
     outcomes = proposal_outcomes(records)
-    assert len(outcomes) == max_trials, "every proposal of the budget was made once"
+    # Said in full when it fails: on 2026-12-06 this found one outcome too few in 2 of 3
+    # full-suite runs (budgets 51 and 36) and passed in 3 runs of this test alone.
+    without_outcome = sorted(
+        {r.number for r in records if r.is_proposal} - {o.origin for o in outcomes}
+    )
+    assert len(outcomes) == max_trials, (
+        f"every proposal of the budget was made once: {len(outcomes)} outcomes, budget "
+        f"{max_trials}; proposals without an outcome {without_outcome}; abandoned "
+        f"{[r.number for r in records if r.abandoned]}; statuses "
+        f"{dict(Counter(r.status for r in records))}; retries "
+        f"{[(r.number, r.retry_of, r.origin) for r in records if r.retry_of is not None]}"
+    )
     assert [o.final.status for o in outcomes if not o.settled] == [], "0 lost"
     assert all(o.trained <= 1 for o in outcomes), "0 trained twice"
     assert sum(o.losses for o in outcomes) >= 1, "the kills did cost trials their workers"
