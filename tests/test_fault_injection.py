@@ -93,7 +93,7 @@ def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):
     assert not [r.number for r in records if r.state in ("RUNNING", "WAITING")]
     outcomes = proposal_outcomes(records)
     # Said in full when it fails: on 2026-12-06 this found one outcome too few in 2 of 3
-    # full-suite runs (budgets 51 and 36) and passed in 3 runs of this test alone.
+    # full-suite runs (budgets 51 and 36) and passed in 6 runs of this test alone.
     without_outcome = sorted(
         {r.number for r in records if r.is_proposal} - {o.origin for o in outcomes}
     )
