@@ -146,7 +146,7 @@ def test_search_workers_cache_every_compile_unless_the_environment_says(tmp_path
 
 
 @pytest.mark.slow
-def test_auto_evaluator_compiles_once_and_records_timings(tmp_path):
+def test_auto_evaluator_compiles_once_and_records_timings(tmp_path, fresh_step_functions):
     prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
     path = _experiment(tmp_path, "auto", prototype)
     experiment = load_experiment(path, ("search.executables=auto",))

@@ -199,7 +199,7 @@ def test_zero_padded_surplus_stays_zero_and_slicing_is_exact():
         _assert_trees_close(again, tree, rtol=0, atol=0)
 
 
-def test_one_compiled_step_serves_two_narrow_widths():
+def test_one_compiled_step_serves_two_narrow_widths(fresh_step_functions):
     narrow_a = _spec(4, ((3, 6, 3, 5), (2, 5, 3, 5)), connectivity="dense")
     narrow_b = _spec(6, ((2, 8, 4, 6), (4, 4, 2, 6)), connectivity="dense")
     host = sw.host_spec([narrow_a, narrow_b])
@@ -293,8 +293,8 @@ def shared_root(tmp_path_factory):
 
 
 def _experiment(root: Path, name: str, prototype: ArchSpec) -> Path:
-    """An experiment file around `prototype` (each test its own skeleton: the compiled steps
-    of a process outlive a test)."""
+    """An experiment file around `prototype` (a test that asserts a compile happened also
+    takes `fresh_step_functions`: the compiled steps of a process outlive a test)."""
     (root / f"{name}.json").write_text(prototype.to_json())
     path = root / f"{name}.yaml"
     path.write_text(SEARCH_EXPERIMENT.format(prototype=root / f"{name}.json", data=root / "synth"))
@@ -317,7 +317,9 @@ def _compiles(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_candidates_share_one_compile_and_checkpoint_their_own_network(shared_root):
+def test_candidates_share_one_compile_and_checkpoint_their_own_network(
+    shared_root, fresh_step_functions
+):
     prototype = _spec(8, (((4, 16, 4, 12), (4, 12, 4, 12)),), connectivity="dense")
     experiment = load_experiment(_experiment(shared_root, "dense", prototype))
     evaluator = TrainingEvaluator.from_experiment(experiment)

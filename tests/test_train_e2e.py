@@ -25,6 +25,7 @@ from covidnet_jax.steps import StepFunctions, StepSettings
 from covidnet_jax.train import TrainFailure, TrainResult, _inherit, resolve_spec, train_and_evaluate
 from covidnet_jax.typed_yaml import from_dict
 from search.cli import main
+from tests.conftest import no_memoised_steps
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +79,8 @@ def make_config(data_dir: Path, cache: Path, **overrides) -> TrainConfig:
 def trained(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     config = make_config(data_dir, root / "cache")
-    result = train_and_evaluate(config, root / "run", show_progress=False)
+    with no_memoised_steps():  # the run compiles its own steps (asserted below)
+        result = train_and_evaluate(config, root / "run", show_progress=False)
     return config, result, root / "run"
 
 
