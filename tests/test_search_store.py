@@ -15,12 +15,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from search_support import PROTOTYPE, fast_tmp, read, settings
+from search_support import PROTOTYPE, fast_tmp, read, run, settings
 
 from covidnet_jax.cost import count_cost
-from search.execution.runner import Worker, run_search, run_worker
+from search.execution.runner import Worker, run_search, run_worker, settle
 from search.execution.surrogate import SurrogateEvaluator, surrogate_job
 from search.ledger import store
+from search.ledger.records import proposal_outcomes
 
 __all__ = ["fast_tmp"]
 
@@ -117,6 +118,51 @@ def test_a_trial_lost_before_its_genome_was_drawn_is_abandoned_not_retried(fast_
     ) == [0]
     (record,) = store.read_records(study)
     assert record.status == "lost" and record.attrs["abandoned"] and not record.is_proposal
+
+
+def test_settle_proposes_again_when_an_ask_counted_in_the_budget_is_abandoned(fast_tmp):
+    # A worker killed inside `study.ask` leaves a running trial without a genome. Until a
+    # recovery finds it abandoned it counts against the budget, so the last worker may stop
+    # with "trial budget spent"; the settle after it must then propose the missing one.
+    workdir = fast_tmp / "orphan"
+    job = surrogate_job(settings(**{"budget.max_trials": 2}), workdir, prototype=PROTOTYPE)
+    run_worker(job, SurrogateEvaluator())
+    storage = store.open_storage(workdir)
+    study = store.load_study(storage, job.study_name)
+    orphan = study.ask()  # its worker's heartbeat is fresh: not yet seen as lost
+    job = surrogate_job(settings(**{"budget.max_trials": 3}), workdir, prototype=PROTOTYPE)
+    assert run_worker(job, SurrogateEvaluator()).stop_reason == "trial budget spent"
+    _stale(storage, study, orphan)
+    records = settle(job, SurrogateEvaluator())
+    assert next(r for r in records if r.number == orphan.number).abandoned
+    outcomes = proposal_outcomes(records)
+    assert len(outcomes) == 3 and all(o.settled for o in outcomes)
+    assert not [r for r in records if r.state in ("RUNNING", "WAITING")]
+
+
+def test_a_worker_killed_inside_ask_is_known_dead_at_once(fast_tmp):
+    # The runner records the trial's worker first thing inside `study.ask`: a kill before the
+    # genome is drawn leaves a trial the next recovery marks at once (its process is gone),
+    # not one that waits out the heartbeat grace.
+    workdir = fast_tmp / "ask"
+    child = SPAWN.Process(target=_killed_inside_ask, args=(workdir,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL
+    (record,) = read(workdir)
+    assert record.state == "RUNNING" and record.worker == f"{socket.gethostname()}:{child.pid}"
+    records, _ = run(fast_tmp, "ask", settings(**{"budget.max_trials": 2}))
+    first = next(r for r in records if r.number == 0)
+    assert first.abandoned and "its process is gone" in first.attrs["lost"]
+    assert len(proposal_outcomes(records)) == 2
+
+
+def _killed_inside_ask(workdir: Path) -> None:
+    job = surrogate_job(settings(**{"budget.max_trials": 2}), workdir, prototype=PROTOTYPE)
+    worker = Worker(job, SurrogateEvaluator())
+    # what `before_trial` does right after `on_ask`: build the trial's sampler
+    worker.sampler._build = lambda number: os.kill(os.getpid(), signal.SIGKILL)
+    worker.run()
 
 
 def test_only_retryable_failures_are_retried_and_only_max_retries_times(fast_tmp):

@@ -154,6 +154,29 @@ def infeasible_streak(records: Sequence[TrialRecord]) -> int:
     return streak
 
 
+def stop_reason(
+    records: Sequence[TrialRecord], settings: SearchSettings, deadline: float
+) -> str | None:
+    """Why a worker must not ask for another trial now (None: it may).
+
+    Waiting retries are proposals already made: they run before any stop but the wall-time
+    budget. A running trial counts as a proposal until a recovery finds it abandoned (its
+    worker died before its genome was drawn); the budget then has room again.
+    """
+    budget = settings.budget
+    if time.time() >= deadline:
+        return "wall-time budget spent"
+    if any(r.state == "WAITING" for r in records):
+        return None
+    if infeasible_streak(records) >= budget.max_consecutive_infeasible:
+        return f"gave up after {budget.max_consecutive_infeasible} infeasible proposals in a row"
+    if proposal_count(records) >= budget.max_trials:
+        return "trial budget spent"
+    if budget.stop_on_feasible and any(r.is_trained and r.feasible for r in records):
+        return "a design met the requirements"
+    return None
+
+
 class Worker:
     """Runs trials of one search until its budget is spent.
 
@@ -178,6 +201,7 @@ class Worker:
             within_cost=self._within_cost if self.settings.budget.cost_prefilter else None,
             on_proposal=self._record_proposal,
             factory=job.strategy,
+            on_ask=self._claim,
         )
         self.genes = tuple(gene.name for gene in self.space.genes)
         self.storage = store.open_storage(self.workdir, job.storage_url)
@@ -206,6 +230,14 @@ class Worker:
             if stored.get(key) != value:
                 self.storage.set_study_system_attr(study_id, key, value)
 
+    def _claim(self, number: int) -> None:
+        # Called first inside `study.ask()`: a kill from here on leaves a trial whose dead
+        # worker the next recovery sees at once (`store.recover_lost_trials`), instead of one
+        # that waits out the heartbeat grace while it counts against the trial budget.
+        tid = store.trial_id(self.storage, self.study, number)
+        for key, value in TrialRecord.owner_attrs(store.worker_id()).items():
+            self.storage.set_trial_user_attr(tid, key, value)
+
     def _record_proposal(self, number: int, proposal: Proposal) -> None:
         # Called inside `study.ask()`: the trial exists in the storage, its genome not yet.
         tid = store.trial_id(self.storage, self.study, number)
@@ -230,23 +262,9 @@ class Worker:
                 genes=self.genes,
             )
             records = store.read_records(self.study)
-            waiting = any(r.state == "WAITING" for r in records)
-            if time.time() >= self.job.deadline:
-                return WorkerSummary(handled, "wall-time budget spent")
-            # Waiting retries are proposals already made: they run before any stop below.
-            if not waiting and infeasible_streak(records) >= budget.max_consecutive_infeasible:
-                return WorkerSummary(
-                    handled,
-                    f"gave up after {budget.max_consecutive_infeasible} infeasible proposals in a row",
-                )
-            if not waiting and proposal_count(records) >= budget.max_trials:
-                return WorkerSummary(handled, "trial budget spent")
-            if (
-                not waiting
-                and budget.stop_on_feasible
-                and any(r.is_trained and r.feasible for r in records)
-            ):
-                return WorkerSummary(handled, "a design met the requirements")
+            reason = stop_reason(records, self.settings, self.job.deadline)
+            if reason is not None:
+                return WorkerSummary(handled, reason)
             trial = self.study.ask()
             self.run_trial(trial)
             handled += 1
@@ -780,8 +798,10 @@ def settle(
     Another command on the same workdir, or a host sharing the database, may still be
     training trials when this process's workers stop; finishing then would leave them out of
     the leaderboard and the confirmation. So this process recovers lost trials, trains the
-    retries still waiting (while its wall-time budget lasts) and waits for the others'
-    running trials to end (a dead worker's trial is recovered once its heartbeat expires).
+    retries still waiting and proposes again where a recovery found an ask abandoned (a
+    worker killed between `study.ask` and the end of its genome: no proposal, so the budget
+    has room), while `stop_reason` allows, and waits for the others' running trials to end (a
+    dead worker's trial is recovered once its heartbeat expires).
 
     Args:
         job: the search.
@@ -797,16 +817,17 @@ def settle(
     genes = tuple(gene.name for gene in job.space().genes)
     drain = True
     while True:
-        store.recover_lost_trials(
+        if store.recover_lost_trials(
             study,
             storage,
             grace_s=settings.heartbeat.grace_s,
             max_retries=settings.budget.max_retries,
             genes=genes,
-        )
+        ):
+            drain = True  # a retry to train, or an abandoned ask that frees budget
         records = store.read_records(study)
-        if drain and time.time() < job.deadline and any(r.state == "WAITING" for r in records):
-            # No progress means another process took them: do not spin on them.
+        if drain and stop_reason(records, settings, job.deadline) is None:
+            # No progress means another process took the work: do not spin on it.
             drain = run_worker(job, evaluator).handled > 0
             continue
         running = [r for r in records if r.state == "RUNNING"]

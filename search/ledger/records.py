@@ -441,9 +441,15 @@ class TrialRecord:
     # Writing: with `from_trial`, the only code that knows the attribute names ------------
 
     @staticmethod
+    def owner_attrs(worker: str) -> dict[str, Any]:
+        """The attribute naming the worker that asked for a trial (written inside
+        `study.ask`, so a kill right after the ask leaves a trial whose worker is known)."""
+        return {"worker": worker}
+
+    @staticmethod
     def running_attrs(worker: str) -> dict[str, Any]:
         """Attributes of a trial a worker has taken."""
-        return {"worker": worker, "status": "running"}
+        return {**TrialRecord.owner_attrs(worker), "status": "running"}
 
     @staticmethod
     def end_attrs(

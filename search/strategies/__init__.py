@@ -62,6 +62,8 @@ class StrategySampler(BaseSampler):
         on_proposal: called with (trial number, `Proposal`) when evolution or shrink decides
             a genome (inside `study.ask()`); Optuna's own samplers propose parameter by
             parameter and have no parent or operator to report.
+        on_ask: called with the trial number first thing inside `study.ask()`, once the trial
+            exists in the storage (the runner records its owner there).
     """
 
     def __init__(
@@ -73,7 +75,9 @@ class StrategySampler(BaseSampler):
         within_cost: Callable[[AnySpec], bool] | None = None,
         on_proposal: Callable[[int, Proposal], None] | None = None,
         factory: StrategyFactory | None = None,
+        on_ask: Callable[[int], None] | None = None,
     ) -> None:
+        self.on_ask = on_ask
         self.context = StrategyContext(
             space=space,
             strategy=strategy,
@@ -92,6 +96,8 @@ class StrategySampler(BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Builds this trial's sampler, then lets it prepare."""
+        if self.on_ask is not None:
+            self.on_ask(trial.number)
         self._inner = self._build(trial.number)
         self._inner.before_trial(study, trial)
 
