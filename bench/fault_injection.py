@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from covidnet_jax.checkpointing import Checkpoints, finished_steps  # noqa: E402
-from search import store  # noqa: E402
+from search.ledger import store  # noqa: E402
 from search.ledger.records import proposal_outcomes  # noqa: E402
 
 
@@ -145,12 +145,35 @@ def check_checkpoints(workdir: Path) -> tuple[int, list[str]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--max-trials", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", type=float, nargs=2, default=(8.0, 60.0))
-    parser.add_argument("--parent-share", type=float, default=0.3, help="kills of the parent only")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--kills", type=int, default=20, help="SIGKILLs during the search (default: 20)"
+    )
+    parser.add_argument(
+        "--max-trials",
+        type=int,
+        default=12,
+        help="the search's proposal budget (search.budget.max_trials; default: 12)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the kill moments and targets (default: 0)"
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        default=(8.0, 60.0),
+        metavar=("LOW", "HIGH"),
+        help="a kill lands uniformly LOW..HIGH seconds after each start (default: 8 60)",
+    )
+    parser.add_argument(
+        "--parent-share",
+        type=float,
+        default=0.3,
+        help="share of kills that hit the parent only, not its workers (default: 0.3)",
+    )
     parser.add_argument(
         "--finish-kills",
         type=int,
@@ -165,8 +188,15 @@ def main() -> int:
         default=(3.0, 60.0),
         help="seconds after the finish starts at which a finish kill lands",
     )
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-faults")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=ROOT / "runs" / "bench-faults",
+        help="the search's run directory; must not exist yet (default: runs/bench-faults)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the report as JSON to this file"
+    )
     args = parser.parse_args()
 
     if args.workdir.exists():
