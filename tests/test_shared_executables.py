@@ -352,7 +352,7 @@ def test_candidates_share_one_compile_and_checkpoint_their_own_network(
 
 
 @pytest.mark.slow
-def test_a_shared_search_compiles_once_per_skeleton(shared_root):
+def test_a_shared_search_compiles_once_per_skeleton(shared_root, fresh_step_functions):
     prototype = _spec(8, (((4, 16, 4, 8), (4, 12, 4, 12)),), connectivity="residual", kernel=5)
     path = _experiment(shared_root, "residual", prototype)
     workdir = shared_root / "search_run"
