@@ -458,21 +458,39 @@ class HostRegistry:
 
     def __init__(self, seeds: Iterable[Any] = ()) -> None:
         self._hosts: dict[str, ArchSpec] = {}
+        self._failed: list[ArchSpec] = []
         for seed in seeds:
             self.host_for(seed)
 
     def host_for(self, spec: Any) -> ArchSpec | None:
         """The host `spec` runs on, or None when it cannot share one (not a PEPX spec, a
-        head with dropout): then it trains on its own executable."""
+        head with dropout, or a host that large failed here: see `forget`): then it trains
+        on its own executable."""
         try:
             key = skeleton_of(spec).key
         except SpecError:
             return None
         current = self._hosts.get(key)
         if current is None or not dominates(current, spec):
-            current = spec if current is None else host_spec([current, spec])
-            self._hosts[key] = current
+            grown = spec if current is None else host_spec([current, spec])
+            if _as_large_as_any(grown, self._failed):
+                return None
+            current = self._hosts[key] = grown
         return current
+
+    def forget(self, host: ArchSpec) -> None:
+        """Stops using `host`, and any host at least as large, in this process (a run on it
+        ran out of memory or failed to compile): its candidates then run on their own
+        executables, so a host too large for the device does not fail every candidate."""
+        self._failed.append(host)
+        key = skeleton_of(host).key
+        if self._hosts.get(key) == host:
+            del self._hosts[key]
+
+
+def _as_large_as_any(host: ArchSpec, failed: Iterable[ArchSpec]) -> bool:
+    """Whether `host` dominates (is at least as wide as) one of the `failed` hosts."""
+    return any(dominates(host, f) for f in failed)
 
 
 # --- Choosing between padding and compiling (`search.executables: auto`) -------------------
@@ -629,7 +647,7 @@ class ExecutablePolicy:
         self.step_samples: list[tuple[float, float]] = []
         self.choices: list[ExecutableChoice] = []
         self._seeds: dict[str, ArchSpec] = {}
-        self._untimed: set[ArchSpec] = set()  # compiled hosts whose compile is not yet recorded
+        self._failed: list[ArchSpec] = []
         for seed in seeds:
             with contextlib.suppress(SpecError):
                 self._seeds.setdefault(skeleton_of(seed).key, seed)
@@ -648,10 +666,11 @@ class ExecutablePolicy:
 
     def host_for(self, spec: Any, steps: int) -> ArchSpec | None:
         """The host `spec` trains on for `steps` steps, or None when it cannot share one
-        (not a PEPX spec, a head with dropout): then it trains on its own executable.
+        (not a PEPX spec, a head with dropout, or a host that large failed here: see
+        `forget`): then it trains on its own executable.
 
-        A host not compiled before in this process is registered as compiled now: the
-        caller trains on it (and calls `record` with its compile seconds).
+        A host chosen for a compile counts as compiled once `record` says a run trained on
+        it (so a run that trains nothing, or fails, leaves the policy as it was).
         """
         try:
             key = skeleton_of(spec).key
@@ -662,7 +681,12 @@ class ExecutablePolicy:
         hosts = {i: model.predict(_macs(h)) for i, h in enumerate(compiled) if dominates(h, spec)}
         seed = self._seeds.get(key)
         seed_option = None
-        if seed is not None and seed not in compiled and dominates(seed, spec):
+        if (
+            seed is not None
+            and seed not in compiled
+            and dominates(seed, spec)
+            and not _as_large_as_any(seed, self._failed)
+        ):
             seed_option = ("seed", model.predict(_macs(seed)))
         choice = choose_executable(
             narrow_step_s=model.predict(_macs(spec)),
@@ -675,10 +699,14 @@ class ExecutablePolicy:
         if not choice.compile:
             return compiled[choice.host]
         host = seed if choice.host == "seed" else spec
-        if host not in compiled:
-            compiled.append(host)
-            self._untimed.add(host)
-        return host
+        return None if _as_large_as_any(host, self._failed) else host
+
+    def forget(self, host: ArchSpec) -> None:
+        """Stops using `host`, and any host at least as large, in this process (a run on it
+        ran out of memory or failed to compile; see `HostRegistry.forget`)."""
+        self._failed.append(host)
+        compiled = self.compiled.get(skeleton_of(host).key, [])
+        compiled[:] = [h for h in compiled if not dominates(h, host)]
 
     def record(
         self, host: ArchSpec | None, *, compile_s: float, steps: int, train_s: float
@@ -687,16 +715,17 @@ class ExecutablePolicy:
 
         Args:
             host: what `host_for` returned.
-            compile_s: the run's compile seconds (counted once per new host: later runs on
-                it find its steps compiled).
+            compile_s: the run's compile seconds (0 when its steps were compiled already in
+                this process; every compile is a sample).
             steps: train steps the run took.
             train_s: seconds those steps took (no compile, eval or saving).
         """
         if host is None:
             return
-        if host in self._untimed:
-            self._untimed.discard(host)
-            if compile_s > 0:
-                self.compile_samples.append(float(compile_s))
+        compiled = self.compiled.setdefault(skeleton_of(host).key, [])
+        if host not in compiled and (compile_s > 0 or steps > 0):
+            compiled.append(host)
+        if compile_s > 0:
+            self.compile_samples.append(float(compile_s))
         if steps > 0 and train_s > 0:
             self.step_samples.append((float(_macs(host)), train_s / steps))

@@ -15,7 +15,9 @@ import pytest
 from covidnet_jax import shared_widths as sw
 from covidnet_jax.arch import ArchSpec, ModuleSpec, StageSpec, StemSpec
 from covidnet_jax.errors import ConfigError
+from covidnet_jax.train import TrainFailure
 from search.config import SearchSettings, SpaceConfig
+from search.execution import training
 from search.execution.evaluation import EvalRequest, EvalSuccess
 from search.execution.training import TrainingEvaluator, load_experiment, load_prototype
 from tests.test_shared_executables import _experiment
@@ -107,7 +109,11 @@ def test_policy_reuses_the_seed_then_compiles_when_measured_padding_is_dear():
     # which then serves it.
     assert policy.host_for(narrow, steps=10**6) == narrow
     assert policy.choices[-1].compile
+    assert policy.compiled[sw.skeleton_of(narrow).key] == [proto]  # not before a run on it
+    narrow_macs = sw.count_cost(narrow).macs
+    policy.record(narrow, compile_s=3.0, steps=10**6, train_s=10**6 * 2e-8 * narrow_macs)
     assert policy.compiled[sw.skeleton_of(narrow).key] == [proto, narrow]
+    assert policy.compile_samples == [4.0, 3.0]
     assert policy.host_for(narrow, steps=10**6) == narrow
     assert not policy.choices[-1].compile
     # wider than every compiled host, and than the seed: its own widths
@@ -116,6 +122,43 @@ def test_policy_reuses_the_seed_then_compiles_when_measured_padding_is_dear():
     # not shareable: its own plain executable
     dropout = dataclasses.replace(narrow, head=dataclasses.replace(narrow.head, dropout=0.1))
     assert policy.host_for(dropout, steps=10) is None
+
+
+def test_a_run_that_trains_nothing_or_fails_does_not_make_a_host_compiled():
+    # Chosen for a compile, but the rung was already complete (0 steps, no compile): the
+    # next candidate must still count that compile, and time it when it happens.
+    proto = _spec(8, ((8, 16, 8, 16), (8, 16, 8, 16)))
+    narrow = _spec(4, ((4, 8, 4, 8), (4, 8, 4, 8)))
+    policy = sw.ExecutablePolicy(seeds=[proto])
+    assert policy.host_for(narrow, steps=0) == proto and policy.choices[-1].compile
+    policy.record(proto, compile_s=0.0, steps=0, train_s=0.0)
+    assert policy.compiled[sw.skeleton_of(proto).key] == []
+    assert policy.host_for(narrow, steps=10) == proto and policy.choices[-1].compile
+    policy.record(proto, compile_s=5.0, steps=10, train_s=0.01)
+    assert policy.compile_samples == [5.0]
+    assert policy.compiled[sw.skeleton_of(proto).key] == [proto]
+
+
+def test_a_failed_host_and_larger_ones_are_not_used_again():
+    proto = _spec(8, ((8, 16, 8, 16), (8, 16, 8, 16)))
+    wider = _spec(8, ((8, 16, 8, 24), (8, 16, 8, 24)))
+    narrow = _spec(4, ((4, 8, 4, 8), (4, 8, 4, 8)))
+    # shared: the registry grows from the prototype
+    hosts = sw.HostRegistry(seeds=[proto])
+    assert hosts.host_for(narrow) == proto
+    hosts.forget(proto)
+    assert hosts.host_for(narrow) == narrow  # a fresh host of its own widths
+    assert hosts.host_for(wider) is None  # would grow past the failed host: own executable
+    assert hosts.host_for(narrow) == narrow
+    # auto: the failed seed is neither reused nor compiled again
+    policy = sw.ExecutablePolicy(seeds=[proto])
+    macs = sw.count_cost(proto).macs
+    assert policy.host_for(narrow, steps=10) == proto
+    policy.record(proto, compile_s=4.0, steps=10, train_s=10 * 2e-8 * macs)
+    policy.forget(proto)
+    assert policy.compiled[sw.skeleton_of(proto).key] == []
+    assert policy.host_for(narrow, steps=10) == narrow and policy.choices[-1].compile
+    assert policy.host_for(wider, steps=10) is None
 
 
 # -- the setting and the evaluator ----------------------------------------------------------
@@ -143,6 +186,47 @@ def test_search_workers_cache_every_compile_unless_the_environment_says(tmp_path
         assert getattr(jax.config, name) == 2.5
     finally:
         jax.config.update(name, before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executables", ["shared", "auto"])
+def test_a_host_that_runs_out_of_memory_is_dropped_and_the_candidate_trains_alone(
+    tmp_path, monkeypatch, executables
+):
+    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
+    path = _experiment(tmp_path, f"oom_{executables}", prototype)
+    experiment = load_experiment(path, (f"search.executables={executables}",))
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    prototype = load_prototype(experiment)
+    real = training.train_and_evaluate
+    hosts = []
+
+    def device_too_small_for_the_prototype(config, workdir, *, host=None, **kwargs):
+        # The prototype's program does not fit; the narrower candidates' programs do.
+        hosts.append(host)
+        if host == prototype:
+            return TrainFailure(
+                kind="out_of_memory",
+                reason="RESOURCE_EXHAUSTED: out of memory (simulated)",
+                step=0,
+                workdir=str(workdir),
+                last_good_step=None,
+            )
+        return real(config, workdir, host=host, **kwargs)
+
+    monkeypatch.setattr(training, "train_and_evaluate", device_too_small_for_the_prototype)
+    narrow = _spec(6, ((4, 8, 4, 8), (2, 12, 4, 8)))
+    first = evaluator.train(EvalRequest(narrow, 4, tmp_path / "trials/0", None, 0))
+    assert isinstance(first, EvalSuccess), first
+    assert hosts == [prototype, None]  # the host failed; the candidate, alone, trained
+    narrower = _spec(4, ((2, 8, 4, 8), (2, 8, 4, 8)))
+    second = evaluator.train(EvalRequest(narrower, 4, tmp_path / "trials/1", None, 0))
+    assert isinstance(second, EvalSuccess), second
+    assert hosts[2] != prototype and len(hosts) == 3  # not offered the failed host again
+    # the prototype itself now goes straight to its own plain executable: one attempt,
+    # and on a device it does not fit, the failure would be its own
+    third = evaluator.train(EvalRequest(prototype, 4, tmp_path / "trials/2", None, 0))
+    assert hosts[3:] == [None] and isinstance(third, EvalSuccess), third
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ full-fidelity steps), and `search.space.prototype` defaults to `model.arch`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ from covidnet_jax.errors import ConfigError
 from covidnet_jax.evaluate import evaluate_workdir
 from covidnet_jax.metrics import EvalMetrics
 from covidnet_jax.shared_widths import ExecutablePolicy, HostRegistry
-from covidnet_jax.train import TrainFailure, train_and_evaluate
+from covidnet_jax.train import TrainFailure, TrainResult, train_and_evaluate
 from covidnet_jax.typed_yaml import apply_overrides, from_dict, read_yaml, to_dict
 from search.config import SearchSettings
 from search.execution.evaluation import EvalFailure, EvalRequest, EvalSuccess
+
+log = logging.getLogger(__name__)
 
 _MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 """Set in the environment, it keeps its value in search workers (see `TrainingEvaluator`)."""
@@ -222,16 +225,25 @@ class TrainingEvaluator:
             seed=request.seed,
             validation_draw=request.validation_draw,
         )
-        result = train_and_evaluate(
-            config,
-            request.workdir,
-            spec=request.spec,
-            init_from=request.init_from,
-            data=self.data(request.spec.input_size, request.validation_draw),
-            show_progress=False,
-            host=(host := self._host_for(request)),
-            on_progress=request.on_progress,
-        )
+        host = self._host_for(request)
+        result = self._run(config, request, host)
+        if (
+            isinstance(result, TrainFailure)
+            and host is not None
+            and result.kind in ("out_of_memory", "compile_error")
+        ):
+            # The host's program failed, not necessarily the candidate's: stop using that
+            # host here, and judge the candidate on its own executable (the run resumes from
+            # its last good checkpoint, if any).
+            log.warning(
+                "%s on the shared host %s; training trial %s on its own executable instead",
+                result.kind,
+                host.content_hash(),
+                request.workdir.name,
+            )
+            self._forget(host)
+            host = None
+            result = self._run(config, request, host)
         if isinstance(result, TrainFailure):
             return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)
         if self.policy is not None:
@@ -247,6 +259,26 @@ class TrainingEvaluator:
             train_s=result.train_s + result.eval_s,
             checkpoint=Path(result.checkpoint_dir),
         )
+
+    def _run(
+        self, config: TrainConfig, request: EvalRequest, host: AnySpec | None
+    ) -> TrainResult | TrainFailure:
+        return train_and_evaluate(
+            config,
+            request.workdir,
+            spec=request.spec,
+            init_from=request.init_from,
+            data=self.data(request.spec.input_size, request.validation_draw),
+            show_progress=False,
+            host=host,
+            on_progress=request.on_progress,
+        )
+
+    def _forget(self, host: ArchSpec) -> None:
+        if self.hosts is not None:
+            self.hosts.forget(host)
+        if self.policy is not None:
+            self.policy.forget(host)
 
     def _host_for(self, request: EvalRequest) -> AnySpec | None:
         """The host network `request.spec` trains on (None: its own executable)."""
