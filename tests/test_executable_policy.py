@@ -18,7 +18,7 @@ from covidnet_jax.errors import ConfigError
 from covidnet_jax.train import TrainFailure
 from search.config import SearchSettings, SpaceConfig
 from search.execution import training
-from search.execution.evaluation import EvalRequest, EvalSuccess
+from search.execution.evaluation import EvalFailure, EvalRequest, EvalSuccess
 from search.execution.training import TrainingEvaluator, load_experiment, load_prototype
 from tests.test_shared_executables import _experiment
 
@@ -227,6 +227,28 @@ def test_a_host_that_runs_out_of_memory_is_dropped_and_the_candidate_trains_alon
     # and on a device it does not fit, the failure would be its own
     third = evaluator.train(EvalRequest(prototype, 4, tmp_path / "trials/2", None, 0))
     assert hosts[3:] == [None] and isinstance(third, EvalSuccess), third
+
+
+def test_a_compile_error_of_the_candidate_itself_keeps_the_host(tmp_path, monkeypatch):
+    # Both programs fail to compile: the candidate's own failure, not the host's.
+    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
+    path = _experiment(tmp_path, "compile_error", prototype)
+    evaluator = TrainingEvaluator.from_experiment(
+        load_experiment(path, ("search.executables=shared",))
+    )
+    prototype = load_prototype(load_experiment(path))
+    hosts = []
+
+    def nothing_compiles(config, workdir, *, host=None, **kwargs):
+        hosts.append(host)
+        return TrainFailure("compile_error", "ValueError: (simulated)", 0, str(workdir), None)
+
+    monkeypatch.setattr(training, "train_and_evaluate", nothing_compiles)
+    narrow = _spec(6, ((4, 8, 4, 8), (2, 12, 4, 8)))
+    for i in range(2):
+        result = evaluator.train(EvalRequest(narrow, 4, tmp_path / f"trials/{i}", None, 0))
+        assert isinstance(result, EvalFailure) and result.kind == "compile", result
+    assert hosts == [prototype, None, prototype, None]
 
 
 @pytest.mark.slow

@@ -232,18 +232,20 @@ class TrainingEvaluator:
             and host is not None
             and result.kind in ("out_of_memory", "compile_error")
         ):
-            # The host's program failed, not necessarily the candidate's: stop using that
-            # host here, and judge the candidate on its own executable (the run resumes from
-            # its last good checkpoint, if any).
+            # The host's program failed, not necessarily the candidate's: judge the candidate
+            # on its own executable (the run resumes from its last good checkpoint, if any).
+            # A host out of memory is dropped whatever that run does (it is larger than the
+            # candidate); a compile error only when the candidate's own program compiles.
             log.warning(
                 "%s on the shared host %s; training trial %s on its own executable instead",
                 result.kind,
                 host.content_hash(),
                 request.workdir.name,
             )
-            self._forget(host)
-            host = None
+            failed, kind, host = host, result.kind, None
             result = self._run(config, request, host)
+            if kind == "out_of_memory" or not isinstance(result, TrainFailure):
+                self._forget(failed)
         if isinstance(result, TrainFailure):
             return EvalFailure(_FAILURE_KINDS.get(result.kind, "error"), result.reason)
         if self.policy is not None:
