@@ -397,7 +397,10 @@ class _Run:
         if resumed_from is None and init_from is not None:
             state, inherited = _inherit(state, init_from, self.mesh)
         if self.host is not None:
-            fns, state = self._on_host(state, dtype)
+            try:  # the host's state is larger than the candidate's: it can exhaust memory
+                fns, state = self._on_host(state, dtype)
+            except jax.errors.JaxRuntimeError as err:
+                raise _Failure(*_classify_runtime_error(err), resumed_from or 0) from None
         start = int(jax.device_get(state.step))
         self._write_run_files()
         self.log_event(

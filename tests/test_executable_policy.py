@@ -8,6 +8,7 @@ only counts MACs); the evaluator trains two tiny candidates under `auto`.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import pytest
@@ -227,6 +228,33 @@ def test_a_host_that_runs_out_of_memory_is_dropped_and_the_candidate_trains_alon
     # and on a device it does not fit, the failure would be its own
     third = evaluator.train(EvalRequest(prototype, 4, tmp_path / "trials/2", None, 0))
     assert hosts[3:] == [None] and isinstance(third, EvalSuccess), third
+
+
+@pytest.mark.slow
+def test_out_of_memory_placing_the_host_state_is_a_failure_of_the_host(tmp_path, monkeypatch):
+    # The real trainer: the (larger) host state does not fit on the device.
+    from covidnet_jax import train as train_module
+
+    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
+    path = _experiment(tmp_path, "oom_place", prototype)
+    experiment = load_experiment(path, ("search.executables=shared",))
+    evaluator = TrainingEvaluator.from_experiment(experiment)
+    prototype = load_prototype(experiment)
+    place = train_module._Run._on_host
+
+    def exhausted(run, state, dtype):
+        if run.host == prototype:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory (simulated)")
+        return place(run, state, dtype)
+
+    monkeypatch.setattr(train_module._Run, "_on_host", exhausted)
+    narrow = _spec(6, ((4, 8, 4, 8), (2, 12, 4, 8)))
+    run_dir = tmp_path / "trials/0"
+    result = evaluator.train(EvalRequest(narrow, 4, run_dir, None, 0))
+    assert isinstance(result, EvalSuccess), result
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events if e["event"] == "failure"] == ["out_of_memory"]
+    assert evaluator.hosts.host_for(narrow) == narrow  # the prototype's host is gone
 
 
 def test_a_compile_error_of_the_candidate_itself_keeps_the_host(tmp_path, monkeypatch):
