@@ -189,16 +189,20 @@ def test_search_workers_cache_every_compile_unless_the_environment_says(tmp_path
         jax.config.update(name, before)
 
 
+def _evaluator(root, name: str, executables: str) -> tuple[TrainingEvaluator, ArchSpec]:
+    """An evaluator of a two-module dense experiment under `search.executables`, and its
+    prototype as the search loads it."""
+    path = _experiment(root, name, _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12))))
+    experiment = load_experiment(path, (f"search.executables={executables}",))
+    return TrainingEvaluator.from_experiment(experiment), load_prototype(experiment)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("executables", ["shared", "auto"])
 def test_a_host_that_runs_out_of_memory_is_dropped_and_the_candidate_trains_alone(
     tmp_path, monkeypatch, executables
 ):
-    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
-    path = _experiment(tmp_path, f"oom_{executables}", prototype)
-    experiment = load_experiment(path, (f"search.executables={executables}",))
-    evaluator = TrainingEvaluator.from_experiment(experiment)
-    prototype = load_prototype(experiment)
+    evaluator, prototype = _evaluator(tmp_path, f"oom_{executables}", executables)
     real = training.train_and_evaluate
     hosts = []
 
@@ -235,11 +239,7 @@ def test_out_of_memory_placing_the_host_state_is_a_failure_of_the_host(tmp_path,
     # The real trainer: the (larger) host state does not fit on the device.
     from covidnet_jax import train as train_module
 
-    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
-    path = _experiment(tmp_path, "oom_place", prototype)
-    experiment = load_experiment(path, ("search.executables=shared",))
-    evaluator = TrainingEvaluator.from_experiment(experiment)
-    prototype = load_prototype(experiment)
+    evaluator, prototype = _evaluator(tmp_path, "oom_place", "shared")
     place = train_module._Run._on_host
 
     def exhausted(run, state, dtype):
@@ -259,12 +259,7 @@ def test_out_of_memory_placing_the_host_state_is_a_failure_of_the_host(tmp_path,
 
 def test_a_compile_error_of_the_candidate_itself_keeps_the_host(tmp_path, monkeypatch):
     # Both programs fail to compile: the candidate's own failure, not the host's.
-    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
-    path = _experiment(tmp_path, "compile_error", prototype)
-    evaluator = TrainingEvaluator.from_experiment(
-        load_experiment(path, ("search.executables=shared",))
-    )
-    prototype = load_prototype(load_experiment(path))
+    evaluator, prototype = _evaluator(tmp_path, "compile_error", "shared")
     hosts = []
 
     def nothing_compiles(config, workdir, *, host=None, **kwargs):
@@ -281,12 +276,8 @@ def test_a_compile_error_of_the_candidate_itself_keeps_the_host(tmp_path, monkey
 
 @pytest.mark.slow
 def test_auto_evaluator_compiles_once_and_records_timings(tmp_path, fresh_step_functions):
-    prototype = _spec(8, ((4, 16, 4, 12), (4, 12, 4, 12)))
-    path = _experiment(tmp_path, "auto", prototype)
-    experiment = load_experiment(path, ("search.executables=auto",))
-    evaluator = TrainingEvaluator.from_experiment(experiment)
+    evaluator, prototype = _evaluator(tmp_path, "auto", "auto")
     assert evaluator.hosts is None and evaluator.policy is not None
-    prototype = load_prototype(experiment)
     narrower = _spec(6, ((4, 8, 4, 8), (2, 12, 4, 8)))
     results = [
         evaluator.train(

@@ -92,8 +92,10 @@ def test_repeated_sigkills_lose_and_repeat_no_proposal(fast_tmp):
     records = read(workdir)
     assert not [r.number for r in records if r.state in ("RUNNING", "WAITING")]
     outcomes = proposal_outcomes(records)
-    # Said in full when it fails: on 2026-12-06 this found one outcome too few in 2 of 3
-    # full-suite runs (budgets 51 and 36) and passed in 6 runs of this test alone.
+    # Said in full when it fails. It once found one outcome too few (a kill right after
+    # `study.ask` left an ownerless trial counted in the budget until settle abandoned it);
+    # the runner now records the owner inside the ask and settle proposes the freed budget
+    # (tests/test_search_store.py covers both deterministically).
     without_outcome = sorted(
         {r.number for r in records if r.is_proposal} - {o.origin for o in outcomes}
     )
